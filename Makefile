@@ -1,0 +1,44 @@
+# The README's commands. Each installs what it needs on a fresh machine.
+#   make test   - every test layer (unit, chart, integration, e2e)
+#   make demo   - the main job end to end on the local cluster stand-in
+#   make bench  - benchmarks (not part of make test)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv tools test test-unit test-fast demo bench lint clean
+
+all: test
+
+# The venv, with every dependency pinned by constraints.txt (torch==2.13.0
+# is the CPU build on this machine's disk).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade 'pip>=24'
+	$(PY) -m pip install -q -c constraints.txt -e '.[operator,trainer,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# System and binary tools the stand-in and chart tests use (see localcluster/README.md).
+tools: $(STAMP)
+	$(PY) -m localcluster.tools install
+
+test: venv tools
+	$(PY) tests/run.py $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo: venv tools
+	$(PY) -m localcluster.demo
+
+bench: venv tools
+	$(PY) bench/snapshot.py
+	$(PY) bench/recovery.py
+
+clean:
+	rm -rf $(VENV) .tools .localcluster

@@ -1,0 +1,329 @@
+"""The operator <-> trainer contract: the one place every shared string lives.
+
+Both the operator (``trainingjob_operator``) and the training image
+(``trainingjob_trainer``) import this module; no name, label, path layout or
+exit code of the contract is typed anywhere else. It is pure Python and
+imports no torch, so the operator image stays small.
+
+What flows where:
+
+* operator -> pod: environment variables (``ENV_*`` below and torchrun's own
+  ``PET_*`` variables), labels and annotations on the pod.
+* pod -> operator: the container's exit code (``EXIT_*``), the termination
+  message (:func:`format_termination_message`), and the snapshots in S3
+  (layout: :func:`job_snapshot_root`, :data:`SNAPSHOT_DIR_RE`, completion:
+  :func:`snapshot_is_complete`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+# --------------------------------------------------------------------------
+# The custom resource
+# --------------------------------------------------------------------------
+GROUP = "trainingjob.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingJob"
+PLURAL = "trainingjobs"
+SINGULAR = "trainingjob"
+SHORT_NAMES = ("tj",)
+
+# --------------------------------------------------------------------------
+# Labels and annotations on the objects the operator creates
+# --------------------------------------------------------------------------
+LABEL_JOB_NAME = f"{GROUP}/job-name"
+LABEL_JOB_UID = f"{GROUP}/job-uid"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_NODE_RANK = f"{GROUP}/node-rank"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "trainingjob-operator"
+
+#: Set on a pod right before the operator deletes it, with the reason
+#: (``Fenced``, ``Suspended``, ``Cleanup``). A pod of the current attempt that
+#: disappears WITHOUT it was deleted by someone else: a disruption.
+ANNOTATION_DELETED_BY_OPERATOR = f"{GROUP}/deleted-by-operator"
+
+#: The name of the container that runs torchrun in every pod.
+CONTAINER_NAME = "trainer"
+
+# --------------------------------------------------------------------------
+# Environment the operator sets in every pod
+# --------------------------------------------------------------------------
+ENV_JOB_NAME = "TJ_JOB_NAME"
+ENV_JOB_NAMESPACE = "TJ_JOB_NAMESPACE"
+ENV_JOB_UID = "TJ_JOB_UID"
+ENV_ATTEMPT = "TJ_ATTEMPT"  # "0" for the first gang, N for the (N+1)-th
+ENV_NODE_RANK = "TJ_NODE_RANK"
+ENV_NNODES = "TJ_NNODES"
+#: Where this job's snapshots live: ``<spec.snapshot.uri>/<namespace>/<name>``.
+ENV_SNAPSHOT_URI = "TJ_SNAPSHOT_URI"
+ENV_SNAPSHOT_BACKEND = "TJ_SNAPSHOT_BACKEND"  # "torchsnapshot" | "dcp"
+ENV_SNAPSHOT_EVERY_STEPS = "TJ_SNAPSHOT_EVERY_STEPS"
+ENV_SNAPSHOT_KEEP_LAST = "TJ_SNAPSHOT_KEEP_LAST"
+#: Explicit snapshot to resume from (full URI); wins over "latest complete".
+ENV_RESUME_FROM = "TJ_RESUME_FROM"
+#: Optional S3 endpoint for S3-compatible stores (MinIO, moto...).
+ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
+ENV_S3_REGION = "AWS_DEFAULT_REGION"
+#: File the trainer writes its termination message to (equal to the
+#: container's ``terminationMessagePath``).
+ENV_TERMINATION_MESSAGE_PATH = "TJ_TERMINATION_MESSAGE_PATH"
+
+#: Keys read from ``spec.snapshot.credentialsSecret`` into the pod's env
+#: (secretKeyRef, never copied anywhere else). The session token is optional.
+SECRET_KEY_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+SECRET_KEY_SESSION_TOKEN = "AWS_SESSION_TOKEN"
+SECRET_KEYS_REQUIRED = (SECRET_KEY_ACCESS_KEY_ID, SECRET_KEY_SECRET_ACCESS_KEY)
+SECRET_KEYS_OPTIONAL = (SECRET_KEY_SESSION_TOKEN,)
+
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+# torchrun reads PET_<FLAG> for every flag it has, so `torchrun script.py`
+# needs no flags inside a pod.
+PET_NNODES = "PET_NNODES"
+PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+PET_NODE_RANK = "PET_NODE_RANK"
+PET_RDZV_BACKEND = "PET_RDZV_BACKEND"
+PET_RDZV_ENDPOINT = "PET_RDZV_ENDPOINT"
+PET_RDZV_ID = "PET_RDZV_ID"
+PET_RDZV_CONF = "PET_RDZV_CONF"
+PET_MAX_RESTARTS = "PET_MAX_RESTARTS"
+RDZV_BACKEND = "c10d"
+RDZV_PORT = 29400
+
+# --------------------------------------------------------------------------
+# Exit codes and the termination message
+# --------------------------------------------------------------------------
+EXIT_OK = 0
+#: The gang saved an emergency snapshot after SIGTERM and stopped cleanly.
+#: The operator counts it as a preemption (never as a failure).
+EXIT_PREEMPTED_AFTER_SNAPSHOT = 83
+#: The snapshot configuration is unusable (bad URI, no credentials...):
+#: restarting will not help.
+EXIT_SNAPSHOT_CONFIG_ERROR = 84
+
+#: ``reason`` values of the termination message.
+TERM_REASON_COMPLETED = "Completed"
+TERM_REASON_PREEMPTED = "PreemptedAfterSnapshot"
+TERM_REASON_PREEMPTED_NO_SNAPSHOT = "PreemptedWithoutSnapshot"
+TERM_REASON_ERROR = "Error"
+TERMINATION_MESSAGE_MAX_BYTES = 4096  # the kubelet truncates past this
+
+
+@dataclass(frozen=True)
+class TerminationMessage:
+    """What a trainer pod says about how it ended (JSON in the termination log).
+
+    Attributes:
+        reason: One of the ``TERM_REASON_*`` constants.
+        step: The last global step the gang completed (``None`` if unknown).
+        snapshot: URI of the snapshot written on the way out, if any.
+        message: Free text for humans (an exception summary...).
+    """
+
+    reason: str
+    step: int | None = None
+    snapshot: str | None = None
+    message: str = ""
+
+
+def format_termination_message(msg: TerminationMessage) -> str:
+    """Serialise a termination message, truncating ``message`` to fit 4 KiB."""
+    body: dict[str, Any] = {"reason": msg.reason}
+    if msg.step is not None:
+        body["step"] = int(msg.step)
+    if msg.snapshot:
+        body["snapshot"] = msg.snapshot
+    text = msg.message
+    while True:
+        body["message"] = text
+        out = json.dumps(body, sort_keys=True)
+        if len(out.encode()) <= TERMINATION_MESSAGE_MAX_BYTES or not text:
+            return out
+        text = text[: max(0, len(text) - (len(out.encode()) - TERMINATION_MESSAGE_MAX_BYTES) - 16)]
+
+
+def parse_termination_message(text: str | None) -> TerminationMessage | None:
+    """Parse a termination message; ``None`` for anything that is not ours.
+
+    A pod's termination message can also be the tail of its log
+    (``FallbackToLogsOnError``), so anything that is not a JSON object with a
+    string ``reason`` is not a contract message.
+    """
+    if not text:
+        return None
+    try:
+        body = json.loads(text.strip())
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("reason"), str):
+        return None
+    step = body.get("step")
+    return TerminationMessage(
+        reason=body["reason"],
+        step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+        snapshot=body.get("snapshot") if isinstance(body.get("snapshot"), str) else None,
+        message=body.get("message") if isinstance(body.get("message"), str) else "",
+    )
+
+
+# --------------------------------------------------------------------------
+# Snapshot layout in S3
+# --------------------------------------------------------------------------
+#: Snapshot folders, as TorchTNT names them: ``epoch_{e}_train_step_{s}``.
+SNAPSHOT_DIR_FORMAT = "epoch_{epoch}_train_step_{step}"
+SNAPSHOT_DIR_RE = re.compile(r"^epoch_(?P<epoch>\d+)_train_step_(?P<step>\d+)$")
+#: Written LAST into a snapshot folder by the save that produced it. A folder
+#: without it is incomplete and never restored.
+COMMIT_MARKER = "_TJ_COMMIT.json"
+COMMIT_MARKER_VERSION = 1
+
+
+def job_snapshot_root(base_uri: str, namespace: str, name: str) -> str:
+    """The folder of one job's snapshots: ``<base>/<namespace>/<name>``."""
+    return f"{base_uri.rstrip('/')}/{namespace}/{name}"
+
+
+def snapshot_dir_name(epoch: int, step: int) -> str:
+    """Folder name of the snapshot taken at ``epoch``/``step``."""
+    return SNAPSHOT_DIR_FORMAT.format(epoch=int(epoch), step=int(step))
+
+
+def parse_snapshot_dir_name(name: str) -> tuple[int, int] | None:
+    """``(epoch, step)`` of a snapshot folder name, ``None`` if it is not one."""
+    m = SNAPSHOT_DIR_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+    if not m:
+        return None
+    return int(m.group("epoch")), int(m.group("step"))
+
+
+@dataclass(frozen=True)
+class CommitMarker:
+    """The content of :data:`COMMIT_MARKER`.
+
+    Attributes:
+        save_id: Unique id of the save (attempt + random), stamped on every
+            object the save wrote (their S3 ETag/size are recorded in
+            ``objects``).
+        attempt: The gang attempt that wrote the snapshot.
+        epoch: Epoch at the snapshot.
+        step: Global train step at the snapshot.
+        backend: ``torchsnapshot`` or ``dcp``.
+        objects: Relative path -> ``{"size": int, "etag": str}`` for every
+            object of the snapshot, as seen right after the save's uploads.
+        saved_at: RFC 3339 UTC time the marker was written.
+        seconds: How long the save took.
+        emergency: True when the snapshot was taken because of SIGTERM.
+    """
+
+    save_id: str
+    attempt: int
+    epoch: int
+    step: int
+    backend: str
+    objects: Mapping[str, Mapping[str, Any]]
+    saved_at: str
+    seconds: float = 0.0
+    emergency: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(o.get("size", 0)) for o in self.objects.values())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": COMMIT_MARKER_VERSION,
+                "saveId": self.save_id,
+                "attempt": self.attempt,
+                "epoch": self.epoch,
+                "step": self.step,
+                "backend": self.backend,
+                "objects": {k: dict(v) for k, v in sorted(self.objects.items())},
+                "savedAt": self.saved_at,
+                "seconds": self.seconds,
+                "emergency": self.emergency,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "CommitMarker | None":
+        """Parse a marker; ``None`` if it is malformed (treated as incomplete)."""
+        try:
+            d = json.loads(text)
+            if d.get("version") != COMMIT_MARKER_VERSION:
+                return None
+            objects = d["objects"]
+            if not isinstance(objects, dict):
+                return None
+            return cls(
+                save_id=str(d["saveId"]),
+                attempt=int(d["attempt"]),
+                epoch=int(d["epoch"]),
+                step=int(d["step"]),
+                backend=str(d["backend"]),
+                objects=objects,
+                saved_at=str(d["savedAt"]),
+                seconds=float(d.get("seconds", 0.0)),
+                emergency=bool(d.get("emergency", False)),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+def _norm_etag(etag: Any) -> str:
+    return str(etag or "").strip('"')
+
+
+def snapshot_is_complete(
+    marker: CommitMarker | None,
+    dir_name: str,
+    listing: Mapping[str, Mapping[str, Any]],
+) -> bool:
+    """The completion rule: is the snapshot in folder ``dir_name`` restorable?
+
+    Restorable iff the commit marker exists and parses, names the same
+    epoch/step as the folder, and every object it lists is present in
+    ``listing`` with the same size and ETag: an object re-written by another
+    save (a fenced attempt's late upload, or a later attempt re-using the
+    folder) changes its ETag, and the snapshot is then NOT restored.
+
+    Args:
+        marker: The parsed commit marker, or ``None`` if absent/malformed.
+        dir_name: The snapshot folder's name (``epoch_E_train_step_S``).
+        listing: Relative path -> ``{"size": int, "etag": str}`` of what is
+            in the folder now (the marker itself may be included; ignored).
+    """
+    if marker is None:
+        return False
+    parsed = parse_snapshot_dir_name(dir_name)
+    if parsed != (marker.epoch, marker.step):
+        return False
+    if not marker.objects:
+        return False
+    for rel, want in marker.objects.items():
+        have = listing.get(rel)
+        if have is None:
+            return False
+        if int(have.get("size", -1)) != int(want.get("size", -2)):
+            return False
+        if _norm_etag(want.get("etag")) and _norm_etag(have.get("etag")) != _norm_etag(want.get("etag")):
+            return False
+    return True
+
+
+def pick_latest(candidates: Iterable[tuple[str, CommitMarker]]) -> tuple[str, CommitMarker] | None:
+    """The newest of complete snapshots by parsed (step, epoch), never by mtime."""
+    best = None
+    for item in candidates:
+        _, m = item
+        if best is None or (m.step, m.epoch) > (best[1].step, best[1].epoch):
+            best = item
+    return best
