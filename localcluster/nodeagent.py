@@ -1,0 +1,1076 @@
+"""The node agent: a kubelet (plus a trivial scheduler and node lifecycle
+controller) for a few named nodes, running every container as a local process.
+
+    python -m localcluster.nodeagent --kubeconfig K --state-dir DIR --nodes node-0,node-1,node-2
+
+What it does, per tick (woken by a pod watch, at least every ``--interval``):
+
+* registers the Node objects and posts their heartbeat (Ready=True);
+* binds unscheduled pods to a Ready node that matches their ``nodeSelector``
+  (fewest active pods first), via the ``binding`` subresource when the API
+  server has it, else by patching ``spec.nodeName``;
+* starts each bound pod's single container as a process (``command`` +
+  ``args`` as argv, never a shell, the venv's ``bin`` first on PATH), in its
+  own session/process group, with stdout+stderr in
+  ``DIR/pods/<ns>/<pod>/<container>.log``;
+* reports the pod status as the kubelet does (Pending -> Running ->
+  Succeeded/Failed, ``state.terminated`` with the exit code and the
+  termination message);
+* honours graceful deletion: SIGTERM to the main process, SIGKILL to the whole
+  process group after ``deletionGracePeriodSeconds``, final status, then
+  ``DELETE`` with ``gracePeriodSeconds=0``;
+* loses a node whose annotation :data:`LOST_ANNOTATION` is ``"true"``: all its
+  processes are SIGKILLed at once, its pods are left as they are in the API
+  (Running, as when a kubelet dies) and after ``--node-monitor-grace-seconds``
+  the Node becomes Ready=Unknown (NodeStatusUnknown);
+* keeps ``DIR/hosts`` (an nss_wrapper hosts file) mapping every pod's and
+  Service's DNS names to 127.0.0.1; every container runs with
+  ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
+
+Deviations from a kubelet are listed in ``localcluster/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from trainingjob_trainer import contract
+
+from localcluster.kube import ApiError, Client, Obj
+
+log = logging.getLogger("localcluster.nodeagent")
+
+#: Set to "true" on a Node (by :func:`localcluster.control.lose_node`) to lose it.
+LOST_ANNOTATION = "localcluster.trainingjob.dev/lost"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+LOOPBACK = "127.0.0.1"
+TERMINAL = ("Succeeded", "Failed")
+#: Written into every pod directory: pid, process start time and pod uid, so
+#: ``LocalCluster.stop`` can make sure no container process outlives the agent.
+PID_FILE = "container.pid"
+NSS_WRAPPER_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
+    "/usr/lib/aarch64-linux-gnu/libnss_wrapper.so",
+    "/usr/lib64/libnss_wrapper.so",
+    "/usr/lib/libnss_wrapper.so",
+    "/usr/local/lib/libnss_wrapper.so",
+)
+LOG_TAIL_BYTES = 2048
+LOG_TAIL_LINES = 80
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class ConfigError(Exception):
+    """The container cannot be created yet (kubelet keeps the pod Pending)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def find_nss_wrapper() -> str | None:
+    """Path of libnss_wrapper.so, or None (``$LOCALCLUSTER_NSS_WRAPPER`` wins)."""
+    env = os.environ.get("LOCALCLUSTER_NSS_WRAPPER")
+    if env:
+        return env if os.path.exists(env) else None
+    for cand in NSS_WRAPPER_CANDIDATES:
+        if os.path.exists(cand):
+            return cand
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "libnss_wrapper.so" in line and "=>" in line:
+            return line.split("=>", 1)[1].strip()
+    return None
+
+
+NSS_MISSING_MESSAGE = (
+    "libnss_wrapper.so not found. The node agent needs it so that pods resolve their\n"
+    "DNS names (<host>.<subdomain>.<ns>.svc.cluster.local) to 127.0.0.1.\n"
+    "Install it with:  python -m localcluster.tools install   (or: apt-get install libnss-wrapper)"
+)
+
+
+# ---------------------------------------------------------------------------
+# DNS: the nss_wrapper hosts file
+# ---------------------------------------------------------------------------
+def dns_names(pods: list[Obj], services: list[Obj]) -> list[str]:
+    """Every name the cluster DNS would answer for these pods and services."""
+    names: set[str] = set()
+    for pod in pods:
+        md, spec = pod.get("metadata", {}), pod.get("spec", {})
+        ns = md.get("namespace", "default")
+        host = spec.get("hostname") or md.get("name")
+        if host:
+            names.add(host)
+        sub = spec.get("subdomain")
+        if host and sub:
+            names.update({f"{host}.{sub}", f"{host}.{sub}.{ns}", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}.{ns}.svc.cluster.local"})
+    for svc in services:
+        md = svc.get("metadata", {})
+        name, ns = md.get("name"), md.get("namespace", "default")
+        if name:
+            names.update({name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"})
+    names.discard("localhost")
+    return sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9.-]+", n))
+
+
+class HostsFile:
+    """An nss_wrapper hosts file, rewritten atomically when the names change.
+
+    nss_wrapper reloads the file when its mtime changes, with a resolution of
+    one second; every rewrite therefore gets a new, strictly increasing
+    whole-second mtime so a process that read it in the same second reloads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._names: list[str] | None = None
+        self._mtime = 0
+
+    def update(self, names: list[str]) -> bool:
+        if names == self._names and self.path.exists():
+            return False
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+        lines += [f"{LOOPBACK} {n}" for n in names]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self._mtime = max(self._mtime + 1, int(time.time()))
+        os.utime(tmp, (self._mtime, self._mtime))
+        os.replace(tmp, self.path)
+        self._names = names
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Container environment
+# ---------------------------------------------------------------------------
+_VAR_RE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion (``$$`` escapes; unknown refs stay as is)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_RE.sub(sub, value)
+
+
+def _field_ref(pod: Obj, path: str) -> str:
+    md = pod.get("metadata", {})
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if m:
+        return str((md.get(m.group(1)) or {}).get(m.group(2), ""))
+    simple = {
+        "metadata.name": md.get("name"),
+        "metadata.namespace": md.get("namespace"),
+        "metadata.uid": md.get("uid"),
+        "spec.nodeName": pod.get("spec", {}).get("nodeName"),
+        "spec.serviceAccountName": pod.get("spec", {}).get("serviceAccountName", "default"),
+        "status.podIP": LOOPBACK,
+        "status.podIPs": LOOPBACK,
+        "status.hostIP": LOOPBACK,
+        "status.hostIPs": LOOPBACK,
+    }
+    if path not in simple:
+        raise ConfigError("CreateContainerConfigError", f"unsupported fieldRef fieldPath {path!r}")
+    return str(simple[path] or "")
+
+
+class EnvResolver:
+    """Builds a container's env from the pod spec, reading Secrets/ConfigMaps."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def _data(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
+        resource = "secrets" if kind == "Secret" else "configmaps"
+        try:
+            obj = self.client.get(resource, name, namespace)
+        except ApiError as e:
+            if e.status == 404:
+                if optional:
+                    return None
+                raise ConfigError("CreateContainerConfigError", f'{kind.lower()} "{name}" not found') from None
+            raise
+        out: dict[str, str] = {}
+        for k, v in (obj.get("data") or {}).items():
+            if kind == "Secret":
+                try:
+                    out[k] = base64.b64decode(v).decode("utf-8", "replace")
+                except (ValueError, TypeError):
+                    raise ConfigError("CreateContainerConfigError", f"secret {name}: key {k} is not base64") from None
+            else:
+                out[k] = str(v)
+        for k, v in (obj.get("stringData") or {}).items():
+            out.setdefault(k, str(v))
+        return out
+
+    def resolve(self, pod: Obj, container: Obj) -> dict[str, str]:
+        ns = pod["metadata"].get("namespace", "default")
+        env: dict[str, str] = {}
+        for src in container.get("envFrom") or []:
+            prefix = src.get("prefix", "")
+            for key, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
+                ref = src.get(key)
+                if ref:
+                    data = self._data(kind, ns, ref.get("name", ""), bool(ref.get("optional")))
+                    for k, v in (data or {}).items():
+                        env[prefix + k] = v
+        for var in container.get("env") or []:
+            name = var.get("name")
+            if not name:
+                raise ConfigError("CreateContainerConfigError", "env var without a name")
+            if "value" in var:
+                env[name] = expand(str(var["value"]), env)
+                continue
+            vf = var.get("valueFrom") or {}
+            if not vf:
+                env[name] = ""
+            elif "secretKeyRef" in vf or "configMapKeyRef" in vf:
+                kind, ref = ("Secret", vf["secretKeyRef"]) if "secretKeyRef" in vf else ("ConfigMap", vf["configMapKeyRef"])
+                optional = bool(ref.get("optional"))
+                data = self._data(kind, ns, ref.get("name", ""), optional)
+                if data is None:
+                    continue
+                if ref.get("key") not in data:
+                    if optional:
+                        continue
+                    raise ConfigError(
+                        "CreateContainerConfigError",
+                        f"couldn't find key {ref.get('key')} in {kind} {ns}/{ref.get('name')}",
+                    )
+                env[name] = data[ref["key"]]
+            elif "fieldRef" in vf:
+                env[name] = _field_ref(pod, vf["fieldRef"].get("fieldPath", ""))
+            elif "resourceFieldRef" in vf:
+                res = vf["resourceFieldRef"].get("resource", "")
+                kind, _, rname = res.partition(".")
+                env[name] = str(((container.get("resources") or {}).get(kind) or {}).get(rname, "0"))
+            else:
+                raise ConfigError("CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(vf)}")
+        return env
+
+
+# ---------------------------------------------------------------------------
+# Running containers
+# ---------------------------------------------------------------------------
+def proc_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), to detect PID reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class Container:
+    """One running (or finished) container process of a pod."""
+
+    uid: str
+    namespace: str
+    pod: str
+    node: str
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    term_path: Path
+    policy: str
+    started_at: str
+    pid_file: Path
+    term_sent_at: float | None = None
+    killed: bool = False
+    exit_status: Obj | None = None  # the terminated state once exited
+    running_reported: bool = False
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and self.exit_status is None:
+            # The container stops when its main process exits: kill what is left.
+            kill_group(self.proc.pid, signal.SIGKILL)
+            self.exit_status = self._terminated_state(rc)
+            try:
+                self.pid_file.unlink()
+            except OSError:
+                pass
+        return rc
+
+    def _terminated_state(self, rc: int) -> Obj:
+        exit_code = rc if rc >= 0 else 128 - rc
+        state: Obj = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": self.started_at,
+            "finishedAt": now_rfc3339(),
+            "containerID": f"localcluster://{self.proc.pid}",
+        }
+        if rc < 0:
+            state["signal"] = -rc
+        message = read_termination_message(self.term_path, self.log_path, self.policy, exit_code)
+        if message:
+            state["message"] = message
+        return state
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process only (as PID 1 of a container gets it)."""
+        if self.term_sent_at is None:
+            self.term_sent_at = time.monotonic()
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group."""
+        self.killed = True
+        kill_group(self.proc.pid, signal.SIGKILL)
+
+
+def read_termination_message(term_path: Path, log_path: Path, policy: str, exit_code: int) -> str:
+    """The kubelet's rule: the file (<= 4096 bytes), else the log tail on error."""
+    try:
+        with open(term_path, "rb") as fh:
+            data = fh.read(contract.TERMINATION_MESSAGE_MAX_BYTES)
+    except OSError:
+        data = b""
+    text = data.decode("utf-8", "replace")
+    if text.strip() or policy != "FallbackToLogsOnError" or exit_code == 0:
+        return text
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - LOG_TAIL_BYTES))
+            tail = fh.read()
+    except OSError:
+        return ""
+    lines = tail.decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Status helpers
+# ---------------------------------------------------------------------------
+def merge_conditions(existing: list[Obj], updates: list[Obj]) -> list[Obj]:
+    """Conditions keyed by type: ``updates`` replace, the others are kept.
+
+    ``lastTransitionTime`` is kept when the status did not change.
+    """
+    out = {c.get("type"): dict(c) for c in existing if c.get("type")}
+    for u in updates:
+        old = out.get(u["type"])
+        new = dict(u)
+        if old and old.get("status") == new.get("status") and old.get("lastTransitionTime"):
+            new["lastTransitionTime"] = old["lastTransitionTime"]
+        new.setdefault("lastTransitionTime", now_rfc3339())
+        out[u["type"]] = {**(old or {}), **new}
+    return list(out.values())
+
+
+def cond(ctype: str, status: bool | str, reason: str | None = None, message: str | None = None) -> Obj:
+    c: Obj = {"type": ctype, "status": status if isinstance(status, str) else ("True" if status else "False")}
+    if reason:
+        c["reason"] = reason
+    if message:
+        c["message"] = message
+    return c
+
+
+@dataclass
+class LostNode:
+    since: float
+    unknown_marked: bool = False
+    evicted: bool = False
+    abandoned: set[str] = field(default_factory=set)  # pod uids whose processes died with the node
+
+
+# ---------------------------------------------------------------------------
+# The agent
+# ---------------------------------------------------------------------------
+@dataclass
+class AgentConfig:
+    kubeconfig: str
+    state_dir: Path
+    nodes: tuple[str, ...]
+    node_monitor_grace_seconds: float = 2.0
+    pod_eviction_seconds: float | None = None
+    interval: float = 0.25
+    heartbeat_seconds: float = 5.0
+    pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
+    nss_wrapper: str | None = None
+
+
+class NodeAgent:
+    """The kubelet stand-in for ``config.nodes``. Call :meth:`run`; :meth:`stop` ends it."""
+
+    def __init__(self, config: AgentConfig, client: Client | None = None) -> None:
+        self.cfg = config
+        self.client = client or Client.from_kubeconfig(config.kubeconfig)
+        self.env_resolver = EnvResolver(self.client)
+        self.state_dir = config.state_dir
+        self.pods_dir = self.state_dir / "pods"
+        self.pods_dir.mkdir(parents=True, exist_ok=True)
+        self.hosts = HostsFile(self.state_dir / "hosts")
+        self.containers: dict[str, Container] = {}  # by pod uid
+        self.lost: dict[str, LostNode] = {}
+        self.ready_nodes: set[str] = set()
+        self._last_heartbeat: dict[str, float] = {}
+        self._binding_supported: bool | None = None
+        self._nodes_cache: dict[str, Obj] = {}
+        self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+
+    # -------------------------------------------------------------- lifecycle
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        threading.Thread(target=self._watch_pods, name="pod-watch", daemon=True).start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except Exception:  # noqa: BLE001 - the agent never dies of one bad tick
+                    log.exception("tick failed")
+                self._wake.wait(self.cfg.interval)
+                self._wake.clear()
+        finally:
+            self.kill_all()
+
+    def kill_all(self) -> None:
+        """SIGKILL every container process group this agent started."""
+        for c in list(self.containers.values()):
+            c.kill()
+        for c in list(self.containers.values()):
+            try:
+                c.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                c.pid_file.unlink()
+            except OSError:
+                pass
+
+    def _watch_pods(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for _ in self.client.watch("pods", timeout=30):
+                    self._wake.set()
+                    if self._stop.is_set():
+                        return
+            except Exception:  # noqa: BLE001
+                time.sleep(0.5)
+
+    # -------------------------------------------------------------- one pass
+    def tick(self) -> None:
+        self.sync_nodes()
+        pods = self.client.list("pods")
+        try:
+            services = self.client.list("services")
+        except ApiError:
+            services = []
+        self.hosts.update(dns_names(pods, services))
+        self.schedule(pods)
+        seen: set[str] = set()
+        for pod in pods:
+            uid = pod["metadata"].get("uid", "")
+            seen.add(uid)
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node not in self.cfg.nodes or node in self.lost:
+                continue
+            try:
+                self.sync_pod(pod)
+            except ApiError as e:
+                log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"].get("name"), e)
+            except Exception:  # noqa: BLE001
+                log.exception("pod %s/%s", pod["metadata"].get("namespace"), pod["metadata"].get("name"))
+        # Pods that vanished from the API (force-deleted): stop their processes.
+        for uid, c in list(self.containers.items()):
+            if uid not in seen:
+                if c.poll() is None:
+                    if c.term_sent_at is None:
+                        c.terminate()
+                    elif time.monotonic() - c.term_sent_at > 30:
+                        c.kill()
+                    continue
+                del self.containers[uid]
+        self.sync_lost_nodes(pods)
+
+    # -------------------------------------------------------------- nodes
+    def _node_status(self, name: str, ready: str, reason: str, message: str) -> Obj:
+        cpu = str(os.cpu_count() or 1)
+        try:
+            mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024}Ki"
+        except (ValueError, OSError):
+            mem = "8Gi"
+        now = now_rfc3339()
+        resources = {"cpu": cpu, "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
+        return {
+            "capacity": resources,
+            "allocatable": resources,
+            "addresses": [{"type": "InternalIP", "address": LOOPBACK}, {"type": "Hostname", "address": name}],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": ready,
+                    "reason": reason,
+                    "message": message,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.33.0-localcluster",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "localcluster://process",
+                "osImage": "localcluster",
+                "kernelVersion": os.uname().release,
+                "machineID": name,
+                "systemUUID": name,
+                "bootID": name,
+                "kubeProxyVersion": "",
+            },
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        }
+
+    def _patch_node_ready(self, node: Obj, ready: str, reason: str, message: str) -> None:
+        name = node["metadata"]["name"]
+        status = self._node_status(name, ready, reason, message)
+        old = {c.get("type"): c for c in (node.get("status") or {}).get("conditions") or []}.get("Ready")
+        if old and old.get("status") == ready and old.get("lastTransitionTime"):
+            status["conditions"][0]["lastTransitionTime"] = old["lastTransitionTime"]
+        self.client.patch("nodes", name, {"status": status}, subresource="status")
+
+    def sync_nodes(self) -> None:
+        existing = {n["metadata"]["name"]: n for n in self.client.list("nodes")}
+        now = time.monotonic()
+        for name in self.cfg.nodes:
+            node = existing.get(name)
+            if node is None:
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "labels": {
+                            HOSTNAME_LABEL: name,
+                            "kubernetes.io/os": "linux",
+                            "kubernetes.io/arch": "amd64",
+                            "node.kubernetes.io/instance-type": "localcluster",
+                        },
+                    },
+                    "spec": {},
+                    "status": self._node_status(name, "True", "KubeletReady", "kubelet is posting ready status"),
+                }
+                try:
+                    node = self.client.create("nodes", body)
+                except ApiError as e:
+                    if e.status != 409:
+                        raise
+                    node = self.client.get("nodes", name)
+                self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
+                self._last_heartbeat[name] = now
+                self.ready_nodes.add(name)
+                continue
+            lost = ((node["metadata"].get("annotations") or {}).get(LOST_ANNOTATION) == "true")
+            if lost and name not in self.lost:
+                self.lose(name)
+            elif not lost and name in self.lost:
+                self.recover(node)
+            elif not lost and now - self._last_heartbeat.get(name, 0) >= self.cfg.heartbeat_seconds:
+                self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
+                self._last_heartbeat[name] = now
+                self.ready_nodes.add(name)
+            if lost:
+                self.ready_nodes.discard(name)
+        self._nodes_cache = existing
+
+    def lose(self, name: str) -> None:
+        """The node dies: every process of it is SIGKILLed at once; nothing is reported."""
+        log.warning("node %s lost: killing its containers", name)
+        lost = LostNode(since=time.monotonic())
+        self.lost[name] = lost
+        self.ready_nodes.discard(name)
+        victims = [c for c in self.containers.values() if c.node == name]
+        for c in victims:
+            c.kill()
+        for c in victims:
+            try:
+                c.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                c.pid_file.unlink()
+            except OSError:
+                pass
+            lost.abandoned.add(c.uid)
+            del self.containers[c.uid]
+
+    def recover(self, node: Obj) -> None:
+        name = node["metadata"]["name"]
+        log.warning("node %s is back", name)
+        del self.lost[name]
+        taints = [t for t in (node.get("spec") or {}).get("taints") or [] if not t.get("key", "").startswith("node.kubernetes.io/unreachable")]
+        self.client.patch("nodes", name, {"spec": {"taints": taints or None}})
+        self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
+        self._last_heartbeat[name] = time.monotonic()
+        self.ready_nodes.add(name)
+
+    def sync_lost_nodes(self, pods: list[Obj]) -> None:
+        """The node lifecycle controller's part for lost nodes."""
+        now = time.monotonic()
+        for name, lost in self.lost.items():
+            if not lost.unknown_marked and now - lost.since >= self.cfg.node_monitor_grace_seconds:
+                node = self.client.get("nodes", name)
+                self._patch_node_ready(node, "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.")
+                taints = [t for t in (node.get("spec") or {}).get("taints") or [] if not t.get("key", "").startswith("node.kubernetes.io/unreachable")]
+                taints += [
+                    {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule", "timeAdded": now_rfc3339()},
+                    {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": now_rfc3339()},
+                ]
+                self.client.patch("nodes", name, {"spec": {"taints": taints}})
+                lost.unknown_marked = True
+            evict_after = self.cfg.pod_eviction_seconds
+            if evict_after is not None and lost.unknown_marked and not lost.evicted and now - lost.since >= self.cfg.node_monitor_grace_seconds + evict_after:
+                for pod in pods:
+                    if (pod.get("spec") or {}).get("nodeName") != name:
+                        continue
+                    md = pod["metadata"]
+                    try:
+                        self._write_status(
+                            pod,
+                            lambda p: {
+                                "conditions": merge_conditions(
+                                    (p.get("status") or {}).get("conditions") or [],
+                                    [cond("DisruptionTarget", True, "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")],
+                                )
+                            },
+                        )
+                        self.client.delete("pods", md["name"], md.get("namespace"), grace_period=0)
+                    except ApiError as e:
+                        if e.status != 404:
+                            log.warning("evicting %s: %s", md["name"], e)
+                lost.evicted = True
+
+    # -------------------------------------------------------------- scheduler
+    def schedule(self, pods: list[Obj]) -> None:
+        load: dict[str, int] = {n: 0 for n in self.cfg.nodes}
+        for pod in pods:
+            node = (pod.get("spec") or {}).get("nodeName")
+            if node in load and (pod.get("status") or {}).get("phase") not in TERMINAL:
+                load[node] += 1
+        for pod in pods:
+            spec, md = pod.get("spec") or {}, pod["metadata"]
+            if spec.get("nodeName") or md.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in TERMINAL:
+                continue
+            sched = spec.get("schedulerName")
+            if sched and sched != "default-scheduler":
+                continue
+            selector = spec.get("nodeSelector") or {}
+            candidates = [
+                n for n in self.cfg.nodes
+                if n in self.ready_nodes and n not in self.lost
+                and all(self._node_labels(n).get(k) == v for k, v in selector.items())
+            ]
+            if not candidates:
+                msg = f"0/{len(self.cfg.nodes)} nodes are available: no Ready node matches the pod's node selector {selector}."
+                try:
+                    self._write_status(pod, lambda p: {"conditions": merge_conditions(
+                        (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", False, "Unschedulable", msg)])},
+                        only_if_changed=True)
+                except ApiError as e:
+                    log.warning("unschedulable %s: %s", md["name"], e)
+                continue
+            node = min(candidates, key=lambda n: (load[n], n))
+            try:
+                self.bind(pod, node)
+            except ApiError as e:
+                log.warning("binding %s to %s: %s", md["name"], node, e)
+                continue
+            load[node] += 1
+            spec["nodeName"] = node  # the rest of this tick sees it bound
+
+    def _node_labels(self, name: str) -> Mapping[str, str]:
+        node = self._nodes_cache.get(name) or {}
+        return (node.get("metadata") or {}).get("labels") or {HOSTNAME_LABEL: name}
+
+    def bind(self, pod: Obj, node: str) -> None:
+        md = pod["metadata"]
+        ns, name = md.get("namespace", "default"), md["name"]
+        bound = False
+        if self._binding_supported is not False:
+            body = {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns, "uid": md.get("uid")},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+            }
+            try:
+                self.client.create("pods", body, ns, subresource="binding")
+                self._binding_supported = bound = True
+            except ApiError as e:
+                if e.status not in (404, 405, 415, 501):
+                    raise
+                self._binding_supported = False
+        if not bound:
+            self.client.patch("pods", name, {"spec": {"nodeName": node}}, ns)
+        log.info("bound %s/%s to %s", ns, name, node)
+        fresh = self.client.get("pods", name, ns)
+        self._write_status(fresh, lambda p: {"conditions": merge_conditions(
+            (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", True)])})
+
+    # -------------------------------------------------------------- pods
+    def _write_status(self, pod: Obj, build: Callable[[Obj], Obj], *, only_if_changed: bool = False) -> Obj | None:
+        """Merge-patch ``status`` from ``build(pod)``; on a 409 re-read and retry."""
+        md = pod["metadata"]
+        for _ in range(5):
+            status = build(pod)
+            if only_if_changed and all((pod.get("status") or {}).get(k) == v for k, v in status.items()):
+                return pod
+            patch = {"metadata": {"resourceVersion": pod["metadata"].get("resourceVersion")}, "status": status}
+            try:
+                return self.client.patch("pods", md["name"], patch, md.get("namespace"), subresource="status")
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+            pod = self.client.get("pods", md["name"], md.get("namespace"))
+            if pod["metadata"].get("uid") != md.get("uid"):
+                return None
+        return None
+
+    def _pod_dir(self, pod: Obj) -> Path:
+        md = pod["metadata"]
+        return self.pods_dir / md.get("namespace", "default") / md["name"]
+
+    def sync_pod(self, pod: Obj) -> None:
+        md, status = pod["metadata"], pod.get("status") or {}
+        uid = md.get("uid", "")
+        c = self.containers.get(uid)
+        if md.get("deletionTimestamp"):
+            self._sync_deleting(pod, c)
+            return
+        if c is None:
+            if status.get("phase") in TERMINAL:
+                return
+            if any("running" in (cs.get("state") or {}) for cs in status.get("containerStatuses") or []):
+                # It ran under a previous incarnation of this kubelet (or a lost node came back).
+                self._report_unknown(pod)
+                return
+            self.start(pod)
+            return
+        if c.poll() is not None:
+            if self._report_terminated(pod, c):
+                del self.containers[uid]
+        elif not c.running_reported:
+            self._report_running(pod, c)
+
+    def _sync_deleting(self, pod: Obj, c: Container | None) -> None:
+        md = pod["metadata"]
+        if c is not None and c.poll() is None:
+            c.terminate()
+            grace = md.get("deletionGracePeriodSeconds")
+            if grace is None:
+                grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            assert c.term_sent_at is not None
+            if not c.killed and time.monotonic() - c.term_sent_at >= float(grace):
+                c.kill()
+            return
+        if c is not None:
+            if not self._report_terminated(pod, c):
+                return
+            del self.containers[c.uid]
+        try:
+            self.client.delete("pods", md["name"], md.get("namespace"), grace_period=0, uid=md.get("uid"))
+        except ApiError as e:
+            if e.status not in (404, 409):
+                raise
+
+    def _base_status(self, pod: Obj) -> Obj:
+        status = pod.get("status") or {}
+        return {
+            "hostIP": LOOPBACK,
+            "hostIPs": [{"ip": LOOPBACK}],
+            "podIP": LOOPBACK,
+            "podIPs": [{"ip": LOOPBACK}],
+            "startTime": status.get("startTime") or now_rfc3339(),
+            "qosClass": status.get("qosClass") or "BestEffort",
+        }
+
+    def _container_status(self, pod: Obj, state: Obj, ready: bool, container_id: str | None = None) -> list[Obj]:
+        containers = (pod.get("spec") or {}).get("containers") or [{}]
+        ctr = containers[0]
+        cs: Obj = {
+            "name": ctr.get("name", "main"),
+            "image": ctr.get("image", ""),
+            "imageID": "",
+            "ready": ready,
+            "started": "running" in state,
+            "restartCount": 0,
+            "state": state,
+            "lastState": {},
+        }
+        cid = container_id or next((v.get("containerID") for v in state.values() if isinstance(v, dict) and v.get("containerID")), None)
+        if cid:
+            cs["containerID"] = cid
+        return [cs]
+
+    def _report_config_error(self, pod: Obj, reason: str, message: str) -> None:
+        uid = pod["metadata"].get("uid", "")
+        if self._config_errors.get(uid) == f"{reason}:{message}":
+            return
+        log.warning("pod %s: %s: %s", pod["metadata"]["name"], reason, message)
+
+        def build(p: Obj) -> Obj:
+            st = self._base_status(p)
+            st["phase"] = "Pending"
+            st["containerStatuses"] = self._container_status(p, {"waiting": {"reason": reason, "message": message}}, False)
+            st["conditions"] = merge_conditions(
+                (p.get("status") or {}).get("conditions") or [],
+                [cond("Initialized", True), cond("Ready", False, "ContainersNotReady", f"containers with unready status: [{st['containerStatuses'][0]['name']}]"),
+                 cond("ContainersReady", False, "ContainersNotReady", f"containers with unready status: [{st['containerStatuses'][0]['name']}]")],
+            )
+            return st
+
+        if self._write_status(pod, build) is not None:
+            self._config_errors[uid] = f"{reason}:{message}"
+
+    def start(self, pod: Obj) -> None:
+        md, spec = pod["metadata"], pod.get("spec") or {}
+        containers = spec.get("containers") or []
+        if len(containers) != 1:
+            self._report_config_error(pod, "CreateContainerError", f"localcluster runs exactly one container per pod, got {len(containers)}")
+            return
+        ctr = containers[0]
+        cname = ctr.get("name") or "main"
+        argv = [str(a) for a in (ctr.get("command") or [])] + [str(a) for a in (ctr.get("args") or [])]
+        if not ctr.get("command"):
+            self._report_config_error(pod, "CreateContainerError", "localcluster cannot run images: the container needs a command")
+            return
+        try:
+            pod_env = self.env_resolver.resolve(pod, ctr)
+        except ConfigError as e:
+            self._report_config_error(pod, e.reason, e.message)
+            return
+        pod_dir = self._pod_dir(pod)
+        self._prepare_pod_dir(pod_dir, md.get("uid", ""))
+        log_path = pod_dir / f"{cname}.log"
+        term_path = pod_dir / f"{cname}.termination-log"
+        term_path.write_bytes(b"")
+        hostname = spec.get("hostname") or md["name"]
+        env = self._container_env(pod_dir, hostname, pod_env, term_path)
+        argv = [expand(a, env) for a in argv]
+        cwd = self._working_dir(pod_dir, ctr.get("workingDir"))
+        policy = ctr.get("terminationMessagePolicy") or "File"
+        started = now_rfc3339()
+        try:
+            with open(log_path, "ab") as logf:
+                proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as e:
+            self._report_start_error(pod, cname, f"failed to start container {cname!r}: exec {argv[0]!r}: {e.strerror or e}")
+            return
+        pid_file = pod_dir / PID_FILE
+        pid_file.write_text(json.dumps({"pid": proc.pid, "start": proc_start_time(proc.pid), "uid": md.get("uid")}))
+        c = Container(
+            uid=md.get("uid", ""), namespace=md.get("namespace", "default"), pod=md["name"], node=spec["nodeName"],
+            name=cname, proc=proc, log_path=log_path, term_path=term_path, policy=policy, started_at=started, pid_file=pid_file,
+        )
+        self.containers[c.uid] = c
+        self._config_errors.pop(c.uid, None)
+        log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
+        self._report_running(pod, c)
+
+    def _prepare_pod_dir(self, pod_dir: Path, uid: str) -> None:
+        uid_file = pod_dir / "uid"
+        if pod_dir.exists():
+            old = uid_file.read_text().strip() if uid_file.exists() else ""
+            if old != uid:
+                # A new pod with the same name: keep the old one's files aside.
+                dest = pod_dir.parent / ".old" / f"{pod_dir.name}-{old[:8] or int(time.time())}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(pod_dir, dest)
+        for sub in ("", "home", "tmp", "work"):
+            (pod_dir / sub).mkdir(parents=True, exist_ok=True)
+        uid_file.write_text(uid)
+
+    def _working_dir(self, pod_dir: Path, working_dir: str | None) -> str:
+        if not working_dir:
+            return str(pod_dir / "work")
+        if os.path.isabs(working_dir) and os.path.isdir(working_dir):
+            return working_dir
+        path = pod_dir / "rootfs" / working_dir.lstrip("/")
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def _container_env(self, pod_dir: Path, hostname: str, pod_env: Mapping[str, str], term_path: Path) -> dict[str, str]:
+        env: dict[str, str] = {
+            "PATH": os.pathsep.join([self.venv_bin, os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")]),
+            "HOME": str(pod_dir / "home"),
+            "TMPDIR": str(pod_dir / "tmp"),
+            "HOSTNAME": hostname,
+        }
+        for name in self.cfg.pass_env:
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        env.update(pod_env)
+        # DNS via nss_wrapper (after the pod env: a pod cannot switch it off by accident).
+        preload = [p for p in (self.cfg.nss_wrapper, env.get("LD_PRELOAD")) if p]
+        env["LD_PRELOAD"] = " ".join(preload)
+        env["NSS_WRAPPER_HOSTS"] = str(self.hosts.path)
+        env["NSS_WRAPPER_HOSTNAME"] = hostname
+        # The agent cannot mount a file at terminationMessagePath: the process
+        # writes its private file instead (see README).
+        env[contract.ENV_TERMINATION_MESSAGE_PATH] = str(term_path)
+        return env
+
+    def _report_running(self, pod: Obj, c: Container) -> None:
+        def build(p: Obj) -> Obj:
+            st = self._base_status(p)
+            st["phase"] = "Running"
+            st["containerStatuses"] = self._container_status(
+                p, {"running": {"startedAt": c.started_at}}, True, f"localcluster://{c.proc.pid}")
+            st["conditions"] = merge_conditions(
+                (p.get("status") or {}).get("conditions") or [],
+                [cond("PodScheduled", True), cond("Initialized", True), cond("ContainersReady", True), cond("Ready", True)],
+            )
+            return st
+
+        if self._write_status(pod, build) is not None:
+            c.running_reported = True
+
+    def _terminal_build(self, state: Obj, pod_reason: str | None = None, pod_message: str | None = None) -> Callable[[Obj], Obj]:
+        exit_code = next(iter(state.values())).get("exitCode", 1)
+
+        def build(p: Obj) -> Obj:
+            st = self._base_status(p)
+            st["phase"] = "Succeeded" if exit_code == 0 else "Failed"
+            st["containerStatuses"] = self._container_status(p, state, False)
+            reason = "PodCompleted" if exit_code == 0 else "PodFailed"
+            st["conditions"] = merge_conditions(
+                (p.get("status") or {}).get("conditions") or [],
+                [cond("Initialized", True, reason), cond("Ready", False, reason),
+                 cond("ContainersReady", False, reason)],
+            )
+            if pod_reason:
+                st["reason"] = pod_reason
+            if pod_message:
+                st["message"] = pod_message
+            return st
+
+        return build
+
+    def _report_terminated(self, pod: Obj, c: Container) -> bool:
+        assert c.exit_status is not None
+        log.info("%s/%s exited: %s", c.namespace, c.pod, {k: v for k, v in c.exit_status.items() if k != "message"})
+        try:
+            return self._write_status(pod, self._terminal_build({"terminated": c.exit_status})) is not None
+        except ApiError as e:
+            if e.status == 404:
+                return True
+            raise
+
+    def _report_start_error(self, pod: Obj, cname: str, message: str) -> None:
+        now = now_rfc3339()
+        state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": message, "startedAt": now, "finishedAt": now}}
+        log.warning("pod %s: %s", pod["metadata"]["name"], message)
+        self._write_status(pod, self._terminal_build(state))
+
+    def _report_unknown(self, pod: Obj) -> None:
+        now = now_rfc3339()
+        state = {"terminated": {
+            "exitCode": 137, "reason": "ContainerStatusUnknown",
+            "message": "The container could not be located when the pod was terminated",
+            "startedAt": now, "finishedAt": now,
+        }}
+        self._write_status(pod, self._terminal_build(state))
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    ap = argparse.ArgumentParser(prog="python -m localcluster.nodeagent", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), required=not os.environ.get("KUBECONFIG"))
+    ap.add_argument("--state-dir", required=True, type=Path)
+    ap.add_argument("--nodes", default="node-0,node-1,node-2", help="comma-separated node names")
+    ap.add_argument("--node-monitor-grace-seconds", type=float, default=2.0)
+    ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
+    ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
+    ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
+    a = ap.parse_args(argv)
+    return AgentConfig(
+        kubeconfig=a.kubeconfig,
+        state_dir=a.state_dir.resolve(),
+        nodes=tuple(n for n in a.nodes.split(",") if n),
+        node_monitor_grace_seconds=a.node_monitor_grace_seconds,
+        pod_eviction_seconds=a.pod_eviction_seconds,
+        interval=a.interval,
+        pass_env=tuple(n for n in a.pass_env.split(",") if n),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    cfg.nss_wrapper = find_nss_wrapper()
+    if not cfg.nss_wrapper:
+        print(f"localcluster.nodeagent: {NSS_MISSING_MESSAGE}", file=sys.stderr)
+        return 2
+    agent = NodeAgent(cfg)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: killing all containers and exiting", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
