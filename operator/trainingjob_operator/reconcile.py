@@ -1,0 +1,509 @@
+"""The one pure reconcile: (job, observed world) -> plan.
+
+Level-triggered: the plan is computed only from the TrainingJob (spec and the
+status the operator wrote before), the pods and services that exist, the
+nodes, and what S3 says about snapshots. It performs no I/O. The handlers
+gather :class:`Observed`, call :func:`reconcile`, write ``plan.status`` (only
+when it changed), then execute ``plan.actions``; status goes FIRST, so a
+decision (a counted preemption, a new attempt number) is recorded before the
+world is changed and a crash between the two repeats the actions, never the
+decision. Running reconcile again on the result changes nothing more: the
+status is the same and the actions are idempotent (creates of deterministic
+names, deletes of what is already going).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from trainingjob_trainer import contract
+
+from . import builders
+from .classify import FAILURE, PREEMPTION, SUCCESS, NodeView, Outcome, PodView, classify, node_suspect, parse_time
+from .conditions import set_condition
+from .model import JobSpec, SpecError, parse_spec, validate
+
+# Phases
+PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
+    "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
+)
+TERMINAL = (SUCCEEDED, FAILED)
+
+# Reasons (CamelCase constants, used in status, conditions and Events)
+R_INVALID_SPEC = "InvalidSpec"
+R_CREATING = "CreatingGang"
+R_GANG_CREATED = "GangCreated"
+R_RUNNING = "AllWorkersReady"
+R_WAITING_WORKERS = "WaitingForWorkers"
+R_SUCCEEDED = "AllWorkersSucceeded"
+R_PREEMPTED = "Preempted"
+R_FAILED_RESTART = "WorkerFailed"
+R_FENCING = "FencingPreviousAttempt"
+R_BACKOFF = "BackoffBeforeRestart"
+R_PREEMPTION_BUDGET = "PreemptionBudgetExhausted"
+R_FAILURE_BUDGET = "FailureBudgetExhausted"
+R_SUSPENDED = "Suspended"
+R_RESUMED = "Resumed"
+R_SECRET_MISSING = "CredentialsSecretNotReady"
+R_SNAPSHOT_STALLED = "NoNewSnapshot"
+R_SNAPSHOT_OK = "SnapshotsCurrent"
+
+RESYNC_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class SnapshotState:
+    """What the operator read from the job's S3 folder."""
+
+    latest: Mapping[str, Any] | None = None  # uri, epoch, step, savedAt, bytes, seconds, emergency
+    count: int = 0
+    #: Seconds between the two newest complete snapshots (the expected interval).
+    interval_seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The world as the handlers saw it, for one job."""
+
+    now: dt.datetime
+    pods: tuple[Mapping[str, Any], ...] = ()
+    services: tuple[Mapping[str, Any], ...] = ()
+    nodes: Mapping[str, NodeView] | None = None
+    snapshots: SnapshotState | None = None
+    #: ``None`` when the credentials Secret is fine (or not used), else why not.
+    secret_problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: str  # "create" | "delete"
+    kind: str  # "Pod" | "Service"
+    name: str
+    body: Mapping[str, Any] | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _attempt_of(obj: Mapping[str, Any]) -> int:
+    try:
+        return int(((obj.get("metadata") or {}).get("labels") or {}).get(contract.LABEL_ATTEMPT))
+    except (TypeError, ValueError):
+        return -1
+
+
+class _Ctx:
+    """Mutable scratch state of one reconcile pass."""
+
+    def __init__(self, body: Mapping[str, Any], observed: Observed) -> None:
+        self.body = body
+        self.obs = observed
+        self.now = observed.now
+        self.old = body.get("status") or {}
+        self.status: dict[str, Any] = {k: copy.deepcopy(v) for k, v in self.old.items() if k != "kopf"}
+        self.plan = Plan(status=self.status)
+        meta = body["metadata"]
+        self.name: str = meta["name"]
+        self.namespace: str = meta["namespace"]
+        self.uid: str = meta.get("uid", "")
+
+    # -- helpers ---------------------------------------------------------
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def condition(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
+        set_condition(self.status, type_, status, reason, message, now=_iso(self.now),
+                      generation=self.body["metadata"].get("generation"))
+
+    def set_phase(self, phase: str, reason: str, message: str, *, event_type: str | None = None) -> None:
+        changed = (self.old.get("phase"), self.old.get("reason")) != (phase, reason)
+        self.status["phase"] = phase
+        self.status["reason"] = reason
+        self.status["message"] = message
+        if changed and event_type:
+            self.event(event_type, reason, message)
+
+    def requeue(self, seconds: float) -> None:
+        cur = self.plan.requeue_after
+        self.plan.requeue_after = seconds if cur is None else min(cur, seconds)
+
+    def delete_pods(self, pods: list[Mapping[str, Any]], reason: str) -> None:
+        for p in pods:
+            if not (p.get("metadata") or {}).get("deletionTimestamp"):
+                self.plan.actions.append(Action("delete", "Pod", p["metadata"]["name"], reason=reason))
+
+    def delete_services(self, keep_attempt: int | None) -> None:
+        for s in self.obs.services:
+            if keep_attempt is None or _attempt_of(s) != keep_attempt:
+                if not (s.get("metadata") or {}).get("deletionTimestamp"):
+                    self.plan.actions.append(Action("delete", "Service", s["metadata"]["name"], reason="Cleanup"))
+
+
+def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
+    """Compute the plan for one TrainingJob. Pure: no I/O, no clock."""
+    c = _Ctx(body, observed)
+    if body["metadata"].get("deletionTimestamp"):
+        return c.plan  # ownerReferences garbage-collect the gang
+    c.status["observedGeneration"] = body["metadata"].get("generation", c.status.get("observedGeneration"))
+    try:
+        spec = parse_spec(body.get("spec"))
+        errors = validate(c.name, spec)
+    except SpecError as e:
+        spec, errors = None, [str(e)]
+    if errors or spec is None:
+        _terminal_invalid(c, errors)
+        return c.plan
+
+    c.status.setdefault("attempt", 0)
+    c.status.setdefault("restarts", {"preemptions": 0, "failures": 0})
+    c.status.setdefault("lostWork", {"steps": 0, "seconds": 0})
+    _snapshot_status(c, spec)
+
+    # Pods from an attempt newer than the status knows (the status was lost):
+    # adopt that attempt instead of starting another gang beside it.
+    newest = max((_attempt_of(p) for p in observed.pods), default=-1)
+    if newest > c.status["attempt"]:
+        c.status["attempt"] = newest
+        c.status["gangCreated"] = False
+
+    if c.status.get("phase") in TERMINAL:
+        _cleanup_finished(c, spec)
+        return c.plan
+    if spec.suspend:
+        _suspend(c, spec)
+        return c.plan
+    if c.old.get("phase") == SUSPENDED:
+        c.event("Normal", R_RESUMED, f"resumed: attempt {c.status['attempt']} starts from the latest snapshot")
+        c.condition("Suspended", False, R_RESUMED)
+
+    attempt = c.status["attempt"]
+    old_pods = [p for p in observed.pods if _attempt_of(p) != attempt]
+    if old_pods:
+        _fence(c, spec, old_pods)
+        return c.plan
+    current = [p for p in observed.pods if _attempt_of(p) == attempt]
+    if not c.status.get("gangCreated"):
+        _create_gang(c, spec, current)
+        return c.plan
+    _observe_gang(c, spec, current)
+    return c.plan
+
+
+# -------------------------------------------------------------------------
+# Phases of the lifecycle
+# -------------------------------------------------------------------------
+def _terminal_invalid(c: _Ctx, errors: list[str]) -> None:
+    msg = "invalid spec: " + "; ".join(errors)
+    if c.old.get("phase") != FAILED:
+        c.status.setdefault("completionTime", _iso(c.now))
+    c.set_phase(FAILED, R_INVALID_SPEC, msg, event_type="Warning")
+    c.condition("Failed", True, R_INVALID_SPEC, msg)
+    c.condition("Ready", False, R_INVALID_SPEC)
+    c.delete_pods([p for p in c.obs.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], "InvalidSpec")
+
+
+def _workers(c: _Ctx, spec: JobSpec, views: list[PodView]) -> None:
+    ready = sum(1 for v in views if v.ready)
+    succeeded = sum(1 for v in views if v.phase == "Succeeded")
+    c.status["workers"] = {"desired": spec.nodes, "ready": ready, "succeeded": succeeded,
+                           "summary": f"{ready}/{spec.nodes}"}
+
+
+def _cleanup_finished(c: _Ctx, spec: JobSpec) -> None:
+    if spec.clean_pod_policy == "None":
+        return
+    if spec.clean_pod_policy == "All":
+        c.delete_pods(list(c.obs.pods), "Cleanup")
+    else:
+        c.delete_pods([p for p in c.obs.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")],
+                      "Cleanup")
+    c.delete_services(keep_attempt=None)
+
+
+def _suspend(c: _Ctx, spec: JobSpec) -> None:
+    # The running gang is fenced by moving to a new attempt number first; the
+    # pods of the old one are then deleted like any previous attempt's.
+    attempt = c.status["attempt"]
+    if c.status.get("gangCreated") or any(_attempt_of(p) == attempt for p in c.obs.pods):
+        c.status["attempt"] = attempt + 1
+        c.status["gangCreated"] = False
+    c.status.pop("nextRestartTime", None)
+    c.delete_pods(list(c.obs.pods), "Suspended")
+    c.delete_services(keep_attempt=None)
+    left = sum(1 for _ in c.obs.pods)
+    c.set_phase(SUSPENDED, R_SUSPENDED,
+                "suspended by spec.suspend" + (f"; {left} pod(s) terminating" if left else ""),
+                event_type=None)
+    if c.old.get("phase") != SUSPENDED:
+        c.event("Normal", R_SUSPENDED, "spec.suspend is true: the gang is deleted and the job kept")
+    c.condition("Suspended", True, R_SUSPENDED, "spec.suspend is true")
+    c.condition("Ready", False, R_SUSPENDED)
+    _workers(c, spec, [])
+
+
+def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
+    attempt = c.status["attempt"]
+    c.delete_pods(old_pods, "Fenced")
+    c.delete_services(keep_attempt=attempt)
+    if c.status.get("phase") != RESTARTING:
+        # Keep the decision's reason (Preempted, WorkerFailed) while fencing.
+        names = ", ".join(sorted(p["metadata"]["name"] for p in old_pods))
+        c.set_phase(RESTARTING, R_FENCING,
+                    f"waiting for pod(s) of the previous attempt to be gone before attempt {attempt} starts: {names}")
+        c.condition("Ready", False, R_FENCING)
+    _workers(c, spec, [])
+    c.requeue(2.0)
+
+
+def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
+    attempt = c.status["attempt"]
+    nxt = parse_time(c.status.get("nextRestartTime"))
+    if nxt is not None and nxt > c.now:
+        wait = (nxt - c.now).total_seconds()
+        c.set_phase(RESTARTING, R_BACKOFF, f"attempt {attempt} starts in {int(wait + 0.999)}s (failure backoff)")
+        c.requeue(wait)
+        return
+    if c.obs.secret_problem:
+        c.set_phase(PENDING, R_SECRET_MISSING, c.obs.secret_problem, event_type="Warning")
+        c.condition("CredentialsReady", False, R_SECRET_MISSING, c.obs.secret_problem)
+        c.requeue(15.0)
+        return
+    if spec.snapshot and spec.snapshot.credentials_secret:
+        c.condition("CredentialsReady", True, "SecretFound")
+    c.status.pop("nextRestartTime", None)
+
+    snap = c.status.setdefault("snapshot", {})
+    if snap.get("restoredAttempt") != attempt:
+        # Decide once per attempt what the gang resumes from, and record it
+        # before any pod exists: every pod gets the same answer even if the
+        # operator restarts midway through creating them.
+        resume, resume_step = _resume_point(c, spec, attempt)
+        snap["restoredAttempt"] = attempt
+        if resume:
+            snap["restoredFrom"] = resume
+            if resume_step is not None:
+                snap["restoredStep"] = resume_step
+            else:
+                snap.pop("restoredStep", None)
+        else:
+            snap.pop("restoredFrom", None)
+            snap.pop("restoredStep", None)
+        _account_lost_work(c, resume_step)
+        c.status.setdefault("startTime", _iso(c.now))
+        c.status["attemptStartTime"] = _iso(c.now)
+    resume = snap.get("restoredFrom")
+
+    present = {PodView.from_pod(p).rank for p in current}
+    svc_name = builders.service_name(c.name, attempt)
+    if not any(s["metadata"]["name"] == svc_name for s in c.obs.services):
+        c.plan.actions.append(Action("create", "Service", svc_name, builders.get_service(c.body, attempt)))
+    for rank in range(spec.nodes):
+        if rank not in present:
+            pod = builders.get_pod(c.body, spec, attempt=attempt, rank=rank, resume_from=resume)
+            c.plan.actions.append(Action("create", "Pod", pod["metadata"]["name"], pod))
+    if len(present) >= spec.nodes:
+        c.status["gangCreated"] = True
+        c.event("Normal", R_GANG_CREATED,
+                f"attempt {attempt}: {spec.nodes} pod(s) created" + (f", resuming from {resume}" if resume else ""))
+        _observe_gang(c, spec, current)
+        return
+    phase = PENDING if attempt == 0 or c.status.get("phase") in (None, PENDING) else RESTARTING
+    c.set_phase(phase, R_CREATING, f"creating attempt {attempt}: {len(present)}/{spec.nodes} pod(s) exist")
+    c.condition("Ready", False, R_CREATING)
+    _workers(c, spec, [PodView.from_pod(p) for p in current])
+    c.requeue(2.0)
+
+
+def _resume_point(c: _Ctx, spec: JobSpec, attempt: int) -> tuple[str | None, int | None]:
+    if spec.snapshot is None:
+        return None, None
+    latest = c.obs.snapshots.latest if c.obs.snapshots else None
+    if latest:
+        return latest.get("uri"), latest.get("step")
+    if attempt == 0 or c.status.get("restarts", {}) == {"preemptions": 0, "failures": 0}:
+        if spec.snapshot.resume_from:
+            return spec.snapshot.resume_from, None
+    return None, None
+
+
+def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
+    last = c.status.get("lastDisruption") or {}
+    if last.get("kind") != PREEMPTION or last.get("accounted"):
+        return
+    reached = last.get("step")
+    if reached is None:
+        return
+    lost = max(0, int(reached) - int(resume_step or 0))
+    lw = c.status.setdefault("lostWork", {"steps": 0, "seconds": 0})
+    lw["steps"] = int(lw.get("steps", 0)) + lost
+    sps = last.get("secondsPerStep")
+    if isinstance(sps, (int, float)):
+        lw["seconds"] = round(float(lw.get("seconds", 0)) + lost * float(sps), 3)
+    last["accounted"] = True
+
+
+def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
+    attempt = c.status["attempt"]
+    views = sorted((PodView.from_pod(p) for p in current), key=lambda v: v.rank)
+    _workers(c, spec, views)
+    rr = spec.recovery
+    outcomes: list[Outcome] = []
+    for v in views:
+        o = classify(v, nodes=c.obs.nodes, now=c.now, node_not_ready_seconds=rr.node_not_ready_seconds)
+        if o is not None:
+            outcomes.append(o)
+    present = {v.rank for v in views}
+    for rank in range(spec.nodes):
+        if rank not in present:
+            outcomes.append(Outcome(PREEMPTION, "PodDeleted", builders.pod_name(c.name, attempt, rank), None,
+                                    message="the pod disappeared (deleted by someone other than the operator)"))
+    steps = [o.step for o in outcomes if o.step is not None]
+    preempted = [o for o in outcomes if o.kind == PREEMPTION]
+    failed = [o for o in outcomes if o.kind == FAILURE]
+    if preempted:
+        _end_attempt(c, spec, preempted[0], max(steps) if steps else None, views)
+        return
+    if failed:
+        if any(node_suspect(v, c.obs.nodes) for v in views):
+            # A gang member's node is NotReady: this failure is probably the
+            # rendezvous breaking because of it. Wait for the node's fate.
+            c.set_phase(RUNNING, "NodeNotReady", "a worker's node is not Ready; waiting before deciding")
+            c.requeue(2.0)
+            return
+        first = min(failed, key=lambda o: (o.step is None, o.pod))
+        _end_attempt(c, spec, first, max(steps) if steps else None, views)
+        return
+    if len(views) == spec.nodes and all(o.kind == SUCCESS for o in outcomes) and len(outcomes) == spec.nodes:
+        c.status["completionTime"] = _iso(c.now)
+        c.set_phase(SUCCEEDED, R_SUCCEEDED, f"all {spec.nodes} worker(s) of attempt {attempt} exited 0",
+                    event_type="Normal")
+        c.condition("Succeeded", True, R_SUCCEEDED)
+        c.condition("Ready", False, R_SUCCEEDED)
+        _cleanup_finished(c, spec)
+        return
+    ready = sum(1 for v in views if v.ready)
+    done = sum(1 for o in outcomes if o.kind == SUCCESS)
+    if ready + done == spec.nodes and ready > 0:
+        c.set_phase(RUNNING, R_RUNNING, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) running",
+                    event_type="Normal" if c.old.get("phase") != RUNNING else None)
+        c.condition("Ready", True, R_RUNNING)
+    else:
+        phase = RESTARTING if c.status.get("phase") == RESTARTING else PENDING
+        c.set_phase(phase, R_WAITING_WORKERS, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready")
+        c.condition("Ready", False, R_WAITING_WORKERS)
+    _stall_condition(c, spec)
+    c.requeue(RESYNC_SECONDS)
+
+
+def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:
+    attempt = c.status["attempt"]
+    restarts = c.status["restarts"]
+    key, budget = ("preemptions", spec.recovery.max_preemptions) if o.kind == PREEMPTION else (
+        "failures", spec.recovery.max_failures)
+    disruption: dict[str, Any] = {
+        "kind": o.kind, "reason": o.reason, "pod": o.pod, "attempt": attempt, "at": _iso(c.now),
+        "message": o.describe(),
+    }
+    if o.node:
+        disruption["node"] = o.node
+    if o.exit_code is not None:
+        disruption["exitCode"] = o.exit_code
+    if step is not None:
+        disruption["step"] = step
+        started = parse_time(c.status.get("attemptStartTime"))
+        restored = (c.status.get("snapshot") or {}).get("restoredStep") or 0
+        if started and step > restored:
+            disruption["secondsPerStep"] = round((c.now - started).total_seconds() / (step - restored), 6)
+    c.status["lastDisruption"] = disruption
+    if restarts.get(key, 0) >= budget:
+        reason = R_PREEMPTION_BUDGET if o.kind == PREEMPTION else R_FAILURE_BUDGET
+        what = "maxPreemptions" if o.kind == PREEMPTION else "maxFailures"
+        msg = f"attempt {attempt} ended: {o.describe()}; {what}={budget} restarts already used"
+        c.status["completionTime"] = _iso(c.now)
+        c.set_phase(FAILED, reason, msg, event_type="Warning")
+        c.condition("Failed", True, reason, msg)
+        c.condition("Ready", False, reason)
+        _cleanup_finished(c, spec)
+        return
+    restarts[key] = restarts.get(key, 0) + 1
+    c.status["attempt"] = attempt + 1
+    _workers(c, spec, [])
+    c.status["gangCreated"] = False
+    if o.kind == FAILURE:
+        n = restarts[key]
+        delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (n - 1)))
+        c.status["nextRestartTime"] = _iso(c.now + dt.timedelta(seconds=delay))
+        reason = R_FAILED_RESTART
+        msg = (f"attempt {attempt} failed: {o.describe()}; restart {n}/{budget} "
+               f"(attempt {attempt + 1}) after {delay}s backoff")
+    else:
+        reason = R_PREEMPTED
+        msg = (f"attempt {attempt} preempted: {o.describe()}; restart {restarts[key]}/{budget} "
+               f"(attempt {attempt + 1}) from the latest snapshot")
+    c.set_phase(RESTARTING, reason, msg, event_type="Warning")
+    c.condition("Ready", False, reason, msg)
+    c.event("Normal", R_FENCING, f"deleting the {len(views)} pod(s) of attempt {attempt} before attempt {attempt + 1}")
+    c.delete_pods([p for p in c.obs.pods if _attempt_of(p) == attempt], "Fenced")
+    c.delete_services(keep_attempt=attempt + 1)
+    c.requeue(1.0)
+
+
+def _snapshot_status(c: _Ctx, spec: JobSpec) -> None:
+    snaps = c.obs.snapshots
+    if spec.snapshot is None or snaps is None:
+        return
+    st = c.status.setdefault("snapshot", {})
+    if snaps.error:
+        st["lastError"] = snaps.error
+        return
+    st.pop("lastError", None)
+    st["count"] = snaps.count
+    if snaps.latest:
+        latest = dict(snaps.latest)
+        if latest != st.get("latest"):
+            if (st.get("latest") or {}).get("uri") != latest.get("uri"):
+                c.event("Normal", "SnapshotSaved",
+                        f"snapshot at step {latest.get('step')} complete: {latest.get('uri')}")
+            st["latest"] = latest
+
+
+def _stall_condition(c: _Ctx, spec: JobSpec) -> None:
+    if spec.snapshot is None or c.obs.snapshots is None or c.obs.snapshots.error:
+        return
+    st = c.status.get("snapshot") or {}
+    started = parse_time(c.status.get("attemptStartTime"))
+    latest = st.get("latest") or {}
+    saved = parse_time(latest.get("savedAt"))
+    sps = (c.status.get("lastDisruption") or {}).get("secondsPerStep")
+    interval = c.obs.snapshots.interval_seconds or (spec.snapshot.every_steps * sps if sps else None)
+    if not interval or not started:
+        return
+    ref = max(t for t in (saved, started) if t is not None)
+    age = (c.now - ref).total_seconds()
+    limit = spec.snapshot.stall_after_intervals * float(interval)
+    if age > limit:
+        c.condition("SnapshotStalled", True, R_SNAPSHOT_STALLED,
+                    f"no new snapshot for {int(age)}s (expected one every ~{int(interval)}s)")
+    else:
+        c.condition("SnapshotStalled", False, R_SNAPSHOT_OK)

@@ -1,0 +1,309 @@
+"""Table tests of the pure reconcile: (job, observed) -> plan."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+
+from trainingjob_operator import builders
+from trainingjob_operator.classify import NodeView
+from trainingjob_operator.reconcile import Observed, SnapshotState, reconcile
+from trainingjob_trainer import contract
+
+NOW = dt.datetime(2026, 11, 28, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def job(status=None, **spec_over):
+    spec = {
+        "image": "trainer:1",
+        "command": ["torchrun", "train.py"],
+        "nodes": 3,
+        "procsPerNode": 2,
+        "recovery": {"maxPreemptions": 2, "maxFailures": 1, "backoffSeconds": 10, "maxBackoffSeconds": 60},
+        "snapshot": {"uri": "s3://bucket/runs", "credentialsSecret": "s3-creds"},
+    }
+    spec.update(spec_over)
+    body = {
+        "apiVersion": contract.API_VERSION,
+        "kind": contract.KIND,
+        "metadata": {"name": "mnist", "namespace": "ml", "uid": "uid-1", "generation": 1},
+        "spec": spec,
+    }
+    if status is not None:
+        body["status"] = status
+    return body
+
+
+def pod(body, attempt, rank, phase="Running", ready=True, exit_code=None, message=None, conditions=(), node="n1",
+        deleting=False, reason=None):
+    p = builders.get_pod(body, _spec(body), attempt=attempt, rank=rank, resume_from=None)
+    p["spec"]["nodeName"] = node
+    st = {"phase": phase, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}, *conditions]}
+    if reason:
+        st["reason"] = reason
+    if exit_code is not None:
+        term = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                "finishedAt": "2026-11-28T11:59:00Z"}
+        if message:
+            term["message"] = message
+        st["containerStatuses"] = [{"name": contract.CONTAINER_NAME, "state": {"terminated": term}}]
+    p["status"] = st
+    if deleting:
+        p["metadata"]["deletionTimestamp"] = "2026-11-28T11:59:30Z"
+    return p
+
+
+def svc(body, attempt):
+    return builders.get_service(body, attempt)
+
+
+def _spec(body):
+    from trainingjob_operator.model import parse_spec
+    return parse_spec(body["spec"])
+
+
+def obs(pods=(), services=(), **kw):
+    kw.setdefault("nodes", {"n1": NodeView(True), "n2": NodeView(True)})
+    return Observed(now=NOW, pods=tuple(pods), services=tuple(services), **kw)
+
+
+def creates(plan, kind=None):
+    return sorted(a.name for a in plan.actions if a.verb == "create" and (kind is None or a.kind == kind))
+
+
+def deletes(plan):
+    return sorted(a.name for a in plan.actions if a.verb == "delete")
+
+
+def apply(body, plan):
+    b = copy.deepcopy(body)
+    b["status"] = copy.deepcopy(plan.status)
+    return b
+
+
+def running_status(attempt=0, **extra):
+    st = {"phase": "Running", "attempt": attempt, "gangCreated": True,
+          "restarts": {"preemptions": 0, "failures": 0}}
+    st.update(extra)
+    return st
+
+
+# ---------------------------------------------------------------- the table
+def test_fresh_job_creates_service_and_all_pods_and_records_attempt_first():
+    b = job()
+    plan = reconcile(b, obs())
+    assert creates(plan, "Service") == ["mnist-0"]
+    assert creates(plan, "Pod") == ["mnist-0-0", "mnist-0-1", "mnist-0-2"]
+    assert plan.status["attempt"] == 0 and plan.status["phase"] == "Pending"
+    assert plan.status.get("gangCreated") is not True  # only once they are observed
+    assert plan.status["workers"]["desired"] == 3
+
+
+def test_partially_created_gang_creates_only_the_missing_pods():
+    b = job(status={"attempt": 0, "phase": "Pending"})
+    existing = [pod(b, 0, 0, phase="Pending", ready=False)]
+    plan = reconcile(b, obs(existing, [svc(b, 0)]))
+    assert creates(plan) == ["mnist-0-1", "mnist-0-2"]
+    assert deletes(plan) == []
+
+
+def test_gang_complete_is_recorded_and_running_when_all_ready():
+    b = job(status={"attempt": 0, "phase": "Pending"})
+    pods = [pod(b, 0, r) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["gangCreated"] is True
+    assert plan.status["phase"] == "Running"
+    assert plan.status["workers"] == {"desired": 3, "ready": 3, "succeeded": 0, "summary": "3/3"}
+    assert creates(plan) == []
+
+
+def test_one_pod_failed_fences_whole_gang_and_backs_off():
+    b = job(status=running_status())
+    pods = [pod(b, 0, 0), pod(b, 0, 1, phase="Failed", ready=False, exit_code=3,
+                                 message="Traceback: boom"), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    st = plan.status
+    assert st["attempt"] == 1 and st["gangCreated"] is False
+    assert st["restarts"] == {"preemptions": 0, "failures": 1}
+    assert st["phase"] == "Restarting" and st["reason"] == "WorkerFailed"
+    assert st["nextRestartTime"] == "2026-11-28T12:00:10Z"
+    assert st["lastDisruption"]["exitCode"] == 3 and st["lastDisruption"]["pod"] == "mnist-0-1"
+    assert deletes(plan) == ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]
+    assert any(e.type == "Warning" and e.reason == "WorkerFailed" for e in plan.events)
+
+
+def test_restart_waits_for_fencing_then_backoff_then_creates():
+    b = job(status={**running_status(attempt=1, gangCreated=False),
+                    "nextRestartTime": "2026-11-28T12:00:10Z"})
+    old = [pod(b, 0, 0, deleting=True)]
+    plan = reconcile(b, obs(old))
+    assert creates(plan) == [] and plan.status["reason"] == "FencingPreviousAttempt"
+    plan = reconcile(b, obs([]))
+    assert creates(plan) == [] and plan.status["reason"] == "BackoffBeforeRestart"
+    assert plan.requeue_after == pytest.approx(10)
+    later = Observed(now=NOW + dt.timedelta(seconds=11), nodes={"n1": NodeView(True)})
+    plan = reconcile(b, later)
+    assert creates(plan, "Pod") == ["mnist-1-0", "mnist-1-1", "mnist-1-2"]
+
+
+def test_all_succeeded():
+    b = job(status=running_status())
+    pods = [pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Succeeded"
+    assert plan.status["completionTime"] == "2026-11-28T12:00:00Z"
+    # cleanPodPolicy Running: finished pods are kept for their logs, the Service goes.
+    assert deletes(plan) == ["mnist-0"]
+
+
+def test_partial_success_keeps_running():
+    b = job(status=running_status())
+    pods = [pod(b, 0, 0, phase="Succeeded", ready=False, exit_code=0), pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Running" and deletes(plan) == []
+
+
+def test_suspend_fences_gang_and_resume_starts_new_attempt():
+    b = job(status=running_status(), suspend=True)
+    pods = [pod(b, 0, r) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Suspended" and plan.status["attempt"] == 1
+    assert deletes(plan) == ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]
+    b2 = apply(b, plan)
+    b2["spec"]["suspend"] = False
+    plan2 = reconcile(b2, obs([]))
+    assert creates(plan2, "Pod") == ["mnist-1-0", "mnist-1-1", "mnist-1-2"]
+    assert plan2.status["restarts"] == {"preemptions": 0, "failures": 0}
+    assert any(e.reason == "Resumed" for e in plan2.events)
+
+
+def test_deleted_job_does_nothing():
+    b = job(status=running_status())
+    b["metadata"]["deletionTimestamp"] = "2026-11-28T12:00:00Z"
+    plan = reconcile(b, obs([pod(b, 0, 0)]))
+    assert plan.actions == [] and plan.status == b["status"]
+
+
+def test_failure_budget_exhausted_fails_with_pod_node_and_exit_code():
+    b = job(status=running_status(attempt=1, restarts={"preemptions": 0, "failures": 1}))
+    pods = [pod(b, 1, 0), pod(b, 1, 1, phase="Failed", ready=False, exit_code=7, node="n2",
+                                 message='{"reason":"Error","message":"CUDA error","step":5}'), pod(b, 1, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 1)]))
+    st = plan.status
+    assert st["phase"] == "Failed" and st["reason"] == "FailureBudgetExhausted"
+    assert "mnist-1-1" in st["message"] and "node n2" in st["message"] and "code 7" in st["message"]
+    assert "CUDA error" in st["message"]
+    assert st["restarts"]["failures"] == 1 and st["attempt"] == 1
+    assert deletes(plan) == ["mnist-1", "mnist-1-0", "mnist-1-2"]  # running pods and the Service
+
+
+def test_preemption_counts_apart_from_failures():
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    b = job(status=running_status(restarts={"preemptions": 0, "failures": 1}))
+    # the preempted pod's peers fail because the rendezvous broke: still a preemption
+    pods = [pod(b, 0, 0, conditions=[cond], deleting=True),
+            pod(b, 0, 1, phase="Failed", ready=False, exit_code=1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 1, "failures": 1}
+    assert plan.status["lastDisruption"]["reason"] == "PreemptionByScheduler"
+    assert "nextRestartTime" not in plan.status
+
+
+def test_preemption_budget_exhausted_has_its_own_reason():
+    b = job(status=running_status(restarts={"preemptions": 2, "failures": 0}))
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, reason="Evicted"), pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "PreemptionBudgetExhausted"
+    assert plan.status["restarts"] == {"preemptions": 2, "failures": 0}
+
+
+def test_missing_pod_after_gang_created_is_a_disruption():
+    b = job(status=running_status())
+    plan = reconcile(b, obs([pod(b, 0, 0), pod(b, 0, 2)], [svc(b, 0)]))
+    assert plan.status["restarts"]["preemptions"] == 1
+    assert plan.status["lastDisruption"]["pod"] == "mnist-0-1"
+
+
+def test_node_not_ready_is_held_then_lost():
+    b = job(status=running_status())
+    since = NOW - dt.timedelta(seconds=30)
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, since)}
+    pods = [pod(b, 0, 0, node="n2"), pod(b, 0, 1, phase="Failed", ready=False, exit_code=1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["attempt"] == 0 and plan.actions == []  # held: node may come back
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=61))}
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["restarts"]["preemptions"] == 1
+    assert plan.status["lastDisruption"]["reason"] == "NodeLost"
+
+
+def test_preempted_after_snapshot_exit_code_is_a_preemption_and_lost_work_counts_from_snapshot():
+    msg = contract.format_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_PREEMPTED, step=40, snapshot="s3://bucket/runs/ml/mnist/epoch_0_train_step_40"))
+    b = job(status=running_status())
+    pods = [pod(b, 0, r, phase="Failed", ready=False, exit_code=contract.EXIT_PREEMPTED_AFTER_SNAPSHOT, message=msg)
+            for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 1, "failures": 0}
+    assert plan.status["lastDisruption"]["step"] == 40
+    b2 = apply(b, plan)
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_40", "step": 40, "epoch": 0,
+              "savedAt": "2026-11-28T11:59:59Z", "bytes": 10}
+    plan2 = reconcile(b2, obs([], snapshots=SnapshotState(latest=latest, count=1)))
+    assert plan2.status["snapshot"]["restoredFrom"] == latest["uri"]
+    assert plan2.status["lostWork"]["steps"] == 0
+    env = {e["name"]: e.get("value") for a in plan2.actions if a.kind == "Pod" for e in a.body["spec"]["containers"][0]["env"]}
+    assert env[contract.ENV_RESUME_FROM] == latest["uri"]
+    assert env[contract.ENV_ATTEMPT] == "1"
+
+
+def test_lost_work_when_node_lost_without_emergency_snapshot():
+    b = job(status=running_status(attempt=0, lastDisruption={
+        "kind": "Preemption", "reason": "NodeLost", "step": 57, "attempt": 0}, gangCreated=False))
+    b["status"]["attempt"] = 1
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_50", "step": 50, "epoch": 0,
+              "savedAt": "2026-11-28T11:59:00Z", "bytes": 10}
+    plan = reconcile(b, obs([], snapshots=SnapshotState(latest=latest, count=2)))
+    assert plan.status["lostWork"]["steps"] == 7
+    plan2 = reconcile(apply(b, plan), obs([], snapshots=SnapshotState(latest=latest, count=2)))
+    assert plan2.status["lostWork"]["steps"] == 7  # counted once
+
+
+def test_invalid_spec_is_failed_not_raised():
+    b = job(status=None)
+    b["metadata"]["name"] = "x" * 60
+    plan = reconcile(b, obs())
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "InvalidSpec"
+    assert "at most" in plan.status["message"]
+    assert plan.actions == []
+
+
+def test_status_lost_adopts_newest_attempt_instead_of_second_gang():
+    b = job(status=None)
+    pods = [pod(b, 4, r) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 4)]))
+    assert plan.status["attempt"] == 4 and creates(plan) == []
+
+
+@pytest.mark.parametrize("case", ["fresh", "partial", "failed", "succeeded", "suspended", "preempted", "running"])
+def test_reconcile_twice_changes_nothing_more(case):
+    b = job(status=running_status())
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    worlds = {
+        "fresh": (job(), []),
+        "partial": (job(status={"attempt": 0}), [pod(b, 0, 0)]),
+        "failed": (b, [pod(b, 0, 0), pod(b, 0, 1, phase="Failed", ready=False, exit_code=1), pod(b, 0, 2)]),
+        "succeeded": (b, [pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)]),
+        "suspended": (job(status=running_status(), suspend=True), [pod(b, 0, r) for r in range(3)]),
+        "preempted": (b, [pod(b, 0, 0, conditions=[cond]), pod(b, 0, 1), pod(b, 0, 2)]),
+        "running": (b, [pod(b, 0, r) for r in range(3)]),
+    }
+    body, pods = worlds[case]
+    world = obs(pods, [svc(b, 0)])
+    first = reconcile(body, world)
+    second = reconcile(apply(body, first), world)
+    assert second.status == first.status
+    assert second.events == []
+    assert {(a.verb, a.kind, a.name) for a in second.actions} <= {(a.verb, a.kind, a.name) for a in first.actions}
