@@ -1,0 +1,92 @@
+"""Stateful wrappers the plain-loop API snapshots: model+optimizers, RNG.
+
+Both backends call ``state_dict()`` to save and ``state_dict()`` then
+``load_state_dict()`` to restore, so anything with those two methods can be
+put in an ``app_state`` mapping.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from trainingjob_trainer import _dist
+
+
+def _fsdp_full_state_dict(model: nn.Module) -> bool | None:
+    """True/False if ``model`` is FSDP with a FULL/SHARDED type set, else None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+    except ImportError:  # pragma: no cover
+        return None
+    if not any(isinstance(m, FSDP) for m in model.modules()):
+        return None
+    sdt = FSDP.get_state_dict_type(model).state_dict_type
+    return sdt == StateDictType.FULL_STATE_DICT
+
+
+class ModelOptimizerState:
+    """A model and its optimizers, saved with fully-qualified parameter names.
+
+    Uses ``torch.distributed.checkpoint.state_dict`` so that plain modules,
+    DDP and FSDP all work, and lazily-created optimizer state (Adam moments)
+    is created before loading. For FSDP the state-dict type set with
+    ``FSDP.set_state_dict_type`` is respected (FULL saves full tensors,
+    SHARDED/LOCAL save shards).
+
+    Args:
+        model: The (possibly wrapped) module.
+        optimizers: Its optimizers.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        self.model = model
+        self.optimizers = tuple(optimizers)
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        full = _fsdp_full_state_dict(self.model)
+        return StateDictOptions(full_state_dict=bool(full), strict=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizers, options=self._options())
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            self.model,
+            self.optimizers,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optim"],
+            options=self._options(),
+        )
+
+
+class RNGState:
+    """This rank's torch CPU and Python ``random`` generator states.
+
+    Keyed by global rank, so a backend that treats identical keys as
+    replicated (DCP) still keeps each rank's stream.
+    """
+
+    def _key(self) -> str:
+        return f"rank{_dist.rank()}"
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, _gauss = random.getstate()
+        py = torch.tensor([version, *internal], dtype=torch.int64)  # fixed shape: loads in place
+        return {self._key(): {"torch": torch.get_rng_state(), "python": py}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = state_dict[self._key()]
+        torch.set_rng_state(mine["torch"])
+        values = [int(v) for v in mine["python"].tolist()]
+        random.setstate((values[0], tuple(values[1:]), None))

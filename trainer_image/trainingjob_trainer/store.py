@@ -1,0 +1,265 @@
+"""The snapshot store: one job's snapshot folders in S3 and the completion rule.
+
+Layout (from the contract): ``<root>/epoch_{e}_train_step_{s}/...`` with the
+commit marker :data:`contract.COMMIT_MARKER` written last by the save that
+produced the folder. A folder is restorable only if
+:func:`contract.snapshot_is_complete` says so for its marker and its current
+listing (every object present with the recorded size and ETag), so a killed
+save, a re-used folder or a late stale upload is never restored.
+
+The store never decides by modification time: snapshots are ordered by their
+parsed ``(step, epoch)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from trainingjob_trainer import contract, s3
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot folder as seen in one listing.
+
+    Attributes:
+        uri: Full URI of the folder.
+        name: The folder name (``epoch_E_train_step_S``).
+        epoch: Parsed epoch.
+        step: Parsed step.
+        marker: The parsed commit marker, ``None`` if absent or malformed.
+        complete: Whether the completion rule holds right now.
+        listing: Relative path -> ``{"size", "etag"}`` of the folder's objects.
+    """
+
+    uri: str
+    name: str
+    epoch: int
+    step: int
+    marker: contract.CommitMarker | None
+    complete: bool
+    listing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+
+
+def new_save_id(attempt: int) -> str:
+    """A unique id for one save: the attempt plus 12 random hex digits."""
+    return f"a{int(attempt)}-{uuid.uuid4().hex[:12]}"
+
+
+class SnapshotStore:
+    """Lists, commits and prunes the snapshots under one job root.
+
+    Args:
+        root: The job's snapshot folder (``s3://bucket/prefix/ns/name`` or a
+            local path).
+        storage_options: s3fs options over the contract env.
+    """
+
+    def __init__(self, root: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self._root_path = s3.filesystem(self.root, self.storage_options)
+
+    # ------------------------------------------------------------------ paths
+    def uri_for(self, *, epoch: int, step: int) -> str:
+        """URI of the folder for ``epoch``/``step`` (contract naming)."""
+        return s3.join(self.root, contract.snapshot_dir_name(epoch, step))
+
+    def _path(self, name: str) -> str:
+        return f"{self._root_path}/{name}"
+
+    # ---------------------------------------------------------------- listing
+    def _find(self, path: str) -> dict[str, dict[str, Any]]:
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        prefix = path.rstrip("/") + "/"
+        for p, info in found.items():
+            p = p.rstrip("/")
+            if info.get("type") == "directory" or not p.startswith(prefix):
+                continue
+            out[p[len(prefix):]] = {
+                "size": int(info.get("size") or 0),
+                "etag": str(info.get("ETag") or info.get("etag") or "").strip('"'),
+            }
+        return out
+
+    def _read_marker(self, name: str) -> contract.CommitMarker | None:
+        try:
+            return contract.CommitMarker.from_json(self.fs.cat_file(f"{self._path(name)}/{contract.COMMIT_MARKER}"))
+        except FileNotFoundError:
+            return None
+
+    def scan(self) -> list[SnapshotInfo]:
+        """Every snapshot folder under the root, oldest first (by step, epoch).
+
+        One recursive listing, plus one GET per folder that has a marker.
+        """
+        by_dir: dict[str, dict[str, dict[str, Any]]] = {}
+        for rel, meta in self._find(self._root_path).items():
+            if "/" not in rel:
+                continue
+            d, inner = rel.split("/", 1)
+            if contract.parse_snapshot_dir_name(d) is not None:
+                by_dir.setdefault(d, {})[inner] = meta
+        infos = []
+        for name, listing in by_dir.items():
+            epoch, step = contract.parse_snapshot_dir_name(name)  # type: ignore[misc]
+            marker = self._read_marker(name) if contract.COMMIT_MARKER in listing else None
+            infos.append(
+                SnapshotInfo(
+                    uri=s3.join(self.root, name),
+                    name=name,
+                    epoch=epoch,
+                    step=step,
+                    marker=marker,
+                    complete=contract.snapshot_is_complete(marker, name, listing),
+                    listing=listing,
+                )
+            )
+        infos.sort(key=lambda i: (i.step, i.epoch))
+        return infos
+
+    def inspect(self, uri: str) -> SnapshotInfo | None:
+        """The state of one snapshot folder given by full URI (``None`` if not one)."""
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        parsed = contract.parse_snapshot_dir_name(name)
+        if parsed is None:
+            return None
+        fs, path = s3.filesystem(uri, self.storage_options)
+        listing = self._find(path)
+        marker = None
+        if contract.COMMIT_MARKER in listing:
+            try:
+                marker = contract.CommitMarker.from_json(fs.cat_file(f"{path}/{contract.COMMIT_MARKER}"))
+            except FileNotFoundError:
+                marker = None
+        return SnapshotInfo(
+            uri=uri.rstrip("/"),
+            name=name,
+            epoch=parsed[0],
+            step=parsed[1],
+            marker=marker,
+            complete=contract.snapshot_is_complete(marker, name, listing),
+            listing=listing,
+        )
+
+    def latest_complete(self) -> SnapshotInfo | None:
+        """The newest restorable snapshot by parsed (step, epoch), or ``None``."""
+        complete = [(i.name, i.marker) for i in self.scan() if i.complete]
+        best = contract.pick_latest(complete)  # type: ignore[arg-type]
+        if best is None:
+            return None
+        return self.inspect(s3.join(self.root, best[0]))
+
+    # ----------------------------------------------------------------- writes
+    def begin(self, *, epoch: int, step: int) -> str:
+        """Prepare a folder for a new save: drop its marker FIRST, then its objects.
+
+        A save killed after this leaves a folder without a marker, which is
+        never restored, even if it still holds a previous save's objects.
+
+        Returns:
+            The folder URI.
+        """
+        name = contract.snapshot_dir_name(epoch, step)
+        path = self._path(name)
+        marker_path = f"{path}/{contract.COMMIT_MARKER}"
+        try:
+            self.fs.rm_file(marker_path)
+        except FileNotFoundError:
+            pass
+        self._rm_tree(path)
+        return s3.join(self.root, name)
+
+    def commit(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        save_id: str,
+        attempt: int,
+        backend: str,
+        seconds: float,
+        emergency: bool = False,
+    ) -> contract.CommitMarker:
+        """Write the commit marker of a finished save (all ranks' writes done).
+
+        The marker records the size and ETag of every object in the folder as
+        listed right now; an object replaced later (a stale upload) changes
+        its ETag and makes the snapshot incomplete.
+        """
+        name = contract.snapshot_dir_name(epoch, step)
+        listing = self._find(self._path(name))
+        listing.pop(contract.COMMIT_MARKER, None)
+        if not listing:
+            raise RuntimeError(f"snapshot {name} has no objects; refusing to commit it")
+        marker = contract.CommitMarker(
+            save_id=save_id,
+            attempt=int(attempt),
+            epoch=int(epoch),
+            step=int(step),
+            backend=backend,
+            objects=listing,
+            saved_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            seconds=round(float(seconds), 3),
+            emergency=emergency,
+        )
+        self.fs.pipe_file(f"{self._path(name)}/{contract.COMMIT_MARKER}", marker.to_json().encode())
+        return marker
+
+    def _rm_tree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
+
+    def delete(self, uri: str) -> None:
+        """Delete one snapshot folder: its marker first, so it is never half-visible."""
+        fs, path = s3.filesystem(uri, self.storage_options)
+        try:
+            fs.rm_file(f"{path}/{contract.COMMIT_MARKER}")
+        except FileNotFoundError:
+            pass
+        self._rm_tree(path)
+
+    def prune(
+        self,
+        *,
+        keep_last: int | None,
+        protect: set[str] | frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Apply retention; returns the URIs deleted.
+
+        Keeps the ``keep_last`` newest complete snapshots (always at least the
+        newest one) and everything in ``protect`` (the snapshot the current
+        attempt restored from, a save in flight). Incomplete folders outside
+        ``protect`` are leftovers of killed or fenced saves and are deleted.
+        Nothing is deleted when ``keep_last`` is ``None``.
+        """
+        if keep_last is None:
+            return []
+        protect = {p.rstrip("/") for p in protect}
+        infos = self.scan()
+        complete = [i for i in infos if i.complete]
+        keep = {i.uri for i in complete[-max(1, int(keep_last)):]}
+        deleted = []
+        for info in infos:
+            if info.uri in keep or info.uri in protect:
+                continue
+            t0 = time.monotonic()
+            self.delete(info.uri)
+            logger.info("pruned %s (%s) in %.2fs", info.uri, "complete" if info.complete else "incomplete", time.monotonic() - t0)
+            deleted.append(info.uri)
+        return deleted
