@@ -1,0 +1,294 @@
+"""Kopf registration: thin handlers around one work queue of job keys.
+
+Kopf's indices are the informer caches (pods, services and nodes the
+operator cares about). Every event, of a TrainingJob, one of its pods or
+services, or a node, only *enqueues* the job's key; a periodic resync
+enqueues every job. Workers take keys one at a time per job (never two
+reconciles of the same job at once), read the job fresh from the API, gather
+the rest from the caches and S3, call the pure :func:`reconcile`, then write
+the status (only if it changed), post the Events and execute the actions.
+
+No finalizer is put on TrainingJobs: deletion never waits for the operator,
+and ownerReferences garbage-collect the gang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as dt
+import logging
+import time
+from typing import Any, Mapping
+
+import kopf
+
+from trainingjob_trainer import contract
+
+from . import metrics
+from .classify import NodeView
+from .kube import ApiError, Kube
+from .model import SpecError, parse_spec
+from .reconcile import Observed, Plan, reconcile
+from .snapshots import SnapshotReader, access_from_secret
+
+log = logging.getLogger("trainingjob_operator")
+
+TJ = (contract.GROUP, contract.VERSION, contract.PLURAL)
+OURS = {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+Key = tuple[str, str]
+
+
+def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(body[k]) for k in body}
+
+
+def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON merge patch turning status ``old`` into ``new`` (``{}`` if equal)."""
+    old = {k: v for k, v in (old or {}).items() if k != "kopf"}
+    patch: dict[str, Any] = {}
+    for k in set(old) | set(new):
+        if k not in new:
+            patch[k] = None
+        elif old.get(k) != new[k]:
+            if isinstance(new[k], dict) and isinstance(old.get(k), dict):
+                sub = status_patch(old[k], new[k])
+                if sub:
+                    patch[k] = sub
+            else:
+                patch[k] = new[k]
+    return patch
+
+
+class Controller:
+    """The operator's state: the work queue, the caches' handles, the API client."""
+
+    def __init__(self, *, workers: int = 4, resync_seconds: float = 10.0, watch_nodes: bool = True) -> None:
+        self.workers = workers
+        self.resync_seconds = resync_seconds
+        self.watch_nodes = watch_nodes
+        self.kube: Kube | None = None
+        self.snapshots = SnapshotReader()
+        self.indices: dict[str, Any] = {}
+        self._queue: asyncio.Queue[Key] | None = None
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- queue -------------------------------------------------------------
+    def enqueue(self, key: Key, delay: float = 0.0) -> None:
+        if self._queue is None:
+            return
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.enqueue, key, 0.0)
+            return
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self.kube = Kube()
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._resync()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.kube:
+            await self.kube.close()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_seconds)
+            idx = self.indices.get("tj_index")
+            if idx is not None:
+                for key in list(idx):
+                    self.enqueue(key)
+
+    async def _worker(self, n: int) -> None:
+        assert self._queue is not None
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._active.add(key)
+            try:
+                delay = await self.reconcile_key(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one job's trouble must never stop the others
+                log.exception("reconcile of %s/%s failed; retrying", *key)
+                delay = 5.0
+            finally:
+                self._active.discard(key)
+            if key in self._dirty:
+                self._dirty.discard(key)
+                self.enqueue(key)
+            if delay is not None:
+                self.enqueue(key, delay)
+
+    # -- one reconcile -----------------------------------------------------
+    async def reconcile_key(self, key: Key) -> float | None:
+        assert self.kube is not None
+        namespace, name = key
+        started = time.monotonic()
+        try:
+            body = await self.kube.request(
+                "GET", f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}/{name}")
+        except ApiError as e:
+            if e.status == 404:
+                self.snapshots.forget(key)
+                metrics.forget_job(namespace, name)
+                return None
+            raise
+        observed = await self.observe(body)
+        plan = reconcile(body, observed)
+        await self.execute(body, plan, observed.now)
+        metrics.observe_job(body, plan.status, time.monotonic() - started)
+        return plan.requeue_after
+
+    async def observe(self, body: Mapping[str, Any]) -> Observed:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        uid = meta.get("uid")
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def mine(index_name: str) -> tuple[dict[str, Any], ...]:
+            idx = self.indices.get(index_name)
+            if idx is None or key not in idx:
+                return ()
+            return tuple(o for o in idx[key]
+                         if ((o.get("metadata") or {}).get("labels") or {}).get(contract.LABEL_JOB_UID) == uid)
+
+        nodes = None
+        if self.watch_nodes and "node_index" in self.indices:
+            nodes = {n: next(iter(store)) for n, store in self.indices["node_index"].items()}
+        snapshots = None
+        secret_problem = None
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError:
+            spec = None
+        if spec is not None and spec.snapshot is not None and not meta.get("deletionTimestamp"):
+            secret = None
+            if spec.snapshot.credentials_secret:
+                assert self.kube is not None
+                secret = await self.kube.get_secret(meta["namespace"], spec.snapshot.credentials_secret)
+            access, secret_problem = access_from_secret(spec, secret)
+            snapshots = await self.snapshots.observe(body, spec, access)
+        return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
+                        snapshots=snapshots, secret_problem=secret_problem)
+
+    async def execute(self, body: Mapping[str, Any], plan: Plan, now: dt.datetime) -> None:
+        assert self.kube is not None
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        patch = status_patch(body.get("status"), plan.status)
+        if patch:
+            # Status first: the decision is recorded before the world changes.
+            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch)
+        now_iso = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        for ev in plan.events:
+            log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)
+            metrics.count_event(ev.reason)
+            try:
+                await self.kube.post_event(body, ev.type, ev.reason, ev.message, now_iso)
+            except ApiError as e:
+                log.warning("could not post event %s for %s/%s: %s", ev.reason, ns, name, e)
+        for a in plan.actions:
+            if a.verb == "create":
+                created = await self.kube.create(a.kind, ns, a.body or {})
+                if created:
+                    log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
+            elif a.verb == "delete":
+                gone = await self.kube.delete(a.kind, ns, a.name)
+                if gone:
+                    log.info("%s/%s deleted %s %s (%s)", ns, name, a.kind, a.name, a.reason)
+
+
+CONTROLLER = Controller()
+
+
+# ---------------------------------------------------------------------------
+# Kopf registration (thin: caches and enqueueing only)
+# ---------------------------------------------------------------------------
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # No Kopf state is kept on our objects: no finalizers (nothing is
+    # registered that needs one), progress in annotations, never in status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=contract.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=contract.GROUP)
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    await CONTROLLER.start()
+
+
+@kopf.on.cleanup()
+async def _cleanup(**_: Any) -> None:
+    await CONTROLLER.stop()
+
+
+@kopf.index(*TJ)
+def tj_index(namespace: str, name: str, **_: Any) -> dict[Key, bool]:
+    return {(namespace, name): True}
+
+
+@kopf.index("pods", labels=OURS)
+def pod_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict[Key, Any]:
+    return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
+
+
+@kopf.index("services", labels=OURS)
+def svc_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict[Key, Any]:
+    return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
+
+
+def _remember(kwargs: Mapping[str, Any]) -> None:
+    for k in ("tj_index", "pod_index", "svc_index", "node_index"):
+        if k in kwargs:
+            CONTROLLER.indices[k] = kwargs[k]
+
+
+@kopf.on.event(*TJ)
+def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
+    _remember(kwargs)
+    CONTROLLER.enqueue((namespace, name))
+
+
+@kopf.on.event("pods", labels=OURS)
+def _on_pod(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+    _remember(kwargs)
+    job = labels.get(contract.LABEL_JOB_NAME)
+    if job:
+        CONTROLLER.enqueue((namespace, job))
+
+
+@kopf.on.event("services", labels=OURS)
+def _on_service(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+    _remember(kwargs)
+    job = labels.get(contract.LABEL_JOB_NAME)
+    if job:
+        CONTROLLER.enqueue((namespace, job))
+
+
+def register_node_watch() -> None:
+    """Nodes are watched cluster-wide only (namespaced RBAC cannot read them)."""
+
+    @kopf.index("nodes")
+    def node_index(name: str, body: Mapping[str, Any], **_: Any) -> dict[str, NodeView]:
+        return {name: NodeView.from_node(body)}
+
+    @kopf.on.event("nodes")
+    def _on_node(name: str, **kwargs: Any) -> None:
+        _remember(kwargs)
+        pods = CONTROLLER.indices.get("pod_index")
+        if pods is None:
+            return
+        for key in list(pods):
+            if any((p.get("spec") or {}).get("nodeName") == name for p in pods[key]):
+                CONTROLLER.enqueue(key)

@@ -1,0 +1,198 @@
+"""A small async Kubernetes API client: one aiohttp session for the process.
+
+Kopf watches and caches; this client does the writes the plan asks for
+(create/delete pods and services, patch status, post Events) and reads the
+credentials Secret. It logs in like kubectl: in-cluster service account
+(the token file is re-read, so projected tokens can rotate) or ``$KUBECONFIG``.
+Creates treat 409 AlreadyExists as success and deletes treat 404 as success.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import aiohttp
+import yaml
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class _Config:
+    server: str
+    token: str | None = None
+    token_path: str | None = None
+    ssl_context: ssl.SSLContext | bool | None = None
+
+
+def _write_temp(data_b64: str) -> str:
+    f = tempfile.NamedTemporaryFile("wb", delete=False, prefix="tj-kube-")
+    f.write(base64.b64decode(data_b64))
+    f.close()
+    return f.name
+
+
+def load_config() -> _Config:
+    """In-cluster service account first, then ``$KUBECONFIG`` / ~/.kube/config."""
+    token_path = os.path.join(SA_DIR, "token")
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_path):
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        ctx = ssl.create_default_context(cafile=os.path.join(SA_DIR, "ca.crt"))
+        return _Config(server=f"https://{host}:{port}", token_path=token_path, ssl_context=ctx)
+    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f) or {}
+    ctx_name = cfg.get("current-context")
+    context = next(c["context"] for c in cfg.get("contexts", []) if c["name"] == ctx_name)
+    cluster = next(c["cluster"] for c in cfg.get("clusters", []) if c["name"] == context["cluster"])
+    user = next((u.get("user") or {} for u in cfg.get("users", []) if u["name"] == context.get("user")), {})
+    server = cluster["server"].rstrip("/")
+    sslctx: ssl.SSLContext | bool | None = None
+    if server.startswith("https"):
+        if cluster.get("insecure-skip-tls-verify"):
+            sslctx = False
+        else:
+            cafile = cluster.get("certificate-authority") or (
+                _write_temp(cluster["certificate-authority-data"]) if cluster.get("certificate-authority-data") else None)
+            sslctx = ssl.create_default_context(cafile=cafile)
+        cert = user.get("client-certificate") or (
+            _write_temp(user["client-certificate-data"]) if user.get("client-certificate-data") else None)
+        key = user.get("client-key") or (_write_temp(user["client-key-data"]) if user.get("client-key-data") else None)
+        if cert and isinstance(sslctx, ssl.SSLContext):
+            sslctx.load_cert_chain(cert, key)
+    return _Config(server=server, token=user.get("token"), ssl_context=sslctx)
+
+
+def _plural_path(kind: str) -> tuple[str, str]:
+    return {
+        "Pod": ("/api/v1", "pods"),
+        "Service": ("/api/v1", "services"),
+        "Secret": ("/api/v1", "secrets"),
+        "Event": ("/api/v1", "events"),
+    }[kind]
+
+
+class Kube:
+    """The operator's API client (one per process)."""
+
+    def __init__(self, config: _Config | None = None) -> None:
+        self._config = config or load_config()
+        self._session: aiohttp.ClientSession | None = None
+        self._token_cache: tuple[float, str] | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _token(self) -> str | None:
+        if self._config.token_path:
+            now = time.monotonic()
+            if self._token_cache is None or now - self._token_cache[0] > 60:
+                with open(self._config.token_path, encoding="utf-8") as f:
+                    self._token_cache = (now, f.read().strip())
+            return self._token_cache[1]
+        return self._config.token
+
+    async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
+                      params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=30),
+                headers={"User-Agent": "trainingjob-operator/0.1"},
+            )
+        headers = {"Accept": "application/json"}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        async with self._session.request(method, self._config.server + path, data=data, headers=headers,
+                                         params=params, ssl=self._config.ssl_context) as resp:
+            text = await resp.text()
+            try:
+                payload = json.loads(text) if text else {}
+            except ValueError:
+                payload = {"message": text[:500]}
+            if resp.status >= 400:
+                raise ApiError(resp.status, payload.get("reason", resp.reason or ""), payload.get("message", ""))
+            return payload
+
+    # -- verbs the operator uses (and only these: the chart's RBAC grants exactly them) --
+    async def create(self, kind: str, namespace: str, body: Mapping[str, Any]) -> bool:
+        """Create; ``False`` if it already existed (409 is success)."""
+        prefix, plural = _plural_path(kind)
+        try:
+            await self.request("POST", f"{prefix}/namespaces/{namespace}/{plural}", body=body)
+            return True
+        except ApiError as e:
+            if e.status == 409:
+                return False
+            raise
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete (background propagation); ``False`` if it was already gone (404 is success)."""
+        prefix, plural = _plural_path(kind)
+        try:
+            await self.request("DELETE", f"{prefix}/namespaces/{namespace}/{plural}/{name}",
+                               body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            return True
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str,
+                           status_patch: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.request(
+            "PATCH", f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status",
+            body={"status": status_patch}, content_type="application/merge-patch+json")
+
+    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
+                         now_iso: str) -> None:
+        meta = involved["metadata"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "trainingjob-operator"},
+            "reportingComponent": "trainingjob-operator",
+            "reportingInstance": os.environ.get("HOSTNAME", "trainingjob-operator"),
+            "firstTimestamp": now_iso,
+            "lastTimestamp": now_iso,
+            "count": 1,
+        }
+        await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)

@@ -1,0 +1,93 @@
+"""Prometheus metrics of the operator (prometheus-client).
+
+Served on ``--metrics-port`` (0 disables). Per-job gauges carry the labels
+``namespace`` and ``job``; they are removed when the job is deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+JOBS_BY_PHASE = Gauge("trainingjob_jobs", "TrainingJobs by phase", ["phase"])
+PREEMPTIONS = Counter("trainingjob_preemptions_total", "Attempts ended by a preemption/disruption",
+                      ["namespace", "job"])
+FAILURES = Counter("trainingjob_failures_total", "Attempts ended by a training process failure",
+                   ["namespace", "job"])
+RESTARTS = Counter("trainingjob_restarts_total", "Gang restarts (new attempts) of all causes", ["namespace", "job"])
+SNAPSHOT_STEP = Gauge("trainingjob_latest_snapshot_step", "Train step of the newest complete snapshot",
+                      ["namespace", "job"])
+SNAPSHOT_TIME = Gauge("trainingjob_latest_snapshot_timestamp_seconds",
+                      "Unix time the newest complete snapshot was saved (age = time() - this)", ["namespace", "job"])
+LOST_STEPS = Gauge("trainingjob_lost_work_steps", "Train steps redone because of disruptions, cumulative",
+                   ["namespace", "job"])
+RECONCILE_SECONDS = Histogram("trainingjob_reconcile_duration_seconds", "Duration of one reconcile pass",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+EVENTS = Counter("trainingjob_events_total", "Events posted by the operator, by reason", ["reason"])
+
+_phase_of: dict[tuple[str, str], str] = {}
+_seen_restarts: dict[tuple[str, str], tuple[int, int]] = {}
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)
+
+
+def count_event(reason: str) -> None:
+    EVENTS.labels(reason=reason).inc()
+
+
+def _refresh_phases() -> None:
+    for phase in PHASES:
+        JOBS_BY_PHASE.labels(phase=phase).set(sum(1 for p in _phase_of.values() if p == phase))
+
+
+def observe_job(body: Mapping[str, Any], status: Mapping[str, Any], seconds: float) -> None:
+    RECONCILE_SECONDS.observe(seconds)
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    labels = {"namespace": key[0], "job": key[1]}
+    if status.get("phase"):
+        _phase_of[key] = status["phase"]
+        _refresh_phases()
+    restarts = status.get("restarts") or {}
+    pre, fail = int(restarts.get("preemptions", 0)), int(restarts.get("failures", 0))
+    seen = _seen_restarts.get(key)
+    if seen is None:
+        # First sight (e.g. after an operator restart): start from the status.
+        PREEMPTIONS.labels(**labels).inc(pre)
+        FAILURES.labels(**labels).inc(fail)
+        RESTARTS.labels(**labels).inc(pre + fail)
+    else:
+        if pre > seen[0]:
+            PREEMPTIONS.labels(**labels).inc(pre - seen[0])
+            RESTARTS.labels(**labels).inc(pre - seen[0])
+        if fail > seen[1]:
+            FAILURES.labels(**labels).inc(fail - seen[1])
+            RESTARTS.labels(**labels).inc(fail - seen[1])
+    _seen_restarts[key] = (pre, fail)
+    latest = (status.get("snapshot") or {}).get("latest") or {}
+    if isinstance(latest.get("step"), int):
+        SNAPSHOT_STEP.labels(**labels).set(latest["step"])
+        from .classify import parse_time
+
+        t = parse_time(latest.get("savedAt"))
+        if t is not None:
+            SNAPSHOT_TIME.labels(**labels).set(t.timestamp())
+    LOST_STEPS.labels(**labels).set(int((status.get("lostWork") or {}).get("steps", 0)))
+
+
+def forget_job(namespace: str, name: str) -> None:
+    key = (namespace, name)
+    _phase_of.pop(key, None)
+    _seen_restarts.pop(key, None)
+    _refresh_phases()
+    for metric in (PREEMPTIONS, FAILURES, RESTARTS, SNAPSHOT_STEP, SNAPSHOT_TIME, LOST_STEPS):
+        try:
+            metric.remove(namespace, name)
+        except KeyError:
+            pass
