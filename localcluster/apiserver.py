@@ -45,6 +45,7 @@ import yaml
 
 import kmock
 
+from localcluster import apiserver_openapi as openapi
 from localcluster import apiserver_patch as patching
 from localcluster import apiserver_select as selecting
 from localcluster import apiserver_tables as tables
@@ -323,6 +324,17 @@ class APIServer(kmock.KubernetesEmulator):
                     return _json_response(self._api_group(group, groups[group]))
             if path == '/':
                 return _json_response({'paths': self._root_paths()})
+            if path == '/openapi/v3':
+                return _json_response(openapi.index(self.store))
+            if path.startswith('/openapi/v3/'):
+                rest = path[len('/openapi/v3/'):].split('/')
+                doc = None
+                if len(rest) == 2 and rest[0] == 'api':
+                    doc = openapi.gv_document(self.store, '', rest[1])
+                elif len(rest) == 3 and rest[0] == 'apis':
+                    doc = openapi.gv_document(self.store, rest[1], rest[2])
+                if doc is not None:
+                    return _json_response(doc)
         if route is None:
             raise ApiError(404, 'NotFound', 'the server could not find the requested resource')
         if route.plural is None:
