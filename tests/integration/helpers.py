@@ -1,0 +1,101 @@
+"""Helpers of the integration tests: TrainingJob manifests and watching them."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from localcluster.kube import ApiError, Client
+
+TJ = "trainingjobs"
+
+
+def job_manifest(name: str, namespace: str, code: str, *, nodes: int = 3, **spec: Any) -> dict[str, Any]:
+    """A TrainingJob whose pods run ``python -c code`` (no torch)."""
+    body: dict[str, Any] = {
+        "apiVersion": "trainingjob.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "local/none:0", "command": [sys.executable, "-c", code], "nodes": nodes},
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def status(kube: Client, namespace: str, name: str) -> dict[str, Any]:
+    return kube.get(TJ, name, namespace=namespace).get("status") or {}
+
+
+def wait_status(kube: Client, namespace: str, name: str, pred: Callable[[dict[str, Any]], bool],
+                timeout: float = 60.0, what: str = "status") -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            last = status(kube, namespace, name)
+        except ApiError:
+            last = {}
+        if pred(last):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what} of {namespace}/{name}; last status: {last}")
+
+
+def wait_phase(kube: Client, namespace: str, name: str, phase: str, timeout: float = 60.0) -> dict[str, Any]:
+    return wait_status(kube, namespace, name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
+
+
+def pods_of(kube: Client, namespace: str, job: str) -> list[dict[str, Any]]:
+    return kube.list("pods", namespace=namespace, label_selector=f"trainingjob.dev/job-name={job}")
+
+
+def events_of(kube: Client, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list("events", namespace=namespace)
+            if (e.get("involvedObject") or {}).get("name") == name]
+
+
+class Recorder:
+    """Polls a job's status and its pods in the background; keeps a timeline."""
+
+    def __init__(self, kube: Client, namespace: str, name: str, interval: float = 0.1) -> None:
+        self.kube, self.namespace, self.name, self.interval = kube, namespace, name, interval
+        self.phases: list[str] = []
+        #: (monotonic time, pod name, "seen" | "gone")
+        self.pod_timeline: list[tuple[float, str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Recorder":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        present: set[str] = set()
+        while not self._stop.is_set():
+            try:
+                phase = status(self.kube, self.namespace, self.name).get("phase")
+                if phase and (not self.phases or self.phases[-1] != phase):
+                    self.phases.append(phase)
+                names = {p["metadata"]["name"] for p in pods_of(self.kube, self.namespace, self.name)}
+            except ApiError:
+                names = present
+            now = time.monotonic()
+            for n in sorted(names - present):
+                self.pod_timeline.append((now, n, "seen"))
+            for n in sorted(present - names):
+                self.pod_timeline.append((now, n, "gone"))
+            present = names
+            time.sleep(self.interval)
+
+    def first(self, prefix: str, what: str) -> float | None:
+        return next((t for t, n, w in self.pod_timeline if n.startswith(prefix) and w == what), None)
+
+    def last(self, prefix: str, what: str) -> float | None:
+        ts = [t for t, n, w in self.pod_timeline if n.startswith(prefix) and w == what]
+        return max(ts) if ts else None
