@@ -129,10 +129,11 @@ def default_and_prune(value: Any, schema: dict, path: str, unknown: list[str], *
         result: dict = {}
         for key, sub in out.items():
             keep_meta = (root or _embedded(schema)) and key in ('apiVersion', 'kind', 'metadata')
-            if key in props:
-                result[key] = default_and_prune(sub, props[key], join_path(path, key), unknown)
-            elif keep_meta:
+            if keep_meta:
+                # Like the real server: metadata/apiVersion/kind are never pruned by the schema.
                 result[key] = sub
+            elif key in props:
+                result[key] = default_and_prune(sub, props[key], join_path(path, key), unknown)
             elif isinstance(addl, dict):
                 result[key] = default_and_prune(sub, addl, f'{path}[{key}]' if path else key, unknown)
             elif _is_preserve(schema) or addl is True:
