@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from trainer_s3server import start_s3_server
+from tests.trainer.trainer_s3server import start_s3_server
 
 
 @pytest.fixture(scope="session")

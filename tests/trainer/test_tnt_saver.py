@@ -12,7 +12,7 @@ import functools
 from torchtnt.framework.train import train as tnt_train
 from torchtnt.framework.unit import TrainUnit
 
-from trainer_helpers import assert_states_equal, tiny_model
+from tests.trainer.trainer_helpers import assert_states_equal, tiny_model
 from trainingjob_trainer import contract
 from trainingjob_trainer.store import SnapshotStore
 from trainingjob_trainer.tnt import TorchSnapshotSaver
