@@ -362,8 +362,9 @@ class Client:
     ) -> Iterator[tuple[str, Obj]]:
         """Yield ``(type, object)`` (ADDED/MODIFIED/DELETED/...) for ``timeout`` s.
 
-        Ends quietly at the timeout; raises :class:`ApiError` if the server
-        refuses the watch (an ``ERROR`` event with a Status is yielded as is).
+        Ends quietly at the timeout or when the server closes the stream;
+        raises :class:`ApiError` if the server refuses the watch (an
+        ``ERROR`` event with a Status is yielded as is).
         """
         params = {
             "watch": "true",
@@ -375,25 +376,26 @@ class Client:
         }
         deadline = time.monotonic() + timeout
         url = self.server + resource_for(resource).path(namespace)
-        try:
-            with self.session.get(
-                url,
-                params={k: v for k, v in params.items() if v is not None},
-                stream=True,
-                timeout=(self.timeout, max(1.0, timeout) + 5),
-            ) as resp:
-                if resp.status_code >= 400:
-                    _decode(resp)
+        resp = self.session.get(
+            url,
+            params={k: v for k, v in params.items() if v is not None},
+            stream=True,
+            timeout=(self.timeout, max(1.0, timeout) + 5),
+        )
+        with resp:
+            if resp.status_code >= 400:
+                _decode(resp)
+            try:
                 for line in resp.iter_lines(chunk_size=1):
                     if line:
                         ev = json.loads(line)
                         yield ev.get("type", ""), ev.get("object") or {}
                     if time.monotonic() > deadline:
                         return
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
-            if time.monotonic() < deadline:
-                raise
-            return
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
+                # The server closed the stream (its timeout, a restart): the
+                # watch is over; callers re-list/re-watch as with any watch.
+                return
 
     # ------------------------------------------------------------------ waiting
     def wait_for(

@@ -58,6 +58,7 @@ log = logging.getLogger("localcluster.nodeagent")
 LOST_ANNOTATION = "localcluster.trainingjob.dev/lost"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 LOOPBACK = "127.0.0.1"
+LOOPBACK_V4MAPPED = "::ffff:127.0.0.1"
 TERMINAL = ("Succeeded", "Failed")
 #: Written into every pod directory: pid, process start time and pod uid, so
 #: ``LocalCluster.stop`` can make sure no container process outlives the agent.
@@ -153,6 +154,10 @@ class HostsFile:
             return False
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
         lines += [f"{LOOPBACK} {n}" for n in names]
+        # c10d (TCPStore) looks names up as AF_INET6 with AI_V4MAPPED first and
+        # retries that until its timeout; nss_wrapper does not synthesise
+        # v4-mapped answers, so the file carries them explicitly.
+        lines += [f"{LOOPBACK_V4MAPPED} {n}" for n in names]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         self._mtime = max(self._mtime + 1, int(time.time()))

@@ -1,0 +1,72 @@
+"""Shared fixtures: the local cluster stand-in and the operator process.
+
+* ``cluster``: one :class:`localcluster.cluster.LocalCluster` for the whole
+  session (API server, CRDs, S3, node agent on node-0..2), stopped by PID at
+  the end. Set ``LOCALCLUSTER_KEEP=1`` to keep its state dir for debugging.
+* ``kube``: the cluster's API client.
+* ``namespace``: a fresh namespace per test (deleted afterwards).
+* ``start_operator``: a factory running ``python -m trainingjob_operator``
+  (``$LOCALCLUSTER_OPERATOR_CMD`` overrides it) against the cluster, stopped
+  at the end of the test; its log is ``<state_dir>/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import pytest
+
+from localcluster.cluster import LocalCluster, ManagedProcess
+from localcluster.kube import ApiError, Client
+
+_ns_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    # A short path: AF_UNIX socket paths (torch, gloo) are limited to 108 bytes.
+    state_dir = Path(tempfile.mkdtemp(prefix="lc-"))
+    lc = LocalCluster(state_dir)
+    lc.start()
+    try:
+        yield lc
+    finally:
+        lc.stop()
+        if not os.environ.get("LOCALCLUSTER_KEEP"):
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kube(cluster: LocalCluster) -> Client:
+    return cluster.client()
+
+
+@pytest.fixture
+def namespace(kube: Client, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"t{next(_ns_counter)}-{request.node.name.lower().replace('_', '-')}"[:55].rstrip("-")
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
+    kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    try:
+        kube.delete("namespaces", name)
+    except ApiError:
+        pass
+
+
+@pytest.fixture
+def start_operator(cluster: LocalCluster) -> Iterator[Callable[..., ManagedProcess]]:
+    started: list[str] = []
+
+    def start(extra_args: Sequence[str] = (), *, name: str = "operator", **kw: object) -> ManagedProcess:
+        proc = cluster.start_operator(extra_args, name=name, **kw)  # type: ignore[arg-type]
+        started.append(name)
+        return proc
+
+    yield start
+    for name in started:
+        cluster.stop_operator(name)
