@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
+from .classify import parse_time
 from .model import JobSpec
 from .reconcile import SnapshotState
 
@@ -37,14 +38,11 @@ class S3Access:
         return f"S3Access(endpoint={self.endpoint!r}, region={self.region!r}, key={'***' if self.key else None})"
 
     def storage_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-        client: dict[str, Any] = {}
+        opts: dict[str, Any] = {}
         if self.endpoint:
-            client["endpoint_url"] = self.endpoint
+            opts["endpoint_url"] = self.endpoint
         if self.region:
-            client["region_name"] = self.region
-        if client:
-            opts["client_kwargs"] = client
+            opts["client_kwargs"] = {"region_name": self.region}
         if self.key:
             opts.update(key=self.key, secret=self.secret)
             if self.token:
@@ -52,51 +50,28 @@ class S3Access:
         return opts
 
 
-def _strip(uri: str) -> str:
-    return uri[len("s3://"):] if uri.startswith("s3://") else uri
-
-
 def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
-    """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking)."""
-    import s3fs  # imported here: only the operator needs it at run time
+    """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
-    fs = s3fs.S3FileSystem(**access.storage_options())
-    root = _strip(root_uri).rstrip("/")
-    try:
-        entries = fs.ls(root, detail=True)
-    except FileNotFoundError:
+    Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
+    torch): the operator and the pods apply the very same rule to the very
+    same listing.
+    """
+    from trainingjob_trainer.store import SnapshotStore
+
+    store = SnapshotStore(root_uri, storage_options=access.storage_options())
+    complete = [i for i in store.scan() if i.complete and i.marker is not None]
+    if not complete:
         return SnapshotState(latest=None, count=0)
-    complete: list[tuple[str, contract.CommitMarker]] = []
-    for entry in entries:
-        path = entry["name"].rstrip("/")
-        name = path.rsplit("/", 1)[-1]
-        if entry.get("type") != "directory" or contract.parse_snapshot_dir_name(name) is None:
-            continue
-        try:
-            marker = contract.CommitMarker.from_json(fs.cat_file(f"{path}/{contract.COMMIT_MARKER}"))
-        except FileNotFoundError:
-            continue
-        if marker is None:
-            continue
-        listing = {
-            f[len(path) + 1:]: {"size": info.get("size"), "etag": info.get("ETag") or info.get("etag")}
-            for f, info in fs.find(path, detail=True).items()
-        }
-        if contract.snapshot_is_complete(marker, name, listing):
-            complete.append((f"s3://{path}", marker))
-    best = contract.pick_latest(complete)
-    if best is None:
-        return SnapshotState(latest=None, count=0)
-    uri, m = best
-    newest_two = sorted((mk.step, mk.saved_at) for _, mk in complete)[-2:]
+    newest = complete[-1]  # scan() orders by parsed (step, epoch)
+    m = newest.marker
+    assert m is not None
     interval = None
-    if len(newest_two) == 2:
-        from .classify import parse_time
-
-        a, b = parse_time(newest_two[0][1]), parse_time(newest_two[1][1])
+    if len(complete) >= 2 and complete[-2].marker is not None:
+        a, b = parse_time(complete[-2].marker.saved_at), parse_time(m.saved_at)
         if a and b and b > a:
             interval = (b - a).total_seconds()
-    latest = {"uri": uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
+    latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
     return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval)
 
