@@ -391,10 +391,10 @@ def test_scheduler_spreads_and_honours_node_selector(kube: Client, namespace: st
     names = [f"spread-{i}" for i in range(len(cluster.nodes))]
     for n in names:
         kube.create("pods", pod_manifest(n, "import time; time.sleep(3)"), namespace)
-    kube.create("pods", pod_manifest("pinned", "print(1)", nodeSelector={"kubernetes.io/hostname": cluster.nodes[1]}), namespace)
-    kube.create("pods", pod_manifest("nowhere", "print(1)", nodeSelector={"kubernetes.io/hostname": "no-such-node"}), namespace)
     nodes = {wait_phase(kube, namespace, n, "Running", "Succeeded")["spec"]["nodeName"] for n in names}
     assert nodes == set(cluster.nodes)
+    kube.create("pods", pod_manifest("pinned", "print(1)", nodeSelector={"kubernetes.io/hostname": cluster.nodes[1]}), namespace)
+    kube.create("pods", pod_manifest("nowhere", "print(1)", nodeSelector={"kubernetes.io/hostname": "no-such-node"}), namespace)
     assert wait_phase(kube, namespace, "pinned", "Succeeded")["spec"]["nodeName"] == cluster.nodes[1]
     sched = kube.wait_for("pods", "nowhere", namespace, predicate=lambda p: condition(p, "PodScheduled") is not None, timeout=10)
     assert condition(sched, "PodScheduled")["reason"] == "Unschedulable"
