@@ -179,7 +179,10 @@ class Controller:
                 assert self.kube is not None
                 secret = await self.kube.get_secret(meta["namespace"], spec.snapshot.credentials_secret)
             access, secret_problem = access_from_secret(spec, secret)
-            snapshots = await self.snapshots.observe(body, spec, access)
+            # Before a gang is created the listing must be fresh: the previous
+            # gang's emergency snapshot was committed just before its pods exited.
+            fresh = not (body.get("status") or {}).get("gangCreated")
+            snapshots = await self.snapshots.observe(body, spec, access, force=fresh)
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem)
 
