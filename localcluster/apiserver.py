@@ -1035,8 +1035,10 @@ class APIServer(kmock.KubernetesEmulator):
             return old, warnings  # no-op: no new resourceVersion, no event
         if dry_run:
             return new, warnings
+        # As ShouldDeleteDuringUpdate: removed once finalizers are empty and the grace period is over (0);
+        # a gracefully deleted pod stays until its kubelet (the node agent) deletes it with grace 0.
         if new['metadata'].get('deletionTimestamp') and not new['metadata'].get('finalizers') and \
-                not self._awaits_kubelet(rt, new):
+                not new['metadata'].get('deletionGracePeriodSeconds'):
             self.store.put(rt, new, 'MODIFIED', old)
             self._remove(rt, new)
             return new, warnings
@@ -1140,16 +1142,6 @@ class APIServer(kmock.KubernetesEmulator):
             return obj
         return self._delete(rt, obj, grace, policy)
 
-    def _awaits_kubelet(self, rt: ResourceType, obj: dict) -> bool:
-        """A bound, non-terminal pod whose grace period is not yet zero waits for its node agent."""
-        if (rt.group, rt.plural) != ('', 'pods'):
-            return False
-        if not (obj.get('spec') or {}).get('nodeName'):
-            return False
-        if (obj.get('status') or {}).get('phase') in ('Succeeded', 'Failed'):
-            return False
-        return (obj['metadata'].get('deletionGracePeriodSeconds') or 0) > 0
-
     def _delete(self, rt: ResourceType, obj: dict, grace: int | None, policy: str | None) -> dict:
         """Delete one object as kube-apiserver does; returns what the DELETE answers with."""
         meta = obj['metadata']
@@ -1212,10 +1204,8 @@ class APIServer(kmock.KubernetesEmulator):
                 new['metadata']['ownerReferences'] = [r for r in refs if r.get('uid') in alive]
                 self.store.put(rt, new, 'MODIFIED', current)
                 continue
-            if current['metadata'].get('deletionTimestamp') and not self._awaits_kubelet(rt, current):
-                continue  # already being deleted (finalizers pending)
             if current['metadata'].get('deletionTimestamp'):
-                continue
+                continue  # already being deleted (finalizers or a grace period pending)
             self._delete(rt, current, None, 'Background')
 
     async def _orphan_then_finalize(self, rt: ResourceType, obj: dict) -> None:

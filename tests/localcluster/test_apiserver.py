@@ -348,6 +348,8 @@ def test_graceful_pod_deletion_and_eviction(api: Api) -> None:
                                                   'gracePeriodSeconds': 45})
     assert deleting['metadata']['deletionGracePeriodSeconds'] == 45 and deleting['metadata']['deletionTimestamp']
     assert api.ok('GET', f'{PODS}/bound')['metadata']['deletionGracePeriodSeconds'] == 45  # waits for the kubelet
+    api.ok('PATCH', f'{PODS}/bound/status', {'status': {'phase': 'Failed'}}, 'application/merge-patch+json')
+    assert api.ok('GET', f'{PODS}/bound')['status']['phase'] == 'Failed'  # the kubelet reports, then deletes
     api.ok('DELETE', f'{PODS}/bound?gracePeriodSeconds=0')  # what the node agent does when the pod has stopped
     assert api.call('GET', f'{PODS}/bound')[0] == 404
 
