@@ -226,6 +226,12 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=contract.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=contract.GROUP)
     settings.posting.level = logging.WARNING
+    # No runtime scanning of CRDs and namespaces (list/watch of cluster-scoped
+    # objects): the chart installs the CRD before the operator starts, and
+    # the watched namespaces are given explicitly, so a namespaces-mode
+    # install needs Roles only. Discovery (non-resource URLs) still resolves
+    # the resources at startup.
+    settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     await CONTROLLER.start()
