@@ -28,9 +28,7 @@ import logging
 import os
 import pathlib
 import random
-import re
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -50,7 +48,10 @@ from localcluster import apiserver_patch as patching
 from localcluster import apiserver_select as selecting
 from localcluster import apiserver_tables as tables
 from localcluster import crdschema
-from localcluster.apiserver_store import ResourceType, Store, now_rfc3339, type_from_crd
+from localcluster.apiserver_errors import ApiError, bad_request, conflict, invalid, not_found
+from localcluster.apiserver_kinds import KindsMixin
+from localcluster.apiserver_lifecycle import LifecycleMixin
+from localcluster.apiserver_store import ResourceType, Store, now_rfc3339
 
 log = logging.getLogger('localcluster.apiserver')
 
@@ -58,46 +59,8 @@ GIT_VERSION = {'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0-localcluster'
                'gitTreeState': 'clean', 'buildDate': '2025-01-01T00:00:00Z', 'goVersion': 'go1.23',
                'compiler': 'gc', 'platform': 'linux/amd64'}
 
-DNS1123_LABEL = r'[a-z0-9]([-a-z0-9]*[a-z0-9])?'
-DNS1123_SUBDOMAIN = r'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*'
-LABEL_KINDS = {('', 'namespaces'), ('', 'services')}
 GENERATE_CHARS = 'bcdfghjklmnpqrstvwxz2456789'
 WATCH_BOOKMARK_SECONDS = 15.0
-
-
-class ApiError(Exception):
-    """An error answered with a ``Status`` body."""
-
-    def __init__(self, code: int, reason: str, message: str, details: dict | None = None) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details
-
-    def status(self) -> dict:
-        body = {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Failure',
-                'message': self.message, 'reason': self.reason, 'code': self.code}
-        if self.details:
-            body['details'] = self.details
-        return body
-
-
-def not_found(rt: ResourceType, name: str) -> ApiError:
-    return ApiError(404, 'NotFound', f'{rt.group_resource} "{name}" not found',
-                    {'name': name, 'group': rt.group, 'kind': rt.plural})
-
-
-def conflict(rt: ResourceType, name: str, message: str | None = None) -> ApiError:
-    return ApiError(409, 'Conflict', f'Operation cannot be fulfilled on {rt.group_resource} "{name}": ' + (
-        message or 'the object has been modified; please apply your changes to the latest version and try again'),
-        {'name': name, 'group': rt.group, 'kind': rt.plural})
-
-
-def invalid(rt: ResourceType, name: str, errors: list[crdschema.FieldError]) -> ApiError:
-    return ApiError(422, 'Invalid', crdschema.invalid_message(rt.group_kind, name, errors),
-                    {'name': name, 'group': rt.group, 'kind': rt.kind, 'causes': [e.cause() for e in errors]})
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, 'BadRequest', message)
 
 
 @dataclass
@@ -189,14 +152,14 @@ def _strip_meta_for_compare(obj: dict) -> dict:
 
 
 @attrs.define(kw_only=True)
-class APIServer(kmock.KubernetesEmulator):
+class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
     """The stand-in kube-apiserver. Use ``async with APIServer(...) as api`` or :meth:`serve_forever`."""
 
     state_dir: pathlib.Path | None = attrs.field(default=None, converter=lambda p: pathlib.Path(p) if p else None)
     host: str = '127.0.0.1'
     port: int = 0
     store: Store = attrs.field(factory=Store)
-    url: str = ''  # type: ignore[assignment]  # KMock's url is a property of running kmock servers.
+    _url: str = attrs.field(default='', init=False)
     _runner: aiohttp.web.ServerRunner | None = attrs.field(default=None, init=False)
     _log_file: Any = attrs.field(default=None, init=False)
     _tasks: set = attrs.field(factory=set, init=False)
@@ -219,11 +182,8 @@ class APIServer(kmock.KubernetesEmulator):
 
     @property  # type: ignore[override]
     def url(self) -> str:
+        """``http://HOST:PORT`` once started (KMock's own ``url`` needs KMock's test servers)."""
         return self._url
-
-    @url.setter
-    def url(self, value: str) -> None:
-        self._url = value
 
     async def start(self) -> str:
         server = aiohttp.web.Server(self.__call__, handler_cancellation=True, access_log=None)
@@ -233,7 +193,7 @@ class APIServer(kmock.KubernetesEmulator):
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.port = sock.getsockname()[1]
-        self.url = f'http://{self.host}:{self.port}'
+        self._url = f'http://{self.host}:{self.port}'
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.state_dir / 'api-requests.jsonl', 'a', buffering=1)
@@ -340,7 +300,7 @@ class APIServer(kmock.KubernetesEmulator):
         if route.plural is None:
             if raw.method == 'GET':
                 return _json_response(self._resource_list(route.group, route.version))
-            raise ApiError(405, 'MethodNotAllowed', f'the server does not allow this method on the requested resource')
+            raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
 
         rt = self.store.lookup(route.group, route.version, route.plural)
         if rt is None:
@@ -642,49 +602,6 @@ class APIServer(kmock.KubernetesEmulator):
                               f'{kind} in version "{route.version}" cannot be handled as a {rt.kind}: '
                               f'the object kind does not match')
 
-    def _validate_meta(self, rt: ResourceType, obj: dict) -> list[crdschema.FieldError]:
-        errors: list[crdschema.FieldError] = []
-        meta = obj.get('metadata') or {}
-        name = meta.get('name', '')
-        if (rt.group, rt.plural) in LABEL_KINDS:
-            if len(name) > 63:
-                errors.append(crdschema.FieldError('Invalid', 'metadata.name', name, 'must be no more than 63 characters'))
-            elif not re.fullmatch(DNS1123_LABEL, name):
-                errors.append(crdschema.FieldError(
-                    'Invalid', 'metadata.name', name,
-                    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
-                    "start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for "
-                    "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"))
-        elif rt.plural != 'events':
-            if len(name) > 253:
-                errors.append(crdschema.FieldError('Invalid', 'metadata.name', name, 'must be no more than 253 characters'))
-            elif not re.fullmatch(DNS1123_SUBDOMAIN, name):
-                errors.append(crdschema.FieldError(
-                    'Invalid', 'metadata.name', name,
-                    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
-                    "and must start and end with an alphanumeric character (e.g. 'example.com', regex used for "
-                    "validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"))
-        for key in (meta.get('labels') or {}):
-            if not re.fullmatch(r'([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?'
-                                r'[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?', key):
-                errors.append(crdschema.FieldError('Invalid', 'metadata.labels', key,
-                                                   "name part must consist of alphanumeric characters, '-', '_' or "
-                                                   "'.', and must start and end with an alphanumeric character"))
-        for key, value in (meta.get('labels') or {}).items():
-            if not isinstance(value, str) or not re.fullmatch(r'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?', value) \
-                    or len(value) > 63:
-                errors.append(crdschema.FieldError('Invalid', 'metadata.labels', value,
-                                                   "a valid label must be an empty string or consist of alphanumeric "
-                                                   "characters, '-', '_' or '.', and must start and end with an "
-                                                   "alphanumeric character"))
-        for i, ref in enumerate(meta.get('ownerReferences') or []):
-            for f in ('apiVersion', 'kind', 'name', 'uid'):
-                if not ref.get(f):
-                    errors.append(crdschema.FieldError('Invalid', f'metadata.ownerReferences.{f.lower()}',
-                                                       ref.get(f, ''), f'{f.lower()} must not be empty'
-                                                       if f != 'uid' else 'uid must not be empty'))
-        return errors
-
     def _validate_cr(self, rt: ResourceType, obj: dict, old: dict | None, route: Route, query: dict,
                      only_status: bool | None) -> tuple[dict, dict]:
         """Schema-process a custom resource. Returns (object, warning headers)."""
@@ -762,130 +679,6 @@ class APIServer(kmock.KubernetesEmulator):
             self._register_crd(obj)
         return obj, warnings
 
-    def _prepare_create(self, rt: ResourceType, obj: dict) -> None:
-        key = (rt.group, rt.plural)
-        if key == ('', 'pods'):
-            self._default_pod(obj)
-        elif key == ('', 'services'):
-            spec = obj.setdefault('spec', {})
-            spec.setdefault('type', 'ClusterIP')
-            spec.setdefault('sessionAffinity', 'None')
-            if spec.get('clusterIP') in (None, ''):
-                self._ip_counter += 1
-                spec['clusterIP'] = f'10.96.{self._ip_counter // 250}.{self._ip_counter % 250 + 1}'
-            spec.setdefault('clusterIPs', [spec['clusterIP']])
-            for port in spec.get('ports') or []:
-                port.setdefault('protocol', 'TCP')
-                port.setdefault('targetPort', port.get('port'))
-            obj['status'] = {'loadBalancer': {}}
-        elif key == ('', 'namespaces'):
-            obj.setdefault('spec', {}).setdefault('finalizers', ['kubernetes'])
-            obj['status'] = {'phase': 'Active'}
-            obj['metadata'].setdefault('labels', {})['kubernetes.io/metadata.name'] = obj['metadata']['name']
-        elif key == ('', 'secrets'):
-            obj.setdefault('type', 'Opaque')
-            if 'stringData' in obj:
-                import base64
-                data = obj.setdefault('data', {})
-                for k, v in (obj.pop('stringData') or {}).items():
-                    data[k] = base64.b64encode(str(v).encode()).decode()
-        elif key == ('apiextensions.k8s.io', 'customresourcedefinitions'):
-            self._validate_crd(obj)
-            spec = obj.get('spec') or {}
-            names = spec.get('names') or {}
-            accepted = dict(names)
-            accepted.setdefault('singular', names.get('kind', '').lower())
-            accepted.setdefault('listKind', names.get('kind', '') + 'List')
-            storage = [v['name'] for v in spec.get('versions') or [] if v.get('storage')]
-            now = now_rfc3339()
-            obj['status'] = {'acceptedNames': accepted, 'storedVersions': storage, 'conditions': [
-                {'type': 'NamesAccepted', 'status': 'True', 'reason': 'NoConflicts',
-                 'message': 'no conflicts found', 'lastTransitionTime': now},
-                {'type': 'Established', 'status': 'True', 'reason': 'InitialNamesAccepted',
-                 'message': 'the initial names have been accepted', 'lastTransitionTime': now}]}
-            spec.setdefault('scope', 'Namespaced')
-            for v in spec.get('versions') or []:
-                v.setdefault('served', True)
-
-    def _default_pod(self, pod: dict) -> None:
-        spec = pod.setdefault('spec', {})
-        spec.setdefault('restartPolicy', 'Always')
-        spec.setdefault('terminationGracePeriodSeconds', 30)
-        spec.setdefault('dnsPolicy', 'ClusterFirst')
-        spec.setdefault('schedulerName', 'default-scheduler')
-        spec.setdefault('securityContext', {})
-        spec.setdefault('enableServiceLinks', True)
-        spec.setdefault('priority', 0)
-        spec.setdefault('serviceAccountName', spec.get('serviceAccount') or 'default')
-        spec.setdefault('serviceAccount', spec['serviceAccountName'])
-        spec.setdefault('preemptionPolicy', 'PreemptLowerPriority')
-        spec.setdefault('tolerations', [
-            {'key': 'node.kubernetes.io/not-ready', 'operator': 'Exists', 'effect': 'NoExecute',
-             'tolerationSeconds': 300},
-            {'key': 'node.kubernetes.io/unreachable', 'operator': 'Exists', 'effect': 'NoExecute',
-             'tolerationSeconds': 300}])
-        qos_limits, qos_requests, any_res = [], [], False
-        for c in (spec.get('initContainers') or []) + (spec.get('containers') or []):
-            image = c.get('image', '')
-            tag = image.rsplit('/', 1)[-1]
-            c.setdefault('imagePullPolicy', 'Always' if (':' not in tag or tag.endswith(':latest')) and '@' not in image
-                         else 'IfNotPresent')
-            c.setdefault('terminationMessagePath', '/dev/termination-log')
-            c.setdefault('terminationMessagePolicy', 'File')
-            res = c.setdefault('resources', {})
-            if res.get('limits') and not res.get('requests'):
-                res['requests'] = dict(res['limits'])
-            if res.get('limits') or res.get('requests'):
-                any_res = True
-            qos_limits.append(res.get('limits') or {})
-            qos_requests.append(res.get('requests') or {})
-            for p in c.get('ports') or []:
-                p.setdefault('protocol', 'TCP')
-        guaranteed = any_res and all(
-            lim.get('cpu') and lim.get('memory') and lim == req for lim, req in zip(qos_limits, qos_requests))
-        qos = 'Guaranteed' if guaranteed else 'Burstable' if any_res else 'BestEffort'
-        pod['status'] = {'phase': 'Pending', 'qosClass': qos}
-
-    # ================================================================= CRDs
-
-    def _validate_crd(self, crd: dict) -> None:
-        rt_crd = self.store.types[('apiextensions.k8s.io', 'customresourcedefinitions')]
-        spec = crd.get('spec') or {}
-        names = spec.get('names') or {}
-        name = crd['metadata']['name']
-        errors: list[crdschema.FieldError] = []
-        if not spec.get('group'):
-            errors.append(crdschema.FieldError('Required', 'spec.group'))
-        if not names.get('plural'):
-            errors.append(crdschema.FieldError('Required', 'spec.names.plural'))
-        if not names.get('kind'):
-            errors.append(crdschema.FieldError('Required', 'spec.names.kind'))
-        if names.get('plural') and spec.get('group') and name != f'{names["plural"]}.{spec["group"]}':
-            errors.append(crdschema.FieldError('Invalid', 'metadata.name', name,
-                                               "must be spec.names.plural+\".\"+spec.group"))
-        versions = spec.get('versions') or []
-        if not versions:
-            errors.append(crdschema.FieldError('Invalid', 'spec.versions', None, 'must have exactly one version marked '
-                                               'as storage version'))
-        elif sum(1 for v in versions if v.get('storage')) != 1:
-            errors.append(crdschema.FieldError('Invalid', 'spec.versions', versions,
-                                               'must have exactly one version marked as storage version'))
-        for i, v in enumerate(versions):
-            schema = (v.get('schema') or {}).get('openAPIV3Schema')
-            if schema:
-                for problem in crdschema.check_rules(schema):
-                    errors.append(crdschema.FieldError('Invalid', f'spec.versions[{i}].schema.openAPIV3Schema',
-                                                       'object', problem))
-        if errors:
-            raise invalid(rt_crd, name, errors)
-
-    def _register_crd(self, crd: dict) -> None:
-        rt = type_from_crd(crd)
-        existing = self.store.types.get((rt.group, rt.plural))
-        if existing is not None and existing.crd is None:
-            return  # never shadow a built-in
-        self.store.types[(rt.group, rt.plural)] = rt
-
     # ================================================================= update / patch
 
     def _update(self, rt: ResourceType, route: Route, data: Any, query: dict, dry_run: bool) -> tuple[dict, dict]:
@@ -949,9 +742,9 @@ class APIServer(kmock.KubernetesEmulator):
                 new = patching.strategic_merge(old, patch)
             else:
                 raise ApiError(415, 'UnsupportedMediaType',
-                               f'the body of the request was in an unknown format - accepted media types include: '
-                               f'application/json-patch+json, application/merge-patch+json, '
-                               f'application/apply-patch+yaml' + (
+                               'the body of the request was in an unknown format - accepted media types include: '
+                               'application/json-patch+json, application/merge-patch+json, '
+                               'application/apply-patch+yaml' + (
                                    ', application/strategic-merge-patch+json' if rt.crd is None else ''))
         except patching.PatchError as e:
             raise ApiError(422, 'Invalid', str(e))
@@ -1046,256 +839,6 @@ class APIServer(kmock.KubernetesEmulator):
         if (rt.group, rt.plural) == ('apiextensions.k8s.io', 'customresourcedefinitions'):
             self._register_crd(new)
         return new, warnings
-
-    def _check_pod_update(self, rt: ResourceType, old: dict, new: dict) -> None:
-        def mutable_view(spec: dict) -> dict:
-            s = copy.deepcopy(spec or {})
-            for key in ('containers', 'initContainers'):
-                for c in s.get(key) or []:
-                    c.pop('image', None)
-            s.pop('activeDeadlineSeconds', None)
-            s.pop('tolerations', None)
-            s.pop('terminationGracePeriodSeconds', None)
-            s.pop('schedulingGates', None)
-            return s
-        if mutable_view(old.get('spec')) != mutable_view(new.get('spec')):
-            raise invalid(rt, old['metadata']['name'], [crdschema.FieldError(
-                'Forbidden', 'spec', detail='pod updates may not change fields other than `spec.containers[*].image`,'
-                '`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to '
-                'existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was '
-                'previously negative)')])
-
-    # ================================================================= pod binding / eviction
-
-    def _bind(self, route: Route, data: Any) -> dict:
-        pods = self.store.types[('', 'pods')]
-        if not isinstance(data, dict):
-            raise bad_request('the object provided is unrecognized (must be of type Binding)')
-        name = route.name or (data.get('metadata') or {}).get('name')
-        pod = self.store.get(pods, route.namespace, name or '')
-        if pod is None:
-            raise not_found(pods, name or '')
-        target = (data.get('target') or {}).get('name')
-        if not target:
-            raise invalid(self.store.types[('', 'bindings')], name or '',
-                          [crdschema.FieldError('Required', 'target.name')])
-        if pod['metadata'].get('deletionTimestamp'):
-            raise conflict(pods, name or '', 'pod is being deleted, cannot be assigned to a host')
-        if pod['spec'].get('nodeName'):
-            raise conflict(pods, name or '', f'pod {name} is already assigned to node "{pod["spec"]["nodeName"]}"')
-        new = copy.deepcopy(pod)
-        new['spec']['nodeName'] = target
-        conds = new.setdefault('status', {}).setdefault('conditions', [])
-        conds[:] = [c for c in conds if c.get('type') != 'PodScheduled']
-        conds.append({'type': 'PodScheduled', 'status': 'True', 'lastProbeTime': None,
-                      'lastTransitionTime': now_rfc3339()})
-        self.store.put(pods, new, 'MODIFIED', pod)
-        return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success', 'code': 201}
-
-    def _evict(self, rt: ResourceType, route: Route, data: Any) -> dict:
-        pod = self.store.get(rt, route.namespace, route.name or '')
-        if pod is None:
-            raise not_found(rt, route.name or '')
-        opts = (data or {}).get('deleteOptions') or {} if isinstance(data, dict) else {}
-        if not pod['metadata'].get('deletionTimestamp'):
-            new = copy.deepcopy(pod)
-            conds = new.setdefault('status', {}).setdefault('conditions', [])
-            conds[:] = [c for c in conds if c.get('type') != 'DisruptionTarget']
-            conds.append({'type': 'DisruptionTarget', 'status': 'True', 'reason': 'EvictionByEvictionAPI',
-                          'message': 'Eviction API: evicting', 'lastProbeTime': None,
-                          'lastTransitionTime': now_rfc3339()})
-            self.store.put(rt, new, 'MODIFIED', pod)
-        self._delete(rt, self.store.get(rt, route.namespace, route.name or ''), opts.get('gracePeriodSeconds'),
-                     opts.get('propagationPolicy'))
-        return {'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success', 'code': 201}
-
-    # ================================================================= deletion
-
-    def _delete_options(self, data: dict, query: dict) -> tuple[int | None, str | None, dict]:
-        grace = data.get('gracePeriodSeconds', query.get('gracePeriodSeconds'))
-        try:
-            grace = int(grace) if grace is not None else None
-        except ValueError:
-            raise bad_request(f'invalid gracePeriodSeconds: {grace}')
-        policy = data.get('propagationPolicy') or query.get('propagationPolicy')
-        if data.get('orphanDependents') is True or query.get('orphanDependents') == 'true':
-            policy = policy or 'Orphan'
-        if policy not in (None, 'Background', 'Foreground', 'Orphan'):
-            raise invalid(self.store.types[('', 'pods')], '', [crdschema.FieldError(
-                'NotSupported', 'propagationPolicy', policy, 'supported values: "Foreground", "Background", '
-                                                             '"Orphan", "nil"')])
-        return grace, policy, data.get('preconditions') or {}
-
-    def _delete_request(self, rt: ResourceType, route: Route, data: dict, query: dict, dry_run: bool) -> dict:
-        obj = self.store.get(rt, route.namespace, route.name or '')
-        if obj is None:
-            raise not_found(rt, route.name or '')
-        grace, policy, pre = self._delete_options(data if isinstance(data, dict) else {}, query)
-        if pre.get('uid') and pre['uid'] != obj['metadata']['uid']:
-            raise conflict(rt, obj['metadata']['name'], f'Precondition failed: UID in precondition: {pre["uid"]}, '
-                                                        f'UID in object meta: {obj["metadata"]["uid"]}')
-        if pre.get('resourceVersion') and pre['resourceVersion'] != obj['metadata']['resourceVersion']:
-            raise conflict(rt, obj['metadata']['name'], f'Precondition failed: ResourceVersion in precondition: '
-                                                        f'{pre["resourceVersion"]}, ResourceVersion in object meta: '
-                                                        f'{obj["metadata"]["resourceVersion"]}')
-        if dry_run:
-            return obj
-        return self._delete(rt, obj, grace, policy)
-
-    def _delete(self, rt: ResourceType, obj: dict, grace: int | None, policy: str | None) -> dict:
-        """Delete one object as kube-apiserver does; returns what the DELETE answers with."""
-        meta = obj['metadata']
-        key = (rt.group, rt.plural)
-        if key == ('', 'namespaces'):
-            return self._delete_namespace(rt, obj)
-        if key == ('apiextensions.k8s.io', 'customresourcedefinitions'):
-            return self._delete_crd(rt, obj)
-        graceful = False
-        if key == ('', 'pods'):
-            bound = bool((obj.get('spec') or {}).get('nodeName'))
-            terminal = (obj.get('status') or {}).get('phase') in ('Succeeded', 'Failed')
-            if grace is None:
-                grace = int((obj.get('spec') or {}).get('terminationGracePeriodSeconds', 30) or 0)
-            if not bound or terminal:
-                grace = 0
-            graceful = grace > 0
-        new = copy.deepcopy(obj)
-        nmeta = new['metadata']
-        if policy == 'Orphan' and not meta.get('deletionTimestamp'):
-            nmeta['finalizers'] = list(nmeta.get('finalizers') or []) + ['orphan']
-        if graceful or nmeta.get('finalizers'):
-            g = grace if graceful else 0
-            current = meta.get('deletionGracePeriodSeconds')
-            if meta.get('deletionTimestamp') and current is not None and current <= g:
-                return obj  # already deleting, with a grace period no longer than the requested one
-            nmeta['deletionTimestamp'] = now_rfc3339(g)
-            nmeta['deletionGracePeriodSeconds'] = g
-            if 'generation' in nmeta and not meta.get('deletionTimestamp'):
-                nmeta['generation'] = int(nmeta['generation']) + 1
-            if not graceful and meta.get('deletionTimestamp') and g == current:
-                return obj
-            self.store.put(rt, new, 'MODIFIED', obj)
-            if 'orphan' in (nmeta.get('finalizers') or []):
-                self._spawn(self._orphan_then_finalize(rt, new))
-            return new
-        return self._remove(rt, new, policy)
-
-    def _remove(self, rt: ResourceType, obj: dict, policy: str | None = None) -> dict:
-        gone = self.store.remove(rt, obj)
-        if policy != 'Orphan':
-            self._spawn(self._collect_garbage(obj['metadata']['uid']))
-        if rt.crd is None and (rt.group, rt.plural) == ('apiextensions.k8s.io', 'customresourcedefinitions'):
-            pass
-        return gone
-
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        """Background propagation: delete dependents whose owners are all gone, recursively (via _remove)."""
-        await asyncio.sleep(0)
-        alive = {o['metadata'].get('uid') for _, o in self.store.all_objects()}
-        for rt, obj in list(self.store.all_objects()):
-            refs = obj['metadata'].get('ownerReferences') or []
-            if not any(r.get('uid') == owner_uid for r in refs):
-                continue
-            current = self.store.get(rt, obj['metadata'].get('namespace'), obj['metadata']['name'])
-            if current is None or current['metadata'].get('uid') != obj['metadata'].get('uid'):
-                continue
-            if any(r.get('uid') in alive for r in refs if r.get('uid') != owner_uid):
-                new = copy.deepcopy(current)
-                new['metadata']['ownerReferences'] = [r for r in refs if r.get('uid') in alive]
-                self.store.put(rt, new, 'MODIFIED', current)
-                continue
-            if current['metadata'].get('deletionTimestamp'):
-                continue  # already being deleted (finalizers or a grace period pending)
-            self._delete(rt, current, None, 'Background')
-
-    async def _orphan_then_finalize(self, rt: ResourceType, obj: dict) -> None:
-        await asyncio.sleep(0)
-        uid = obj['metadata']['uid']
-        for drt, dep in list(self.store.all_objects()):
-            refs = dep['metadata'].get('ownerReferences') or []
-            if any(r.get('uid') == uid for r in refs):
-                new = copy.deepcopy(dep)
-                new['metadata']['ownerReferences'] = [r for r in refs if r.get('uid') != uid]
-                if not new['metadata']['ownerReferences']:
-                    del new['metadata']['ownerReferences']
-                self.store.put(drt, new, 'MODIFIED', dep)
-        current = self.store.get(rt, obj['metadata'].get('namespace'), obj['metadata']['name'])
-        if current is None or current['metadata']['uid'] != uid:
-            return
-        new = copy.deepcopy(current)
-        new['metadata']['finalizers'] = [f for f in new['metadata'].get('finalizers') or [] if f != 'orphan']
-        if not new['metadata']['finalizers']:
-            del new['metadata']['finalizers']
-            self.store.put(rt, new, 'MODIFIED', current)
-            self.store.remove(rt, new)
-        else:
-            self.store.put(rt, new, 'MODIFIED', current)
-
-    def _delete_namespace(self, rt: ResourceType, ns: dict) -> dict:
-        if ns['metadata'].get('deletionTimestamp'):
-            return ns
-        new = copy.deepcopy(ns)
-        new['metadata']['deletionTimestamp'] = now_rfc3339()
-        new['metadata']['deletionGracePeriodSeconds'] = 0
-        new['status'] = {'phase': 'Terminating'}
-        self.store.put(rt, new, 'MODIFIED', ns)
-        self._spawn(self._finalize_namespace(rt, new['metadata']['name'], new['metadata']['uid']))
-        return new
-
-    async def _finalize_namespace(self, rt: ResourceType, name: str, uid: str) -> None:
-        deleted_once: set[str] = set()
-        while True:
-            remaining = 0
-            for drt, obj in list(self.store.all_objects()):
-                if not drt.namespaced or obj['metadata'].get('namespace') != name:
-                    continue
-                remaining += 1
-                if obj['metadata']['uid'] not in deleted_once and not obj['metadata'].get('deletionTimestamp'):
-                    deleted_once.add(obj['metadata']['uid'])
-                    self._delete(drt, obj, None, 'Background')
-            if remaining == 0:
-                break
-            await asyncio.sleep(0.2)
-        ns = self.store.get(rt, None, name)
-        if ns is not None and ns['metadata']['uid'] == uid:
-            self.store.remove(rt, ns)
-
-    def _delete_crd(self, rt: ResourceType, crd: dict) -> dict:
-        if crd['metadata'].get('deletionTimestamp'):
-            return crd
-        new = copy.deepcopy(crd)
-        new['metadata']['deletionTimestamp'] = now_rfc3339()
-        new['metadata']['deletionGracePeriodSeconds'] = 0
-        new['metadata']['finalizers'] = list(new['metadata'].get('finalizers') or []) + [
-            'customresourcecleanup.apiextensions.k8s.io']
-        self.store.put(rt, new, 'MODIFIED', crd)
-        self._spawn(self._finalize_crd(rt, new))
-        return new
-
-    async def _finalize_crd(self, rt: ResourceType, crd: dict) -> None:
-        spec = crd.get('spec') or {}
-        cr_type = self.store.types.get((spec.get('group', ''), (spec.get('names') or {}).get('plural', '')))
-        while cr_type is not None:
-            items = self.store.items(cr_type)
-            if not items:
-                break
-            for obj in items:
-                if not obj['metadata'].get('deletionTimestamp'):
-                    self._delete(cr_type, obj, None, 'Background')
-            await asyncio.sleep(0.2)
-        if cr_type is not None and cr_type.crd is not None:
-            self.store.drop_resource(cr_type)
-        current = self.store.get(rt, None, crd['metadata']['name'])
-        if current is not None and current['metadata']['uid'] == crd['metadata']['uid']:
-            new = copy.deepcopy(current)
-            new['metadata']['finalizers'] = [f for f in new['metadata'].get('finalizers') or []
-                                             if f != 'customresourcecleanup.apiextensions.k8s.io']
-            if new['metadata']['finalizers']:
-                self.store.put(rt, new, 'MODIFIED', current)
-            else:
-                del new['metadata']['finalizers']
-                self.store.put(rt, new, 'MODIFIED', current)
-                self.store.remove(rt, new)
 
     def _delete_collection(self, rt: ResourceType, route: Route, data: dict, query: dict, dry_run: bool) -> dict:
         check = self._filter(rt, route, query)

@@ -57,7 +57,7 @@ def parse_labels(selector: str | None) -> list[Requirement]:
         if m:
             values = tuple(v.strip() for v in m.group(3).split(',') if v.strip())
             if not values:
-                raise SelectorError(f'unable to parse requirement: found \')\', expected: identifier')
+                raise SelectorError('unable to parse requirement: found \')\', expected: identifier')
             reqs.append(Requirement(m.group(1), m.group(2), values))
             continue
         m = re.fullmatch(r'(\S+?)\s*(==|!=|=)\s*(\S*)', part)

@@ -11,7 +11,7 @@ import collections
 import copy
 import datetime
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 ALL_VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']
 
