@@ -453,7 +453,12 @@ def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: li
     if o.kind == FAILURE:
         n = restarts[key]
         delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (n - 1)))
-        c.status["nextRestartTime"] = _iso(c.now + dt.timedelta(seconds=delay))
+        # Rounded UP to the second (RFC 3339 in status has second resolution):
+        # the backoff is never shorter than promised.
+        end = c.now + dt.timedelta(seconds=delay)
+        if end.microsecond:
+            end = end.replace(microsecond=0) + dt.timedelta(seconds=1)
+        c.status["nextRestartTime"] = _iso(end)
         reason = R_FAILED_RESTART
         msg = (f"attempt {attempt} failed: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) after {delay}s backoff")

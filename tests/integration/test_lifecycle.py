@@ -13,6 +13,7 @@ import time
 import pytest
 
 from localcluster.kube import ApiError
+from trainingjob_operator.classify import parse_time
 
 from .helpers import TJ, Recorder, events_of, job_manifest, pods_of, status, wait_phase, wait_status
 
@@ -57,9 +58,8 @@ def test_failing_pod_fences_gang_restarts_with_backoff_then_fails(kube, namespac
     spec = {"recovery": {"maxFailures": 1, "backoffSeconds": 2, "maxBackoffSeconds": 10}}
     with Recorder(kube, namespace, "crashy") as rec:
         kube.create(TJ, job_manifest("crashy", namespace, code, nodes=3, **spec), namespace=namespace)
-        first_fail = wait_status(kube, namespace, "crashy", lambda s: s.get("restarts", {}).get("failures") == 1,
+        first_fail = wait_status(kube, namespace, "crashy", lambda s: s.get("restarts", {}).get("failures") == 1 and "nextRestartTime" in s,
                                  timeout=60, what="first failure")
-        failed_at = time.monotonic()
         st = wait_phase(kube, namespace, "crashy", "Failed", timeout=90)
     assert first_fail["reason"] in ("WorkerFailed", "BackoffBeforeRestart", "FencingPreviousAttempt")
     assert st["reason"] == "FailureBudgetExhausted"
@@ -71,7 +71,12 @@ def test_failing_pod_fences_gang_restarts_with_backoff_then_fails(kube, namespac
     gone0 = rec.last("crashy-0-", "gone")
     seen1 = rec.first("crashy-1-", "seen")
     assert gone0 is not None and seen1 is not None and seen1 > gone0
-    assert seen1 - failed_at >= 1.0
+    backoff_end = parse_time(first_fail["nextRestartTime"])
+    decided = parse_time(first_fail["lastDisruption"]["at"])
+    assert (backoff_end - decided).total_seconds() >= 2
+    created = [parse_time(p["metadata"]["creationTimestamp"]) for p in pods_of(kube, namespace, "crashy")
+               if p["metadata"]["name"].startswith("crashy-1-")]
+    assert created and min(created) >= backoff_end
     # The failed job's running pods are deleted (cleanPodPolicy Running).
     wait = time.monotonic() + 30
     while time.monotonic() < wait:
