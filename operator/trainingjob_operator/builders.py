@@ -103,6 +103,7 @@ def get_env(
         _env(contract.ENV_NODE_RANK, rank),
         _env(contract.ENV_NNODES, spec.nodes),
         _env(contract.ENV_TERMINATION_MESSAGE_PATH, contract.DEFAULT_TERMINATION_MESSAGE_PATH),
+        _env(contract.ENV_GRACE_PERIOD_SECONDS, spec.termination_grace_period_seconds),
         # torchrun's own flags as PET_* so `torchrun script.py` needs none.
         _env(contract.PET_NNODES, spec.nodes),
         _env(contract.PET_NPROC_PER_NODE, spec.procs_per_node),

@@ -208,9 +208,10 @@ class Controller:
                 if created:
                     log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
             elif a.verb == "delete":
-                gone = await self.kube.delete(a.kind, ns, a.name)
+                gone = await self.kube.delete(a.kind, ns, a.name, force=a.force)
                 if gone:
-                    log.info("%s/%s deleted %s %s (%s)", ns, name, a.kind, a.name, a.reason)
+                    log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
+                             ", forced: node lost" if a.force else "")
 
 
 CONTROLLER = Controller()

@@ -148,12 +148,17 @@ class Kube:
                 return False
             raise
 
-    async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete (background propagation); ``False`` if it was already gone (404 is success)."""
+    async def delete(self, kind: str, namespace: str, name: str, *, force: bool = False) -> bool:
+        """Delete (background propagation); ``False`` if it was already gone (404 is success).
+
+        ``force`` sets gracePeriodSeconds=0, for pods on a lost node.
+        """
         prefix, plural = _plural_path(kind)
+        opts: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if force:
+            opts["gracePeriodSeconds"] = 0
         try:
-            await self.request("DELETE", f"{prefix}/namespaces/{namespace}/{plural}/{name}",
-                               body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            await self.request("DELETE", f"{prefix}/namespaces/{namespace}/{plural}/{name}", body=opts)
             return True
         except ApiError as e:
             if e.status == 404:

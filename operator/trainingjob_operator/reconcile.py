@@ -85,6 +85,9 @@ class Action:
     name: str
     body: Mapping[str, Any] | None = None
     reason: str = ""
+    #: Delete with gracePeriodSeconds=0: the pod's node is lost, no kubelet
+    #: will ever finish a graceful deletion (what `kubectl delete --force` does).
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,20 @@ class _Ctx:
         cur = self.plan.requeue_after
         self.plan.requeue_after = seconds if cur is None else min(cur, seconds)
 
-    def delete_pods(self, pods: list[Mapping[str, Any]], reason: str) -> None:
+    def node_lost(self, pod: Mapping[str, Any], threshold: int) -> bool:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or self.obs.nodes is None:
+            return False
+        view = self.obs.nodes.get(node)
+        if view is None:
+            return True
+        return not view.ready and (self.now - (view.since or self.now)).total_seconds() >= threshold
+
+    def delete_pods(self, pods: list[Mapping[str, Any]], reason: str, *, lost_after: int | None = None) -> None:
         for p in pods:
-            if not (p.get("metadata") or {}).get("deletionTimestamp"):
-                self.plan.actions.append(Action("delete", "Pod", p["metadata"]["name"], reason=reason))
+            force = lost_after is not None and self.node_lost(p, lost_after)
+            if force or not (p.get("metadata") or {}).get("deletionTimestamp"):
+                self.plan.actions.append(Action("delete", "Pod", p["metadata"]["name"], reason=reason, force=force))
 
     def delete_services(self, keep_attempt: int | None) -> None:
         for s in self.obs.services:
@@ -264,7 +277,7 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
 
 def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
-    c.delete_pods(old_pods, "Fenced")
+    c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
     if c.status.get("phase") != RESTARTING:
         # Keep the decision's reason (Preempted, WorkerFailed) while fencing.
@@ -469,7 +482,8 @@ def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: li
     c.set_phase(RESTARTING, reason, msg, event_type="Warning")
     c.condition("Ready", False, reason, msg)
     c.event("Normal", R_FENCING, f"deleting the {len(views)} pod(s) of attempt {attempt} before attempt {attempt + 1}")
-    c.delete_pods([p for p in c.obs.pods if _attempt_of(p) == attempt], "Fenced")
+    c.delete_pods([p for p in c.obs.pods if _attempt_of(p) == attempt], "Fenced",
+                  lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt + 1)
     c.requeue(1.0)
 

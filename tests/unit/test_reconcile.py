@@ -307,3 +307,18 @@ def test_reconcile_twice_changes_nothing_more(case):
     assert second.status == first.status
     assert second.events == []
     assert {(a.verb, a.kind, a.name) for a in second.actions} <= {(a.verb, a.kind, a.name) for a in first.actions}
+
+
+def test_fencing_force_deletes_pods_on_a_lost_node_only():
+    b = job(status=running_status())
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=120))}
+    pods = [pod(b, 0, 0, node="n1"), pod(b, 0, 1, node="n2"), pod(b, 0, 2, node="n1")]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["lastDisruption"]["reason"] == "NodeLost"
+    forced = sorted(a.name for a in plan.actions if a.verb == "delete" and a.force)
+    assert forced == ["mnist-0-1"]
+    # The graceful delete of a pod on a lost node never completes: fencing forces it.
+    b2 = apply(b, plan)
+    pods[1]["metadata"]["deletionTimestamp"] = "2026-11-28T11:59:59Z"
+    plan2 = reconcile(b2, obs(pods, [], nodes=nodes))
+    assert [a.name for a in plan2.actions if a.force] == ["mnist-0-1"]

@@ -73,6 +73,9 @@ ENV_S3_REGION = "AWS_DEFAULT_REGION"
 #: File the trainer writes its termination message to (equal to the
 #: container's ``terminationMessagePath``).
 ENV_TERMINATION_MESSAGE_PATH = "TJ_TERMINATION_MESSAGE_PATH"
+#: The pod's terminationGracePeriodSeconds: how long the gang has between
+#: SIGTERM and SIGKILL to take the emergency snapshot and exit.
+ENV_GRACE_PERIOD_SECONDS = "TJ_TERMINATION_GRACE_PERIOD_SECONDS"
 
 #: Keys read from ``spec.snapshot.credentialsSecret`` into the pod's env
 #: (secretKeyRef, never copied anywhere else). The session token is optional.
