@@ -402,3 +402,46 @@ def test_scheduler_spreads_and_honours_node_selector(kube: Client, namespace: st
     kube.delete("pods", "nowhere", namespace)
     for n in names:
         wait_phase(kube, namespace, n, "Succeeded")
+
+
+@pytest.mark.slow
+def test_torchrun_gang_rendezvous_through_pod_dns(cluster: LocalCluster, kube: Client, namespace: str, tmp_path: Path) -> None:
+    """Two pods, one torchrun each, c10d rendezvous at rank 0's DNS name, gloo all_reduce."""
+    from localcluster.s3 import free_port
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        t = torch.ones(1) * (dist.get_rank() + 1)
+        dist.all_reduce(t)
+        open(os.environ["TJ_TERMINATION_MESSAGE_PATH"], "w").write(f"{dist.get_rank()}/{dist.get_world_size()}:{t.item()}")
+        dist.destroy_process_group()
+    """))
+    kube.create("services", {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gang"},
+                             "spec": {"clusterIP": "None", "selector": {"job": "tr"}}}, namespace)
+    endpoint = f"tr-0.gang.{namespace}.svc.cluster.local:{free_port()}"
+    for rank in range(2):
+        kube.create("pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"tr-{rank}", "labels": {"job": "tr"}},
+            "spec": {
+                "hostname": f"tr-{rank}", "subdomain": "gang", "restartPolicy": "Never",
+                "containers": [{
+                    "name": contract.CONTAINER_NAME, "image": "ignored",
+                    "command": ["torchrun", str(script)],
+                    "env": [
+                        {"name": contract.PET_NNODES, "value": "2"},
+                        {"name": contract.PET_NPROC_PER_NODE, "value": "1"},
+                        {"name": contract.PET_RDZV_BACKEND, "value": contract.RDZV_BACKEND},
+                        {"name": contract.PET_RDZV_ENDPOINT, "value": endpoint},
+                        {"name": contract.PET_RDZV_ID, "value": namespace},
+                    ],
+                }],
+            },
+        }, namespace)
+    pods = [wait_phase(kube, namespace, f"tr-{r}", "Succeeded", "Failed", timeout=90) for r in range(2)]
+    for pod in pods:
+        assert phase(pod) == "Succeeded", pod_log(cluster, namespace, pod["metadata"]["name"])[-3000:]
+    # The ranks are assigned by the rendezvous; the message is written by worker rank 0 of each pod.
+    assert sorted(terminated(p)["message"] for p in pods) == ["0/2:3.0", "1/2:3.0"]
