@@ -131,3 +131,38 @@ def test_agent_without_nss_wrapper_fails_with_install_hint(tmp_path: Path) -> No
     )
     assert out.returncode == 2
     assert "python -m localcluster.tools install" in out.stderr
+
+
+def test_lost_node_pods_are_evicted_after_pod_eviction_seconds(tmp_path: Path) -> None:
+    import threading
+
+    from localcluster.cluster import lose_node
+    from localcluster.kube import condition
+
+    lc = LocalCluster(tmp_path / "ev", nodes=("a", "b"), with_s3=False,
+                      node_monitor_grace_seconds=0.5, pod_eviction_seconds=0.5)
+    with lc:
+        kube = lc.client()
+        pod = {**STUBBORN_POD, "spec": {**STUBBORN_POD["spec"], "nodeSelector": {"kubernetes.io/hostname": "a"}}}
+        kube.create("pods", pod, "default")
+        pids = _running_pids(kube, lc.state_dir)
+        seen: list[dict] = []
+        rv = kube.get("pods", "stubborn", "default")["metadata"]["resourceVersion"]
+
+        def watch() -> None:
+            for kind, obj in Client(kube.server).watch("pods", "default", resource_version=rv, timeout=20):
+                seen.append(obj)
+                if kind == "DELETED":
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        lose_node(kube, "a")
+        wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5, what="the lost node's processes to die")
+        kube.wait_for("pods", "stubborn", "default", predicate=lambda p: p is None, timeout=15)
+        t.join(5)
+        marked = [o for o in seen if (condition(o, "DisruptionTarget") or {}).get("reason") == "DeletionByTaintManager"]
+        assert marked, seen
+        node = kube.get("nodes", "a")
+        assert (condition(node, "Ready") or {}).get("status") == "Unknown"
+        assert {t_["key"] for t_ in node["spec"].get("taints") or []} == {"node.kubernetes.io/unreachable"}
