@@ -491,9 +491,12 @@ class NodeAgent:
                 pass
 
     def _watch_pods(self) -> None:
+        # Its own client: a requests.Session is not shared across threads.
+        client = Client(self.client.server, verify=self.client.session.verify, cert=self.client.session.cert,  # type: ignore[arg-type]
+                        token=(self.client.session.headers.get("Authorization") or "").removeprefix("Bearer ") or None)
         while not self._stop.is_set():
             try:
-                for _ in self.client.watch("pods", timeout=30):
+                for _ in client.watch("pods", timeout=30):
                     self._wake.set()
                     if self._stop.is_set():
                         return
