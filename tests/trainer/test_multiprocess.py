@@ -1,0 +1,79 @@
+"""Two torchrun agents x two workers on loopback (CPU/gloo): preempt, resume, compare.
+
+SIGTERM to ONE node's launcher -> all four ranks take the emergency snapshot
+at the same step and both nodes exit with the contract's code; the next
+attempt resumes from it; the final weights equal an uninterrupted run's bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.trainer.gang import REPO, dump, start_gang, wait_all, wait_for_text
+from tests.trainer.trainer_helpers import assert_states_equal
+from trainingjob_trainer import contract
+from trainingjob_trainer.store import SnapshotStore
+
+STEPS = 20
+
+
+def _reference(tmp_path, *, wrap: str, env: dict[str, str]) -> dict:
+    """The uninterrupted run: one torchrun with all 4 workers."""
+    out = tmp_path / "ref.pt"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         "-m", "trainingjob_trainer.example", "--steps", str(STEPS), "--wrap", wrap, "--final-weights", str(out)],
+        env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("wrap", "backend"), [("ddp", "torchsnapshot"), ("fsdp", "dcp")])
+def test_sigterm_to_one_node_saves_all_ranks_and_resume_is_bit_exact(s3_env, s3_root, tmp_path, wrap, backend):
+    env = {**s3_env, contract.ENV_SNAPSHOT_URI: s3_root, contract.ENV_SNAPSHOT_BACKEND: backend,
+           contract.ENV_SNAPSHOT_EVERY_STEPS: "4", contract.ENV_SNAPSHOT_KEEP_LAST: "2"}
+    common = ["--steps", str(STEPS), "--wrap", wrap]
+
+    # Attempt 0, preempted: SIGTERM reaches only node 1's launcher (PID 1 of its pod).
+    gang = start_gang(nodes=2, procs=2, env={**env, contract.ENV_ATTEMPT: "0"},
+                      args=[*common, "--sleep-per-step", "0.1"], workdir=tmp_path, tag="a0")
+    try:
+        wait_for_text(gang, "step 6/", timeout=60)
+        os.kill(gang[1].proc.pid, signal.SIGTERM)
+        codes = wait_all(gang, timeout=60)
+    finally:
+        for n in gang:
+            n.kill()
+    assert codes == [contract.EXIT_PREEMPTED_AFTER_SNAPSHOT] * 2, dump(gang)
+    saved = re.findall(r"rank (\d+): preempted, emergency snapshot at step (\d+): (\S+)", "".join(n.output() for n in gang))
+    assert sorted(int(r) for r, _, _ in saved) == [0, 1, 2, 3], dump(gang)
+    assert len({(s, u) for _, s, u in saved}) == 1, saved  # all four ranks: the same step and snapshot
+    step, uri = int(saved[0][1]), saved[0][2]
+    assert 6 <= step < STEPS
+    for n in gang:
+        msg = n.message()
+        assert msg is not None and msg.reason == contract.TERM_REASON_PREEMPTED, n.term.read_text()
+        assert (msg.step, msg.snapshot) == (step, uri)
+    info = SnapshotStore(s3_root).inspect(uri)
+    assert info.complete and info.marker.emergency and info.marker.step == step and info.marker.backend == backend
+
+    # Attempt 1 resumes from the emergency snapshot and finishes.
+    final = tmp_path / "final.pt"
+    gang = start_gang(nodes=2, procs=2, env={**env, contract.ENV_ATTEMPT: "1"},
+                      args=[*common, "--final-weights", str(final)], workdir=tmp_path, tag="a1")
+    codes = wait_all(gang, timeout=90)
+    assert codes == [0, 0], dump(gang)
+    assert f"resumed_from={uri} start_step={step}" in "".join(n.output() for n in gang), dump(gang)
+    assert all(n.message().reason == contract.TERM_REASON_COMPLETED for n in gang)
+
+    assert_states_equal(torch.load(final), _reference(tmp_path, wrap=wrap, env=env | {contract.ENV_SNAPSHOT_URI: s3_root + "-ref"}))
