@@ -1,0 +1,174 @@
+"""RBAC equals use: the chart grants exactly the API calls the operator makes.
+
+The operator runs against the stand-in through a job's whole life (create,
+run, a preemption, the fenced restart, success, delete) with S3 snapshots and
+a credentials Secret, in each of the chart's two modes. The API server logs
+every request; the operator's own (its client's User-Agent
+``trainingjob-operator/...`` and Kopf's ``kopf/...``, within the operator's
+lifetime) are checked against the rules the chart renders for that mode:
+
+* every request is allowed by a rule bound to the chart's ServiceAccount,
+  and in namespaces mode every request stays inside the watched namespace;
+* every (group, resource, verb) a rule grants was used at least once, so no
+  rule grants a verb the operator never uses;
+* the only requests not covered by the chart are the discovery endpoints
+  (``/api``, ``/apis``, ``/apis/<group>[/<version>]``), which Kubernetes
+  grants to every authenticated user through the built-in
+  ``system:discovery`` ClusterRole.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localcluster import control
+from localcluster.kube import ApiError
+
+from tests.chart.render import RELEASE, RELEASE_NAMESPACE, operator_grants, render
+
+from .helpers import TJ, job_manifest, pods_of, wait_phase, wait_status
+
+pytestmark = pytest.mark.integration
+
+SA = f"{RELEASE}-trainingjob-operator"
+OPERATOR_AGENTS = ("trainingjob-operator/", "kopf/")
+DISCOVERY = re.compile(r"^/(api|api/v1|apis|apis/[a-z0-9.-]+(/v[0-9a-z]+)?)/?$")
+
+# Attempt 0 runs until it is preempted (fenced, SIGTERMed); attempt 1 succeeds.
+CODE = "import os,time; time.sleep(30 if os.environ['TJ_ATTEMPT']=='0' else 1)"
+
+
+def _operator_requests(log: Path, offset: int, t0: float, t1: float) -> list[dict[str, Any]]:
+    with log.open("rb") as f:
+        f.seek(offset)
+        entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return [e for e in entries if e["user_agent"].startswith(OPERATOR_AGENTS) and t0 <= e["ts"] <= t1]
+
+
+def _resource(e: dict[str, Any]) -> str:
+    return e["resource"] + (f"/{e['subresource']}" if e.get("subresource") else "")
+
+
+def _create_secret(kube, cluster, namespace: str) -> None:
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
+    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                            "metadata": {"name": "s3-creds", "namespace": namespace}, "data": data},
+                namespace=namespace)
+
+
+def _snapshot_spec(cluster) -> dict[str, Any]:
+    return {"uri": f"s3://{cluster.bucket}/rbac", "endpoint": cluster.s3_endpoint, "credentialsSecret": "s3-creds"}
+
+
+def _run_life_of_a_job(kube, cluster, namespace: str, name: str) -> None:
+    kube.create(TJ, job_manifest(name, namespace, CODE, nodes=2, snapshot=_snapshot_spec(cluster),
+                                 recovery={"maxPreemptions": 5, "backoffSeconds": 1}), namespace=namespace)
+    wait_status(kube, namespace, name, lambda s: s.get("phase") == "Running" and s.get("attempt") == 0,
+                timeout=60, what="attempt 0 running")
+    control.preempt(kube, namespace, f"{name}-0-1", grace_period=1)
+    st = wait_phase(kube, namespace, name, "Succeeded", timeout=90)
+    assert st["restarts"]["preemptions"] == 1 and st["attempt"] == 1
+    # The snapshot listing ran with the Secret's credentials (no secret problem reported).
+    assert not [c for c in st.get("conditions", []) if "Secret" in (c.get("message") or "")]
+    kube.delete(TJ, name, namespace=namespace)
+    # The next reconcile sees the job gone (GET -> 404) and forgets it.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and kube.get_or_none(TJ, name, namespace=namespace) is not None:
+        time.sleep(0.2)
+    time.sleep(2.5)  # at least one resync pass over the deleted job (--resync-seconds 1)
+
+
+def _check(requests: list[dict[str, Any]], grants, *, watched: str | None) -> set[tuple[str, str, str]]:
+    """Assert every request is allowed; return the (group, resource, verb) triples used."""
+    assert requests, "no request of the operator was recorded"
+    used: set[tuple[str, str, str]] = set()
+    denied = []
+    for e in requests:
+        if e["resource"] is None:
+            assert e["method"] == "GET" and DISCOVERY.match(e["path"]), f"non-resource request {e['path']}"
+            continue
+        group, resource, verb, ns = e["api_group"] or "", _resource(e), e["verb"], e["namespace"]
+        if watched is not None:
+            assert ns == watched, f"namespaces mode: {verb} {resource} outside {watched!r}: {e['path']}"
+        if not any(g.allows(verb, group, resource, ns) for g in grants):
+            denied.append(f"{e['method']} {e['path']}?{e['query']} -> {verb} {group or 'core'}/{resource} ns={ns}")
+        used.add((group, resource, verb))
+    assert not denied, "requests the chart's RBAC would deny:\n" + "\n".join(sorted(set(denied)))
+    return used
+
+
+def _granted(grants) -> set[tuple[str, str, str]]:
+    return {(grp, res, verb) for g in grants for grp in g.api_groups for res in g.resources for verb in g.verbs}
+
+
+# Two functions, not a parametrized one: the conftest's namespace fixture turns
+# a "[param]" test id into a name ending in "-", which the API server rejects.
+@pytest.mark.timeout(240)
+def test_rbac_cluster_wide(cluster, kube, namespace, start_operator, tmp_path):
+    _operator_requests_equal_chart_rbac("cluster-wide", cluster, kube, namespace, start_operator, tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_rbac_namespaces(cluster, kube, namespace, start_operator, tmp_path):
+    _operator_requests_equal_chart_rbac("namespaces", cluster, kube, namespace, start_operator, tmp_path)
+
+
+def _operator_requests_equal_chart_rbac(mode, cluster, kube, namespace, start_operator, tmp_path):
+    values = {"watchNamespaces": [namespace]} if mode == "namespaces" else {}
+    grants = operator_grants(render(values, tmp_dir=tmp_path), SA, RELEASE_NAMESPACE)
+    assert grants
+    if mode == "namespaces":
+        assert {g.namespace for g in grants} == {namespace}
+    else:
+        assert {g.namespace for g in grants} == {None}
+
+    _create_secret(kube, cluster, namespace)
+    # In namespaces mode a job in another namespace must be left alone (and its
+    # Secret never read): the chart grants nothing there.
+    other = None
+    if mode == "namespaces":
+        other = f"{namespace}-other"[:63]
+        kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": other}})
+        _create_secret(kube, cluster, other)
+        kube.create(TJ, job_manifest("ignored", other, CODE, nodes=1, snapshot=_snapshot_spec(cluster)),
+                    namespace=other)
+
+    log = Path(cluster.state_dir) / "api-requests.jsonl"
+    offset = log.stat().st_size
+    t0 = time.time()
+    args = ["--resync-seconds", "1"] + (["--namespace", namespace] if mode == "namespaces" else [])
+    name = f"rbac-{mode}"
+    start_operator(args, name=name)
+    try:
+        _run_life_of_a_job(kube, cluster, namespace, "life")
+        if other:
+            assert not (kube.get(TJ, "ignored", namespace=other).get("status") or {})
+            assert pods_of(kube, other, "ignored") == []
+    finally:
+        cluster.stop_operator(name)  # the log is complete once the operator is gone
+        if other:
+            try:
+                kube.delete("namespaces", other)
+            except ApiError:
+                pass
+    requests = _operator_requests(log, offset, t0, time.time())
+    agents = {e["user_agent"].split("/")[0] for e in requests}
+    assert agents == {"trainingjob-operator", "kopf"}, agents
+
+    used = _check(requests, grants, watched=namespace if mode == "namespaces" else None)
+    # Both ways: nothing granted that the operator did not use.
+    unused = _granted(grants) - used
+    assert not unused, f"rules grant verbs the operator never used: {sorted(unused)}"
+    # The calls that matter, named: the Secret read with get only, nodes only cluster-wide.
+    assert ("", "secrets", "get") in used
+    assert {v for g, r, v in used if r == "secrets"} == {"get"}
+    assert (("", "nodes", "watch") in used) == (mode == "cluster-wide")
+    assert ("trainingjob.dev", "trainingjobs/status", "patch") in used
+    assert {("", "pods", "create"), ("", "pods", "delete"), ("", "services", "delete")} <= used
