@@ -79,8 +79,38 @@ def test_crd_passes_kubernetes_validate_strict():
     text = template_text(include_crds=True).stdout
     crds = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "CustomResourceDefinition"]
     assert [c["metadata"]["name"] for c in crds] == ["trainingjobs.trainingjob.dev"]
+    # kubernetes-validate names one bad key at a time; list them all first. A
+    # YAML flow mapping like {description: a, b} silently makes "b" a key.
+    stray = [f"{path}: {key!r}" for v in crds[0]["spec"]["versions"]
+             for path, key in _stray_schema_keys(v["schema"]["openAPIV3Schema"], v["name"])]
+    assert not stray, "keys that are not JSONSchemaProps fields in the CRD schema:\n" + "\n".join(stray)
     proc = kubernetes_validate(yaml.safe_dump_all(crds))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+JSON_SCHEMA_PROPS = {
+    "$schema", "$ref", "id", "type", "format", "title", "description", "default", "example", "enum", "nullable",
+    "properties", "additionalProperties", "patternProperties", "items", "additionalItems", "required",
+    "dependencies", "definitions", "allOf", "anyOf", "oneOf", "not", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "minItems", "maxItems", "uniqueItems",
+    "minProperties", "maxProperties", "externalDocs", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-embedded-resource", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys", "x-kubernetes-map-type",
+}
+
+
+def _stray_schema_keys(schema: Any, path: str) -> list[tuple[str, str]]:
+    if not isinstance(schema, dict):
+        return []
+    out = [(path, k) for k in schema if k not in JSON_SCHEMA_PROPS]
+    for name, sub in (schema.get("properties") or {}).items():
+        out += _stray_schema_keys(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties", "not"):
+        out += _stray_schema_keys(schema.get(key), f"{path}.{key}")
+    for key in ("allOf", "anyOf", "oneOf"):
+        for i, sub in enumerate(schema.get(key) or []):
+            out += _stray_schema_keys(sub, f"{path}.{key}[{i}]")
+    return out
 
 
 def test_kubernetes_validate_catches_a_wrong_manifest():
