@@ -1,0 +1,191 @@
+"""Snapshot benchmark: backends vs. torch.save-to-S3 and a raw parallel upload.
+
+Run with ``make bench`` (or ``.venv/bin/python bench/snapshot.py --sizes 256,1024``).
+Everything is measured in ONE run against a local moto S3 server started
+here, so only the ratios are meaningful (moto on loopback is not AWS).
+
+Printed per state size:
+* save / restore MiB/s per backend, and save as a ratio to
+  (a) ``torch.save`` streamed into ``s3fs.open`` and
+  (b) a parallel raw upload of the same bytes (the S3 ceiling);
+* the training stall of an async save (time until ``save()`` returns) as a
+  ratio of the sync save time;
+* the per-step cost of the in-band emergency flag check (4 gloo ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import torch
+import torch.distributed as dist
+
+MIB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto did not start")
+
+
+class TensorState:
+    """A model-like state: ``n`` float32 tensors totalling ``mib`` MiB."""
+
+    def __init__(self, mib: int, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        per = mib * MIB // 4 // n
+        self.tensors = {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(n)}
+
+    def state_dict(self):
+        return dict(self.tensors)
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_size(mib: int, bucket: str, repeat: int) -> dict[str, float]:
+    import s3fs
+
+    from trainingjob_trainer.backends import make_snapshotter
+
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    state = TensorState(mib)
+    res: dict[str, list[float]] = {}
+
+    def add(key: str, seconds: float) -> None:
+        res.setdefault(key, []).append(seconds)
+
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    raw = buf.getvalue()
+    for r in range(repeat):
+        def torch_save_stream():
+            with fs.open(f"{bucket}/tsave/{r}.pt", "wb") as f:
+                torch.save(state.state_dict(), f)
+        add("torch.save->s3fs.open", timed(torch_save_stream))
+        chunks = 16
+        size = len(raw) // chunks + 1
+        parts = {f"{bucket}/raw/{r}/part{i}": raw[i * size:(i + 1) * size] for i in range(chunks)}
+        add("raw parallel upload", timed(lambda: fs.pipe(parts)))
+        for backend in ("torchsnapshot", "dcp"):
+            uri = f"s3://{bucket}/{backend}-{r}"
+            snap = make_snapshotter(backend=backend, uri=uri, app_state={"m": state}, watch_preemption=False)
+            add(f"{backend} save", timed(lambda: snap.save(step=1)))
+            target = TensorState(mib, seed=1)
+            snap2 = make_snapshotter(backend=backend, uri=uri, app_state={"m": target}, watch_preemption=False)
+            add(f"{backend} restore", timed(snap2.restore_latest))
+            assert all(torch.equal(target.tensors[k], state.tensors[k]) for k in state.tensors)
+            # Async save (needs a process group; world size 1 here): stall vs sync.
+            snap3 = make_snapshotter(backend=backend, uri=uri + "-async", app_state={"m": state},
+                                     async_save=True, watch_preemption=False)
+            t0 = time.perf_counter()
+            snap3.save(step=1)
+            add(f"{backend} async stall", time.perf_counter() - t0)
+            snap3.wait()
+            add(f"{backend} async total", time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def _flag_worker(rank: int, world: int, port: int, steps: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from trainingjob_trainer.backends import make_snapshotter
+
+    snap = make_snapshotter(uri=tempfile.gettempdir() + "/tj-flag-bench", watch_preemption=True)
+    snap.preemption_requested()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        snap.preemption_requested()
+    per = (time.perf_counter() - t0) / steps
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(per)
+
+
+def bench_flag(world: int = 4, steps: int = 500) -> float:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(_flag_worker, args=(world, _free_port(), steps, q), nprocs=world, start_method="spawn")
+    return q.get()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="snapshot benchmark (ratios measured in one run)")
+    ap.add_argument("--sizes", default="256,1024", help="state sizes in MiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (median)")
+    args = ap.parse_args()
+    proc, url = start_moto()
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        import s3fs
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        print(f"torch {torch.__version__}, moto S3 on loopback, {os.cpu_count()} CPUs, repeat={args.repeat}\n")
+        for mib in [int(s) for s in args.sizes.split(",") if s.strip()]:
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            s3fs.S3FileSystem().mkdir(bucket)
+            m = bench_size(mib, bucket, args.repeat)
+            base_a, base_b = m["torch.save->s3fs.open"], m["raw parallel upload"]
+            print(f"### {mib} MiB state\n")
+            print("| what | seconds | MiB/s | save vs torch.save->s3fs | save vs raw parallel upload |")
+            print("|---|---:|---:|---:|---:|")
+            print(f"| torch.save -> s3fs.open | {base_a:.2f} | {mib / base_a:.0f} | 1.00x | {base_b / base_a:.2f}x |")
+            print(f"| raw parallel upload (16 objects) | {base_b:.2f} | {mib / base_b:.0f} | {base_a / base_b:.2f}x | 1.00x |")
+            for b in ("torchsnapshot", "dcp"):
+                s, r = m[f"{b} save"], m[f"{b} restore"]
+                print(f"| {b} save | {s:.2f} | {mib / s:.0f} | {base_a / s:.2f}x | {base_b / s:.2f}x |")
+                print(f"| {b} restore | {r:.2f} | {mib / r:.0f} | | |")
+            print("\n| backend | sync save s | async stall s | stall / sync | async total s |")
+            print("|---|---:|---:|---:|---:|")
+            for b in ("torchsnapshot", "dcp"):
+                s, st, tot = m[f"{b} save"], m[f"{b} async stall"], m[f"{b} async total"]
+                print(f"| {b} | {s:.2f} | {st:.2f} | {st / s:.2f} | {tot:.2f} |")
+            print()
+        dist.destroy_process_group()
+        per = bench_flag()
+        print(f"emergency flag check (all-reduce of 2 ints, 4 gloo ranks): {per * 1e6:.0f} us per step")
+    finally:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
