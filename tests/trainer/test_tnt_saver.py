@@ -117,3 +117,54 @@ def test_restore_from_latest_skips_incomplete_and_reports_none(s3_root):
     store = SnapshotStore(s3_root)
     store.fs.pipe_file(f"{store._root_path}/{contract.snapshot_dir_name(0, 5)}/0/x", b"junk")
     assert TorchSnapshotSaver.restore_from_latest(s3_root, u) is False
+
+
+class SignalledUnit(Unit):
+    """Sends itself SIGTERM during step 5."""
+
+    def train_step(self, state: State, data: torch.Tensor) -> None:
+        super().train_step(state, data)
+        if self.train_progress.num_steps_completed == 4:  # counter is bumped after this call
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_takes_emergency_snapshot_and_exits_with_contract_code(s3_root, tmp_path, monkeypatch):
+    import pytest
+
+    from trainingjob_trainer.preemption import Preempted
+
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv(contract.ENV_TERMINATION_MESSAGE_PATH, str(term))
+    torch.manual_seed(3)
+    unit = SignalledUnit()
+    dl = Loader(unit)
+    tss = TorchSnapshotSaver(dirpath=s3_root, save_every_n_train_steps=100)
+    with pytest.raises(Preempted) as exc:
+        tnt_train(unit, dl, callbacks=[tss], max_epochs=1)
+    tss.snapshotter.close()
+    assert exc.value.code == contract.EXIT_PREEMPTED_AFTER_SNAPSHOT and exc.value.step == 5
+    msg = contract.parse_termination_message(term.read_text())
+    assert (msg.reason, msg.step) == (contract.TERM_REASON_PREEMPTED, 5)
+    info = SnapshotStore(s3_root).inspect(msg.snapshot)
+    assert info.complete and info.marker.emergency and info.step == 5
+    saved = _state(unit)
+
+    # Attempt 1: the callback restores by itself before the first step (intra-epoch, with the dataloader).
+    monkeypatch.setenv(contract.ENV_ATTEMPT, "1")
+    torch.manual_seed(99)
+    u2 = Unit()
+    dl2 = Loader(u2)
+    seen = {}
+
+    class Probe(TorchSnapshotSaver):
+        def on_train_start(self, state, unit):
+            super().on_train_start(state, unit)
+            seen["state"], seen["step"], seen["pos"] = _state(unit), unit.train_progress.num_steps_completed, dl2.pos
+
+    tnt_train(u2, dl2, callbacks=[Probe(dirpath=s3_root, watch_preemption=False)], max_epochs=1)
+    assert seen["step"] == 5 and seen["pos"] == 5
+    assert_states_equal(seen["state"], saved)
+    assert u2.train_progress.num_steps_completed == STEPS_PER_EPOCH
