@@ -48,8 +48,8 @@ def kube(cluster: LocalCluster) -> Client:
 
 @pytest.fixture
 def namespace(kube: Client, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"t{next(_ns_counter)}-{request.node.name.lower().replace('_', '-')}"[:55].rstrip("-")
-    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
+    name = f"t{next(_ns_counter)}-{request.node.name.lower().replace('_', '-')}"
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)[:55].rstrip("-")
     kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
     try:

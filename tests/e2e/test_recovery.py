@@ -1,0 +1,163 @@
+"""End to end: real `kopf run`, real torchrun gangs (CPU, gloo), real S3 writes.
+
+The example job (``trainingjob_trainer.example``) runs on the stand-in's node
+agent as 2 pods x 2 processes. Preemptions are injected the way Kubernetes
+does them; the final weights are compared, bit for bit, with an uninterrupted
+run's.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from localcluster import control
+from localcluster.kube import Client
+from tests.integration.helpers import TJ, events_of, pods_of, wait_phase, wait_status
+
+pytestmark = [pytest.mark.slow]
+
+STEPS = 40
+EVERY = 10
+
+
+def example_job(name: str, namespace: str, cluster, weights: Path, *, steps: int = STEPS, sleep: float = 0.1,
+                **spec) -> dict:
+    body = {
+        "apiVersion": "trainingjob.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "image": "local/trainer:dev",
+            "command": [sys.executable, "-m", "trainingjob_trainer.launch", "-m", "trainingjob_trainer.example"],
+            "args": ["--steps", str(steps), "--sleep-per-step", str(sleep), "--final-weights", str(weights)],
+            "nodes": 2,
+            "procsPerNode": 2,
+            "snapshot": {"uri": f"s3://{cluster.bucket}/e2e", "endpoint": cluster.s3_endpoint,
+                         "everySteps": EVERY, "keepLast": 3, "credentialsSecret": "s3-creds"},
+            "recovery": {"maxPreemptions": 5, "maxFailures": 0, "nodeNotReadySeconds": 2},
+            "terminationGracePeriodSeconds": 60,
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def s3_secret(kube: Client, namespace: str, cluster) -> None:
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
+    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                            "data": data}, namespace=namespace)
+
+
+def latest_step(st: dict) -> int:
+    return ((st.get("snapshot") or {}).get("latest") or {}).get("step") or 0
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = torch.load(a), torch.load(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"tensor {k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_weights(cluster, tmp_path_factory) -> Path:
+    """Final weights of the same job run without any disruption (once per module)."""
+    kube = cluster.client()
+    ns = "e2e-reference"
+    kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    out = tmp_path_factory.mktemp("ref") / "weights.pt"
+    s3_secret(kube, ns, cluster)
+    cluster.start_operator(name="operator-ref")
+    try:
+        kube.create(TJ, example_job("ref", ns, cluster, out), namespace=ns)
+        st = wait_phase(kube, ns, "ref", "Succeeded", timeout=240)
+        assert st["restarts"] == {"preemptions": 0, "failures": 0}
+        kube.delete(TJ, "ref", namespace=ns)
+    finally:
+        cluster.stop_operator("operator-ref")
+    return out
+
+
+@pytest.fixture
+def s3_creds(kube, namespace, cluster) -> None:
+    s3_secret(kube, namespace, cluster)
+
+
+def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
+        kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
+    rng = random.Random(int(os.environ.get("E2E_SEED", time.time_ns() % 10_000)))
+    weights = tmp_path / "weights.pt"
+    op = start_operator(name="operator-a")
+    kube.create(TJ, example_job("twice", namespace, cluster, weights), namespace=namespace)
+
+    # Preemption 1: a random worker, at a random point after the first snapshot.
+    wait_status(kube, namespace, "twice", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
+                timeout=180, what="first snapshot")
+    time.sleep(rng.uniform(0, 1.5))
+    victim = f"twice-0-{rng.randrange(2)}"
+    control.preempt(kube, namespace, victim, reason="PreemptionByScheduler", message="e2e preemption 1")
+    wait_status(kube, namespace, "twice", lambda s: s.get("attempt") == 1 and s.get("phase") == "Running",
+                timeout=180, what="attempt 1 running")
+
+    # Preemption 2, and the operator SIGKILLed while it fences attempt 1.
+    time.sleep(rng.uniform(0.5, 2.0))
+    victim = f"twice-1-{rng.randrange(2)}"
+    control.preempt(kube, namespace, victim, reason="EvictionByEvictionAPI", message="e2e preemption 2")
+    wait_status(kube, namespace, "twice", lambda s: s.get("attempt") == 2, timeout=30, what="attempt 2 decided")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pods = pods_of(kube, namespace, "twice")
+        if all(p["metadata"].get("deletionTimestamp") for p in pods if p["metadata"]["name"].startswith("twice-1-")):
+            break
+        time.sleep(0.02)
+    os.kill(op.pid, signal.SIGKILL)
+    assert not [p for p in pods_of(kube, namespace, "twice") if p["metadata"]["name"].startswith("twice-2-")], \
+        "the new gang already existed: the operator was not killed between fencing and creating"
+    cluster.stop_operator("operator-a")
+    time.sleep(1.0)
+    start_operator(name="operator-b")
+
+    st = wait_phase(kube, namespace, "twice", "Succeeded", timeout=300)
+    assert st["restarts"] == {"preemptions": 2, "failures": 0}
+    assert st["lostWork"]["steps"] == 0
+    assert latest_step(st) == STEPS
+    assert st["attempt"] == 2
+    assert st["snapshot"]["restoredFrom"].startswith(f"s3://{cluster.bucket}/e2e/{namespace}/twice/epoch_")
+    assert st["lastDisruption"]["reason"] in ("EvictionByEvictionAPI", "PreemptedAfterSnapshot")
+    assert_same_weights(weights, reference_weights)
+    reasons = [e["reason"] for e in events_of(kube, namespace, "twice")]
+    assert reasons.count("Preempted") == 2 and "AllWorkersSucceeded" in reasons
+
+
+def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
+        kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
+    weights = tmp_path / "weights.pt"
+    start_operator(name="operator-c")
+    kube.create(TJ, example_job("lost", namespace, cluster, weights, sleep=0.15), namespace=namespace)
+    st = wait_status(kube, namespace, "lost", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
+                     timeout=180, what="first snapshot")
+    time.sleep(0.5)
+    pod = kube.get("pods", "lost-0-1", namespace=namespace)
+    node = pod["spec"]["nodeName"]
+    control.lose_node(kube, node)  # SIGKILL, no grace, no emergency snapshot
+    try:
+        st = wait_phase(kube, namespace, "lost", "Succeeded", timeout=300)
+    finally:
+        control.restore_node(kube, node)
+    assert st["restarts"] == {"preemptions": 1, "failures": 0}
+    last = st["lastDisruption"]
+    assert last["reason"] == "NodeLost" and last["node"] == node
+    restored = st["snapshot"]["restoredStep"]
+    assert restored % EVERY == 0 and restored >= EVERY  # a periodic snapshot, not an emergency one
+    assert last["step"] > restored
+    assert st["lostWork"]["steps"] == last["step"] - restored > 0
+    assert_same_weights(weights, reference_weights)
