@@ -16,8 +16,10 @@ from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter, env_int
 
 BACKEND_TORCHSNAPSHOT = "torchsnapshot"
 BACKEND_DCP = "dcp"
-#: Chosen from docs/benchmarks.md (see the "Snapshots" section).
-DEFAULT_BACKEND = BACKEND_TORCHSNAPSHOT
+#: Chosen from docs/benchmarks.md ("Snapshots"): DCP saved 2.6x and restored
+#: 1.4x faster than torchsnapshot at 256 MiB and stalls less when async.
+#: TorchTNT's ``TorchSnapshotSaver`` keeps torchsnapshot unless told otherwise.
+DEFAULT_BACKEND = BACKEND_DCP
 
 
 def _init_optimizer_states(app_state: Mapping[str, Any]) -> None:
