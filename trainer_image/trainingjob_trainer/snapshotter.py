@@ -191,14 +191,20 @@ class Snapshotter(abc.ABC):
         marker = contract.CommitMarker.from_json(marker_json)
         assert marker is not None
         t0 = time.monotonic()
+        reader: Snapshotter = self
+        if marker.backend != self.backend:  # read with the backend that wrote it
+            from trainingjob_trainer.backends import make_snapshotter
+
+            reader = make_snapshotter(backend=marker.backend, uri=self.uri, storage_options=self.storage_options,
+                                      process_group=self.pg, watch_preemption=False)
         state = dict(app_state if app_state is not None else self.app_state)
         if optional:
-            stored = self._stored_keys(uri.rstrip("/"))
+            stored = reader._stored_keys(uri.rstrip("/"))
             if stored is not None:
                 for key in optional:
                     if key not in stored:
                         state.pop(key, None)
-        self._read(uri.rstrip("/"), state)
+        reader._read(uri.rstrip("/"), state)
         _dist.barrier(self._flag_pg)
         self.restored_from = uri.rstrip("/")
         if _dist.rank(self.pg) == 0:
