@@ -342,7 +342,7 @@ class LocalCluster:
                 continue
             pid = int(info.get("pid", 0))
             if pid and proc_start_time(pid) == info.get("start"):
-                kill_group(pid, 9)
+                kill_group(pid, 9, info.get("uid"))
                 killed.append(pid)
             pid_file.unlink(missing_ok=True)
         return killed

@@ -292,11 +292,28 @@ def proc_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def kill_group(pgid: int, sig: int) -> None:
+#: Set in every container's environment; inherited by every process the
+#: container starts (torchrun's workers run in sessions of their own), so
+#: killing "the container" finds them all, as a cgroup kill would.
+CONTAINER_MARK_ENV = "LOCALCLUSTER_CONTAINER"
+
+
+def kill_group(pgid: int, sig: int, mark: str | None = None) -> None:
+    """Signal a container: its process group and, with ``mark``, every process carrying it."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+    if not mark:
+        return
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(CONTAINER_MARK_ENV) == mark:
+                proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
 
 
 @dataclass
@@ -323,7 +340,7 @@ class Container:
         rc = self.proc.poll()
         if rc is not None and self.exit_status is None:
             # The container stops when its main process exits: kill what is left.
-            kill_group(self.proc.pid, signal.SIGKILL)
+            kill_group(self.proc.pid, signal.SIGKILL, self.uid)
             self.exit_status = self._terminated_state(rc)
             try:
                 self.pid_file.unlink()
@@ -357,9 +374,9 @@ class Container:
                 pass
 
     def kill(self) -> None:
-        """SIGKILL the whole process group."""
+        """SIGKILL every process of the container (group and marked descendants)."""
         self.killed = True
-        kill_group(self.proc.pid, signal.SIGKILL)
+        kill_group(self.proc.pid, signal.SIGKILL, self.uid)
 
 
 def read_termination_message(term_path: Path, log_path: Path, policy: str, exit_code: int) -> str:
@@ -901,6 +918,7 @@ class NodeAgent:
         term_path.write_bytes(b"")
         hostname = spec.get("hostname") or md["name"]
         env = self._container_env(pod_dir, hostname, pod_env, term_path)
+        env[CONTAINER_MARK_ENV] = md.get("uid", "")
         argv = [expand(a, env) for a in argv]
         cwd = self._working_dir(pod_dir, ctr.get("workingDir"))
         policy = ctr.get("terminationMessagePolicy") or "File"

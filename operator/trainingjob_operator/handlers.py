@@ -289,11 +289,11 @@ def _on_service(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> Non
 def register_node_watch() -> None:
     """Nodes are watched cluster-wide only (namespaced RBAC cannot read them)."""
 
-    @kopf.index("nodes")
+    @kopf.index("nodes", id="node_index")
     def node_index(name: str, body: Mapping[str, Any], **_: Any) -> dict[str, NodeView]:
         return {name: NodeView.from_node(body)}
 
-    @kopf.on.event("nodes")
+    @kopf.on.event("nodes", id="_on_node")
     def _on_node(name: str, **kwargs: Any) -> None:
         _remember(kwargs)
         pods = CONTROLLER.indices.get("pod_index")

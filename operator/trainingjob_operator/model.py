@@ -57,6 +57,7 @@ class RecoverySpec:
     backoff_seconds: int = 10
     max_backoff_seconds: int = 600
     node_not_ready_seconds: int = 60
+    failure_settle_seconds: int = 45
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
         backoff_seconds=_int(rec, "backoffSeconds", 10),
         max_backoff_seconds=_int(rec, "maxBackoffSeconds", 600),
         node_not_ready_seconds=_int(rec, "nodeNotReadySeconds", 60),
+        failure_settle_seconds=_int(rec, "failureSettleSeconds", 45),
     )
     env = spec.get("env") or []
     if not isinstance(env, list) or not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in env):

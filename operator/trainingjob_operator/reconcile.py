@@ -404,6 +404,14 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             c.set_phase(RUNNING, "NodeNotReady", "a worker's node is not Ready; waiting before deciding")
             c.requeue(2.0)
             return
+        wait = _settle_remaining(c, spec, views)
+        if wait > 0:
+            # Pods of a lost node look Running until the node is marked
+            # NotReady; give the rest of the gang time to end (as it does
+            # after a real failure) or its node to be declared, first.
+            c.set_phase(RUNNING, "WorkerEnded", "a worker ended with an error; waiting for the rest of the gang")
+            c.requeue(min(wait, 2.0))
+            return
         first = min(failed, key=lambda o: (o.step is None, o.pod))
         _end_attempt(c, spec, first, max(steps) if steps else None, views)
         return
@@ -427,6 +435,17 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         c.condition("Ready", False, R_WAITING_WORKERS)
     _stall_condition(c, spec)
     c.requeue(RESYNC_SECONDS)
+
+
+def _settle_remaining(c: _Ctx, spec: JobSpec, views: list[PodView]) -> float:
+    """Seconds a failure still waits for the rest of the gang (0: decide now)."""
+    running = [v for v in views if v.phase not in ("Succeeded", "Failed")]
+    if not running:
+        return 0.0
+    ended = [v.finished_at for v in views if v.phase == "Failed" and v.finished_at is not None]
+    if not ended:
+        return 0.0
+    return spec.recovery.failure_settle_seconds - (c.now - min(ended)).total_seconds()
 
 
 def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:

@@ -43,7 +43,8 @@ def example_job(name: str, namespace: str, cluster, weights: Path, *, steps: int
             "procsPerNode": 2,
             "snapshot": {"uri": f"s3://{cluster.bucket}/e2e", "endpoint": cluster.s3_endpoint,
                          "everySteps": EVERY, "keepLast": 3, "credentialsSecret": "s3-creds"},
-            "recovery": {"maxPreemptions": 5, "maxFailures": 0, "nodeNotReadySeconds": 2},
+            "recovery": {"maxPreemptions": 5, "maxFailures": 0, "nodeNotReadySeconds": 2,
+                         "failureSettleSeconds": 20},
             "terminationGracePeriodSeconds": 60,
         },
     }
@@ -141,11 +142,12 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
 def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
         kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
     weights = tmp_path / "weights.pt"
-    start_operator(name="operator-c")
-    kube.create(TJ, example_job("lost", namespace, cluster, weights, sleep=0.15), namespace=namespace)
+    start_operator(["--resync-seconds", "1"], name="operator-c")
+    kube.create(TJ, example_job("lost", namespace, cluster, weights, sleep=0.3), namespace=namespace)
     st = wait_status(kube, namespace, "lost", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
                      timeout=180, what="first snapshot")
-    time.sleep(0.5)
+    assert latest_step(st) < STEPS - EVERY, "training outran the test"
+    time.sleep(1.0)
     pod = kube.get("pods", "lost-0-1", namespace=namespace)
     node = pod["spec"]["nodeName"]
     control.lose_node(kube, node)  # SIGKILL, no grace, no emergency snapshot

@@ -55,7 +55,7 @@ def test_failing_pod_fences_gang_restarts_with_backoff_then_fails(kube, namespac
     code = ("import os,sys,time; r=os.environ['PET_NODE_RANK']; time.sleep(1 if r=='1' else 60); "
             "sys.exit(3 if r=='1' else 0)")
     start_operator()
-    spec = {"recovery": {"maxFailures": 1, "backoffSeconds": 2, "maxBackoffSeconds": 10}}
+    spec = {"recovery": {"maxFailures": 1, "backoffSeconds": 2, "maxBackoffSeconds": 10, "failureSettleSeconds": 1}}
     with Recorder(kube, namespace, "crashy") as rec:
         kube.create(TJ, job_manifest("crashy", namespace, code, nodes=3, **spec), namespace=namespace)
         first_fail = wait_status(kube, namespace, "crashy", lambda s: s.get("restarts", {}).get("failures") == 1 and "nextRestartTime" in s,
@@ -145,3 +145,26 @@ def test_operator_sigkilled_mid_creation_ends_with_exactly_one_gang(kube, namesp
     assert names == sorted(f"solo-0-{r}" for r in range(nodes))
     assert st["attempt"] == 0 and st["restarts"] == {"preemptions": 0, "failures": 0}
     kube.delete(TJ, "solo", namespace=namespace)
+
+
+def test_lost_node_is_a_preemption_and_its_pods_are_force_deleted(kube, namespace, start_operator):
+    from localcluster import control
+
+    start_operator(["--resync-seconds", "1"])
+    spec = {"recovery": {"nodeNotReadySeconds": 1, "failureSettleSeconds": 30, "maxFailures": 0}}
+    kube.create(TJ, job_manifest("island", namespace, "import time; time.sleep(60)", nodes=2, **spec),
+                namespace=namespace)
+    wait_phase(kube, namespace, "island", "Running", timeout=60)
+    node = kube.get("pods", "island-0-1", namespace=namespace)["spec"]["nodeName"]
+    control.lose_node(kube, node)
+    try:
+        st = wait_status(kube, namespace, "island", lambda s: s.get("attempt") == 1 and s.get("phase") == "Running",
+                         timeout=60, what="attempt 1 running")
+        assert st["restarts"] == {"preemptions": 1, "failures": 0}
+        assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
+        names = sorted(p["metadata"]["name"] for p in pods_of(kube, namespace, "island"))
+        assert names == ["island-1-0", "island-1-1"]  # the lost node's pod was force-deleted
+        assert all(p["spec"]["nodeName"] != node for p in pods_of(kube, namespace, "island"))
+    finally:
+        control.restore_node(kube, node)
+    kube.delete(TJ, "island", namespace=namespace)

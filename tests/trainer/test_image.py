@@ -53,3 +53,13 @@ def test_launcher_exit_decisions():
     assert code == 143 and msg.reason == contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT
     code, msg = decide_exit(torchrun_rc=2, message=None, got_sigterm=False)
     assert code == 2 and msg.reason == contract.TERM_REASON_ERROR
+
+
+def test_launcher_reports_the_last_step_when_workers_died_silently():
+    # A peer node vanished: the workers died in a collective without a message.
+    code, msg = decide_exit(torchrun_rc=1, message=None, got_sigterm=False, last_step=23)
+    assert code == 1 and msg.reason == contract.TERM_REASON_ERROR and msg.step == 23
+    code, msg = decide_exit(torchrun_rc=1, message=None, got_sigterm=True, last_step=23)
+    assert msg.reason == contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT and msg.step == 23
+    code, msg = decide_exit(torchrun_rc=0, message=None, got_sigterm=False, last_step=40)
+    assert code == 0 and msg.reason == contract.TERM_REASON_COMPLETED

@@ -322,3 +322,20 @@ def test_fencing_force_deletes_pods_on_a_lost_node_only():
     pods[1]["metadata"]["deletionTimestamp"] = "2026-11-28T11:59:59Z"
     plan2 = reconcile(b2, obs(pods, [], nodes=nodes))
     assert [a.name for a in plan2.actions if a.force] == ["mnist-0-1"]
+
+
+def test_failure_waits_for_the_rest_of_the_gang_before_counting():
+    b = job(status=running_status(), recovery={"maxFailures": 3, "failureSettleSeconds": 45})
+    failed = pod(b, 0, 1, phase="Failed", ready=False, exit_code=1)
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-28T11:59:50Z"
+    pods = [pod(b, 0, 0), failed, pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["attempt"] == 0 and plan.actions == [] and plan.status["reason"] == "WorkerEnded"
+    # the rest of the gang ended too: a failure, decided at once
+    done = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=1), failed,
+            pod(b, 0, 2, phase="Failed", ready=False, exit_code=1)]
+    assert reconcile(b, obs(done, [svc(b, 0)])).status["restarts"]["failures"] == 1
+    # or the settle time passed with the others still running
+    later = Observed(now=NOW + dt.timedelta(seconds=36), pods=tuple(pods), services=(svc(b, 0),),
+                     nodes={"n1": NodeView(True)})
+    assert reconcile(b, later).status["restarts"]["failures"] == 1

@@ -73,6 +73,10 @@ ENV_S3_REGION = "AWS_DEFAULT_REGION"
 #: File the trainer writes its termination message to (equal to the
 #: container's ``terminationMessagePath``).
 ENV_TERMINATION_MESSAGE_PATH = "TJ_TERMINATION_MESSAGE_PATH"
+#: Trainer-internal (launcher -> its workers): a file where local rank 0
+#: records the last completed step, so the launcher can report the step reached
+#: even when the workers die without writing a termination message.
+ENV_PROGRESS_FILE = "TJ_PROGRESS_FILE"
 #: The pod's terminationGracePeriodSeconds: how long the gang has between
 #: SIGTERM and SIGKILL to take the emergency snapshot and exit.
 ENV_GRACE_PERIOD_SECONDS = "TJ_TERMINATION_GRACE_PERIOD_SECONDS"

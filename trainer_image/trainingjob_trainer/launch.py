@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Sequence
 
 from trainingjob_trainer import contract
@@ -55,13 +56,30 @@ def _write_message(path: str | None, msg: contract.TerminationMessage) -> None:
         print(f"[launch] cannot write termination message to {path}: {e}", file=sys.stderr, flush=True)
 
 
+def _read_progress(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def decide_exit(
-    *, torchrun_rc: int, message: contract.TerminationMessage | None, got_sigterm: bool
+    *, torchrun_rc: int, message: contract.TerminationMessage | None, got_sigterm: bool,
+    last_step: int | None = None,
 ) -> tuple[int, contract.TerminationMessage | None]:
     """The launcher's exit code and the message to write (``None``: keep the workers').
 
-    Pure function of what happened, so it is unit-tested without processes.
+    ``last_step`` is the last step the workers reported completing; it goes
+    into the message when the workers wrote none (they were killed, or died
+    in a collective when a peer node was lost). Pure function of what
+    happened, so it is unit-tested without processes.
     """
+    if message is not None and message.step is None and last_step is not None:
+        message = contract.TerminationMessage(reason=message.reason, step=last_step, snapshot=message.snapshot,
+                                              message=message.message)
+    elif message is None and last_step is not None and torchrun_rc != 0:
+        message = contract.TerminationMessage(reason=contract.TERM_REASON_ERROR, step=last_step)
     if message is not None and message.reason == contract.TERM_REASON_PREEMPTED:
         return contract.EXIT_PREEMPTED_AFTER_SNAPSHOT, None
     if torchrun_rc == 0:
@@ -91,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = _termination_path()
     if path and os.path.isfile(path):
         open(path, "w").close()  # a previous run's message must not be mistaken for ours
-    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv])
+    progress = os.path.join(tempfile.gettempdir(), f"tj-progress-{os.getpid()}")
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv],
+                             env={**os.environ, contract.ENV_PROGRESS_FILE: progress})
     got = {"sigterm": False}
 
     def forward(signum: int, frame: object) -> None:  # noqa: ARG001
@@ -106,7 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     rc = child.wait()
-    code, msg = decide_exit(torchrun_rc=rc, message=_read_message(path), got_sigterm=got["sigterm"])
+    code, msg = decide_exit(torchrun_rc=rc, message=_read_message(path), got_sigterm=got["sigterm"],
+                            last_step=_read_progress(progress))
+    try:
+        os.unlink(progress)
+    except OSError:
+        pass
     if msg is not None:
         _write_message(path, msg)
     print(f"[launch] torchrun exited {rc}; exiting {code}", flush=True)

@@ -242,6 +242,7 @@ class Snapshotter(abc.ABC):
         Raises:
             Preempted: After the emergency snapshot is committed (every rank).
         """
+        record_progress(step)
         if self.watcher is not None and self.preemption_requested():
             self.emergency_save(step=step, epoch=epoch, app_state=app_state)
         if self.every_steps and step % self.every_steps == 0:
@@ -342,6 +343,18 @@ class Snapshotter(abc.ABC):
         self.wait()
         if self.watcher is not None:
             self.watcher.uninstall()
+
+
+def record_progress(step: int) -> None:
+    """Local rank 0 notes the step just completed for the launcher (a few µs)."""
+    path = os.environ.get(contract.ENV_PROGRESS_FILE)
+    if not path or _dist.local_rank() != 0:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(str(int(step)))
+    except OSError:
+        pass
 
 
 def env_int(name: str, default: int | None = None) -> int | None:
