@@ -163,3 +163,43 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     assert last["step"] > restored
     assert st["lostWork"]["steps"] == last["step"] - restored > 0
     assert_same_weights(weights, reference_weights)
+
+
+def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_one(
+        kube, namespace, cluster, start_operator, s3_creds, tmp_path):
+    from trainingjob_trainer import contract
+    from trainingjob_trainer.store import SnapshotStore
+
+    weights = tmp_path / "weights.pt"
+    start_operator(["--resync-seconds", "1"], name="operator-d")
+    # A bigger model (about 50 MB of state with Adam) makes every save take a while.
+    body = example_job("midsave", namespace, cluster, weights, sleep=0.05)
+    body["spec"]["args"] += ["--hidden", "1024"]
+    kube.create(TJ, body, namespace=namespace)
+    wait_phase(kube, namespace, "midsave", "Running", timeout=180)
+    root = contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, "midsave")
+    store = SnapshotStore(root, storage_options={"endpoint_url": cluster.s3_endpoint,
+                                                 "key": cluster.s3_credentials["AWS_ACCESS_KEY_ID"],
+                                                 "secret": cluster.s3_credentials["AWS_SECRET_ACCESS_KEY"]})
+    partial = None
+    deadline = time.monotonic() + 180
+    while partial is None and time.monotonic() < deadline:
+        partial = next((i for i in store.scan() if not i.complete and i.step >= EVERY and i.listing), None)
+        if partial is None:
+            time.sleep(0.02)
+    assert partial is not None, "never saw a snapshot being written"
+    # Rank 0 hosts the rendezvous; grace 0: no time to finish the save or take an emergency one.
+    control.preempt(kube, namespace, "midsave-0-0", reason="PreemptionByScheduler", grace_period=0)
+    st = wait_status(kube, namespace, "midsave", lambda s: s.get("attempt") == 1 and s.get("gangCreated"),
+                     timeout=120, what="attempt 1 created")
+    restored = st["snapshot"].get("restoredFrom")
+    # Rank 0 writes the commit marker last; killed first, its folder stays incomplete
+    # (unless the save won the race by the few ms between our listing and the kill).
+    if not store.inspect(partial.uri).complete:
+        assert restored != partial.uri
+        assert restored is None or st["snapshot"]["restoredStep"] < partial.step
+    if restored is not None:
+        assert store.inspect(restored).complete
+    st = wait_phase(kube, namespace, "midsave", "Succeeded", timeout=300)
+    assert st["restarts"] == {"preemptions": 1, "failures": 0}
+    assert latest_step(st) == STEPS

@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             app_state={"train": ModelOptimizerState(model=model, optimizers=[opt]), "rng": RNGState()},
             every_steps=args.every_steps, backend=args.backend, async_save=args.async_save,
         )
+    t0 = time.monotonic()
     start = snap.restore_latest() if snap else 0
     if rank == 0:
         print(f"[example] world={world} attempt={snap.attempt if snap else 0} "
               f"backend={snap.backend if snap else None} "
-              f"resumed_from={snap.restored_from if snap else None} start_step={start}", flush=True)
+              f"resumed_from={snap.restored_from if snap else None} start_step={start} "
+              f"restore_seconds={time.monotonic() - t0:.3f}", flush=True)
     step = start
     try:
         for step in range(start + 1, args.steps + 1):
