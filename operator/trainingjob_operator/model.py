@@ -40,7 +40,7 @@ RESERVED_ENV_PREFIXES = ("TJ_", "PET_")
 @dataclass(frozen=True)
 class SnapshotSpec:
     uri: str
-    backend: str = "torchsnapshot"
+    backend: str = "dcp"  # chosen by bench/snapshot.py, see docs/benchmarks.md
     every_steps: int = 100
     keep_last: int = 3
     endpoint: str | None = None
@@ -118,7 +118,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
             raise SpecError("spec.snapshot.uri is required when spec.snapshot is set")
         snapshot = SnapshotSpec(
             uri=snap["uri"],
-            backend=snap.get("backend", "torchsnapshot"),
+            backend=snap.get("backend", "dcp"),
             every_steps=_int(snap, "everySteps", 100),
             keep_last=_int(snap, "keepLast", 3),
             endpoint=snap.get("endpoint") or None,
