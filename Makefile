@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools test test-unit test-fast demo bench lint clean
+.PHONY: all venv tools test test-fast demo bench clean
 
 all: test
 

@@ -495,9 +495,13 @@ class NodeAgent:
 
     def kill_all(self) -> None:
         """SIGKILL every container process group this agent started."""
-        for c in list(self.containers.values()):
+        self._kill_and_reap(list(self.containers.values()))
+
+    @staticmethod
+    def _kill_and_reap(victims: list[Container]) -> None:
+        for c in victims:
             c.kill()
-        for c in list(self.containers.values()):
+        for c in victims:
             try:
                 c.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -652,17 +656,8 @@ class NodeAgent:
         self.lost[name] = lost
         self.ready_nodes.discard(name)
         victims = [c for c in self.containers.values() if c.node == name]
+        self._kill_and_reap(victims)
         for c in victims:
-            c.kill()
-        for c in victims:
-            try:
-                c.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                c.pid_file.unlink()
-            except OSError:
-                pass
             lost.abandoned.add(c.uid)
             del self.containers[c.uid]
 

@@ -270,16 +270,10 @@ def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
     CONTROLLER.enqueue((namespace, name))
 
 
-@kopf.on.event("pods", labels=OURS)
-def _on_pod(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
-    _remember(kwargs)
-    job = labels.get(contract.LABEL_JOB_NAME)
-    if job:
-        CONTROLLER.enqueue((namespace, job))
-
-
-@kopf.on.event("services", labels=OURS)
-def _on_service(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+@kopf.on.event("pods", labels=OURS, id="_on_pod")
+@kopf.on.event("services", labels=OURS, id="_on_service")
+def _on_child(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+    """A pod or Service of a gang changed: reconcile its job."""
     _remember(kwargs)
     job = labels.get(contract.LABEL_JOB_NAME)
     if job:
