@@ -339,3 +339,27 @@ def test_failure_waits_for_the_rest_of_the_gang_before_counting():
     later = Observed(now=NOW + dt.timedelta(seconds=36), pods=tuple(pods), services=(svc(b, 0),),
                      nodes={"n1": NodeView(True)})
     assert reconcile(b, later).status["restarts"]["failures"] == 1
+
+
+def test_snapshot_stalled_condition_after_missing_intervals():
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_40", "step": 40, "epoch": 0,
+              "savedAt": "2026-11-28T11:58:00Z", "bytes": 10, "seconds": 1.0, "emergency": False}
+    st = running_status(attemptStartTime="2026-11-28T11:50:00Z")
+    b = job(status=st)
+    pods = [pod(b, 0, r) for r in range(3)]
+    # snapshots every 30 s, the newest 120 s old, stallAfterIntervals 3 (default): stalled
+    snaps = SnapshotState(latest=latest, count=2, interval_seconds=30.0)
+    plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=snaps))
+    cond = next(c for c in plan.status["conditions"] if c["type"] == "SnapshotStalled")
+    assert cond["status"] == "True" and cond["reason"] == "NoNewSnapshot" and "120s" in cond["message"]
+    assert plan.status["snapshot"]["latest"] == latest and plan.status["snapshot"]["count"] == 2
+    # every 60 s: 120 s is within 3 intervals
+    plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=SnapshotState(latest=latest, count=2, interval_seconds=60.0)))
+    assert next(c for c in plan.status["conditions"] if c["type"] == "SnapshotStalled")["status"] == "False"
+
+
+def test_s3_errors_are_reported_not_raised():
+    b = job(status=running_status())
+    pods = [pod(b, 0, r) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=SnapshotState(error="cannot list s3://bucket: AccessDenied")))
+    assert plan.status["snapshot"]["lastError"].endswith("AccessDenied") and plan.status["phase"] == "Running"
