@@ -349,14 +349,16 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
 
 
 def _resume_point(c: _Ctx, spec: JobSpec, attempt: int) -> tuple[str | None, int | None]:
+    """What the gang of ``attempt`` restores: an explicit request for the first
+    attempt, else the job's latest complete snapshot (also one left by an
+    earlier job of the same namespace/name: re-creating a job continues it)."""
     if spec.snapshot is None:
         return None, None
+    if attempt == 0 and spec.snapshot.resume_from:
+        return spec.snapshot.resume_from, None
     latest = c.obs.snapshots.latest if c.obs.snapshots else None
     if latest:
         return latest.get("uri"), latest.get("step")
-    if attempt == 0 or c.status.get("restarts", {}) == {"preemptions": 0, "failures": 0}:
-        if spec.snapshot.resume_from:
-            return spec.snapshot.resume_from, None
     return None, None
 
 

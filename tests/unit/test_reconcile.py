@@ -363,3 +363,17 @@ def test_s3_errors_are_reported_not_raised():
     pods = [pod(b, 0, r) for r in range(3)]
     plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=SnapshotState(error="cannot list s3://bucket: AccessDenied")))
     assert plan.status["snapshot"]["lastError"].endswith("AccessDenied") and plan.status["phase"] == "Running"
+
+
+def test_explicit_resume_from_wins_on_the_first_attempt_only():
+    other = "s3://bucket/runs/ml/pretrain/epoch_3_train_step_9000"
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_20", "step": 20, "epoch": 0,
+              "savedAt": "2026-11-28T11:59:00Z", "bytes": 1}
+    b = job(snapshot={"uri": "s3://bucket/runs", "resumeFrom": other})
+    plan = reconcile(b, obs([], snapshots=SnapshotState(latest=latest, count=1)))
+    assert plan.status["snapshot"]["restoredFrom"] == other
+    b2 = job(status=running_status(attempt=1, gangCreated=False, restarts={"preemptions": 1, "failures": 0}),
+             snapshot={"uri": "s3://bucket/runs", "resumeFrom": other})
+    plan = reconcile(b2, obs([], snapshots=SnapshotState(latest=latest, count=1)))
+    assert plan.status["snapshot"]["restoredFrom"] == latest["uri"]
+    assert plan.status["snapshot"]["restoredStep"] == 20
