@@ -38,7 +38,10 @@ class S3Access:
         return f"S3Access(endpoint={self.endpoint!r}, region={self.region!r}, key={'***' if self.key else None})"
 
     def storage_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {}
+        # A status read must not stall the job's reconcile for long: short
+        # timeouts, few retries (the next reconcile tries again anyway).
+        opts: dict[str, Any] = {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10,
+                                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
         if self.endpoint:
             opts["endpoint_url"] = self.endpoint
         if self.region:
