@@ -63,3 +63,35 @@ def test_launcher_reports_the_last_step_when_workers_died_silently():
     assert msg.reason == contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT and msg.step == 23
     code, msg = decide_exit(torchrun_rc=0, message=None, got_sigterm=False, last_step=40)
     assert code == 0 and msg.reason == contract.TERM_REASON_COMPLETED
+
+
+def test_launcher_leaves_a_message_before_the_grace_period_ends(tmp_path):
+    """Workers that cannot finish (hung in a collective) still get the step reported before SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    term = tmp_path / "term"
+    script = tmp_path / "hang.py"
+    script.write_text("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                      "open(os.environ['TJ_PROGRESS_FILE'], 'w').write('17')\n"
+                      "open(os.environ['READY'], 'w').close()\ntime.sleep(120)\n")
+    ready = tmp_path / "ready"
+    env = {**os.environ, contract.ENV_TERMINATION_MESSAGE_PATH: str(term),
+           contract.ENV_GRACE_PERIOD_SECONDS: "3", "READY": str(ready)}
+    p = subprocess.Popen([sys.executable, "-m", "trainingjob_trainer.launch", "--nproc-per-node", "1",
+                          "--standalone", str(script)], env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists()
+        p.send_signal(signal.SIGTERM)
+        time.sleep(2.5)  # grace 3 s: the launcher writes at grace - 2 s
+        msg = contract.parse_termination_message(term.read_text())
+        assert msg is not None and msg.reason == contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT and msg.step == 17
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Sequence
 
 from trainingjob_trainer import contract
@@ -54,6 +55,13 @@ def _write_message(path: str | None, msg: contract.TerminationMessage) -> None:
             f.write(contract.format_termination_message(msg))
     except OSError as e:
         print(f"[launch] cannot write termination message to {path}: {e}", file=sys.stderr, flush=True)
+
+
+def _grace_seconds() -> float | None:
+    try:
+        return float(os.environ[contract.ENV_GRACE_PERIOD_SECONDS])
+    except (KeyError, ValueError):
+        return None
 
 
 def _read_progress(path: str) -> int | None:
@@ -114,9 +122,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                              env={**os.environ, contract.ENV_PROGRESS_FILE: progress})
     got = {"sigterm": False}
 
+    def before_sigkill() -> None:
+        # The kubelet SIGKILLs at the end of the grace period: if the gang has
+        # not committed its emergency snapshot by then, say so (with the step
+        # reached) while we still can. A later message from the workers wins.
+        msg = _read_message(path)
+        if msg is None or msg.reason != contract.TERM_REASON_PREEMPTED:
+            _write_message(path, contract.TerminationMessage(
+                reason=contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT, step=_read_progress(progress),
+                message="the grace period ended before an emergency snapshot was committed"))
+
     def forward(signum: int, frame: object) -> None:  # noqa: ARG001
-        if signum == signal.SIGTERM:
+        if signum == signal.SIGTERM and not got["sigterm"]:
             got["sigterm"] = True
+            grace = _grace_seconds()
+            if grace is not None:
+                timer = threading.Timer(max(0.5, grace - 2.0), before_sigkill)
+                timer.daemon = True
+                timer.start()
         print(f"[launch] got signal {signum}, forwarding to torchrun (pid {child.pid})", flush=True)
         try:
             child.send_signal(signum)
