@@ -6,6 +6,7 @@ Each implements only the I/O of :class:`~trainingjob_trainer.snapshotter.Snapsho
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping
 
@@ -76,33 +77,71 @@ class TorchSnapshotSnapshotter(Snapshotter):
         return {p.split("/")[1] for p in manifest if p.count("/") >= 1}
 
 
+#: Target size of one DCP object: small tensors are packed together up to
+#: this size (one PUT each), tensors at least this large get an object each.
+DCP_OBJECT_BYTES = 16 << 20
+#: Upper bound on DCP upload threads per rank; the count used is sized to the
+#: save (one per object) and the CPUs (:func:`_dcp_auto_threads`).
+DCP_MAX_THREADS = 16
+#: Objects up to this size are built in memory and sent with one PUT; larger
+#: ones stream through s3fs (multipart) so a huge tensor is never copied whole.
+DCP_SINGLE_PUT_BYTES = 64 << 20
+
+
 class DCPSnapshotter(Snapshotter):
     """Snapshots with torch.distributed.checkpoint over fsspec/s3fs.
 
+    On S3 the writer is :func:`_dcp_s3_writer`'s (see there); elsewhere DCP's
+    stock ``FsspecWriter`` with the same file layout.
+
     Args:
-        thread_count: Upload threads per rank.
-        single_file_per_rank: DCP's file layout knob.
+        thread_count: Upload threads per rank; ``None`` sizes it to the save
+            and the CPUs (:func:`_dcp_auto_threads`).
+        single_file_per_rank: DCP's file layout knob: one object per thread
+            instead of objects of about ``object_bytes``.
+        object_bytes: Target object size (see :data:`DCP_OBJECT_BYTES`); ``0``
+            writes one object per tensor.
         **kwargs: See :class:`~trainingjob_trainer.snapshotter.Snapshotter`.
     """
 
     backend = BACKEND_DCP
 
-    def __init__(self, *, thread_count: int = 4, single_file_per_rank: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        thread_count: int | None = None,
+        single_file_per_rank: bool = False,
+        object_bytes: int = DCP_OBJECT_BYTES,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.thread_count = thread_count
         self.single_file_per_rank = single_file_per_rank
+        self.object_bytes = int(object_bytes)
+        # Import DCP now (~0.7 s on this machine) rather than inside the first
+        # save, where it would stall training.
+        _dcp_s3_writer()
 
     def _fs_kwargs(self, uri: str) -> dict[str, Any]:
         return s3.storage_options_from_env(self.storage_options) if s3.is_s3(uri) else {}
 
-    def _write(self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool) -> PendingWrite | None:
-        import torch.distributed.checkpoint as dcp
+    def _writer(self, uri: str):
+        if s3.is_s3(uri):
+            return _dcp_s3_writer()(
+                uri, thread_count=self.thread_count, single_file_per_rank=self.single_file_per_rank,
+                object_bytes=self.object_bytes, **self._fs_kwargs(uri),
+            )
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        writer = FsspecWriter(
-            uri, thread_count=self.thread_count, single_file_per_rank=self.single_file_per_rank,
-            sync_files=False, **self._fs_kwargs(uri),
+        return FsspecWriter(
+            uri, thread_count=self.thread_count or 4, single_file_per_rank=self.single_file_per_rank,
+            sync_files=False,
         )
+
+    def _write(self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool) -> PendingWrite | None:
+        import torch.distributed.checkpoint as dcp
+
+        writer = self._writer(uri)
         if asynchronous:
             fut = dcp.async_save(dict(app_state), storage_writer=writer, process_group=self.pg)
             fut = getattr(fut, "upload_completion", fut)
@@ -123,6 +162,193 @@ class DCPSnapshotter(Snapshotter):
 
         metadata = FsspecReader(uri, **self._fs_kwargs(uri)).read_metadata()
         return {k.split(".", 1)[0] for k in metadata.state_dict_metadata}
+
+
+def _dcp_auto_threads(n_objects: int) -> int:
+    """Upload threads for a save of ``n_objects`` objects.
+
+    Each thread serialises its tensors and hands the bytes to s3fs under the
+    GIL, so beyond about two threads per CPU they only contend (measured on
+    2 CPUs with the S3 server on the same machine: 16 threads were slower
+    than 4); never fewer than 4, so S3 latency stays hidden on small hosts.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(n_objects, DCP_MAX_THREADS, max(4, 2 * cpus)))
+
+
+def _pack_items(items: list, sizes: list[int], target: int) -> list[list]:
+    """Group write items into objects of about ``target`` bytes, in plan order.
+
+    An item of ``target`` bytes or more is an object of its own; smaller
+    items share an object until it would exceed ``target``. ``target <= 0``:
+    one object per item.
+    """
+    if target <= 0:
+        return [[it] for it in items]
+    files: list[list] = []
+    cur: list = []
+    cur_bytes = 0
+    for it, n in zip(items, sizes):
+        if n >= target:
+            files.append([it])
+            continue
+        if cur and cur_bytes + n > target:
+            files.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += n
+    if cur:
+        files.append(cur)
+    return files
+
+
+class _S3Sink(io.RawIOBase):
+    """Write side of one DCP object on S3: bytes are kept in one ``bytearray``
+    and sent with a single PUT (``bytearray`` is a body botocore takes as is,
+    so no further copy); past ``single_put_bytes`` the object switches to an
+    s3fs multipart stream. Nothing is uploaded unless :meth:`commit` runs.
+    """
+
+    def __init__(self, fs: Any, path: str, single_put_bytes: int) -> None:
+        super().__init__()
+        self._fs, self._path, self._limit = fs, path, single_put_bytes
+        self._buf: bytearray | None = bytearray()
+        self._stream: Any = None
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        if self._stream is not None:
+            self._stream.write(b)
+        else:
+            assert self._buf is not None
+            self._buf += b
+            if len(self._buf) > self._limit:
+                self._stream = self._fs.open(self._path, "wb")
+                self._stream.write(self._buf)
+                self._buf = None
+        self._pos += n
+        return n
+
+    def close(self) -> None:  # DCP closes the stream before the context exits
+        pass
+
+    def commit(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        else:
+            assert self._buf is not None
+            self._fs.pipe_file(self._path, self._buf)
+        self._buf = None
+
+    def discard(self) -> None:
+        if self._stream is not None:
+            self._stream.discard()  # aborts the multipart upload
+        self._buf = None
+
+
+_DCP_S3_WRITER: Any = None
+
+
+def _dcp_s3_writer() -> type:
+    """DCP's ``FsspecWriter`` tuned for S3 (built once; imports DCP).
+
+    Same objects and metadata format as the stock writer (any ``FsspecReader``
+    reads them); what differs is how they reach S3:
+
+    * tensors are packed into objects of about ``object_bytes`` (fewer PUTs,
+      fewer entries in the commit marker) and uploaded by one thread per
+      object up to :data:`DCP_MAX_THREADS`;
+    * each object is serialised into memory and sent with one PUT
+      (:class:`_S3Sink`) instead of through an s3fs buffered file, which
+      copies the bytes twice more;
+    * ``.metadata`` is PUT under its final name: an S3 PUT is atomic already,
+      and DCP's write-tmp-then-rename is a copy plus a delete on S3 (plus two
+      existence checks);
+    * no ``mkdir`` or "checkpoint already exists" probe: S3 has no folders and
+      :meth:`SnapshotStore.begin` emptied the folder before the save.
+    """
+    global _DCP_S3_WRITER
+    if _DCP_S3_WRITER is not None:
+        return _DCP_S3_WRITER
+    import pickle
+    import queue
+    from contextlib import contextmanager
+
+    import torch.distributed.checkpoint  # noqa: F401 - the heavy import, done once
+    from torch.distributed.checkpoint import filesystem as dcp_fs
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+
+    class _S3FileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path: Any, mode: str):
+            if "w" not in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            sink = _S3Sink(self.fs, os.fspath(path), DCP_SINGLE_PUT_BYTES)
+            try:
+                yield sink
+            except BaseException:
+                sink.discard()
+                raise
+            sink.commit()
+
+        def mkdir(self, path: Any) -> None:
+            pass  # S3 has no folders
+
+    class S3Writer(FsspecWriter):
+        def __init__(self, path: str, *, thread_count: int | None, single_file_per_rank: bool,
+                     object_bytes: int, **fs_kwargs: Any) -> None:
+            super().__init__(path, single_file_per_rank=single_file_per_rank, sync_files=False,
+                             thread_count=thread_count or 1, **fs_kwargs)
+            self._auto_threads = thread_count is None
+            self.object_bytes = object_bytes
+            fs = _S3FileSystem()
+            fs.fs = self.fs.fs
+            self.fs = fs
+
+        def _metadata_exists(self) -> bool:
+            return False  # SnapshotStore.begin() emptied the folder
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            items = list(plan.items)
+            if self.single_file_per_rank:
+                n = self.thread_count if not self._auto_threads else _dcp_auto_threads(len(items))
+                files = [f for f in dcp_fs._split_by_size_and_type(max(1, min(n, len(items))), items) if f]
+            else:
+                sizes = [dcp_fs._item_size(it) if it.type != dcp_fs.WriteItemType.BYTE_IO else 0 for it in items]
+                files = _pack_items(items, sizes, self.object_bytes)
+            if self._auto_threads:
+                self.thread_count = _dcp_auto_threads(len(files))
+            file_queue: queue.Queue = queue.Queue()
+            for i, group in enumerate(files):
+                name = f"{plan.storage_data.prefix}{i}{dcp_fs.DEFAULT_SUFFIX}"
+                file_queue.put((self.fs.concat_path(self.path, name), name, group))
+            return self._write_data(planner, file_queue)
+
+        def finish(self, metadata: Any, results: Any) -> None:
+            metadata.version = dcp_fs.CURRENT_DCP_VERSION
+            storage_md = {}
+            for wr_list in results:
+                storage_md.update({wr.index: wr.storage_data for wr in wr_list})
+            metadata.storage_data = storage_md
+            metadata.storage_meta = self.storage_meta()
+            rank = self.rank if (not self.use_collectives and self.rank is not None) else None
+            with self.fs.create_stream(self._get_metadata_path(rank), "wb") as f:
+                pickle.dump(metadata, f)
+
+    _DCP_S3_WRITER = S3Writer
+    return S3Writer
 
 
 BACKENDS: dict[str, type[Snapshotter]] = {
