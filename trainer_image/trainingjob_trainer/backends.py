@@ -180,11 +180,11 @@ def _dcp_auto_threads(n_objects: int) -> int:
 
 
 def _pack_items(items: list, sizes: list[int], target: int) -> list[list]:
-    """Group write items into objects of about ``target`` bytes, in plan order.
+    """Group write items into objects of about ``target`` bytes.
 
     An item of ``target`` bytes or more is an object of its own; smaller
-    items share an object until it would exceed ``target``. ``target <= 0``:
-    one object per item.
+    items share an object, in plan order, until it would exceed ``target``.
+    ``target <= 0``: one object per item.
     """
     if target <= 0:
         return [[it] for it in items]
