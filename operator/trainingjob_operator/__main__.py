@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Kopf logs every handler call at INFO; ours are enqueue-only and would drown the decisions.
-    for noisy in ("aiohttp.access", "botocore", "s3fs", "aiobotocore", "kopf.objects"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.DEBUG)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.DEBUG)
+    # The S3 clients log request headers (credentials) at DEBUG: never below WARNING.
+    for noisy in ("aiohttp.access", "botocore", "boto3", "s3fs", "aiobotocore", "fsspec", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from . import handlers, metrics
 
     handlers.CONTROLLER.resync_seconds = args.resync_seconds

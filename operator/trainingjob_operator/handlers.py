@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import json
 import logging
 import time
 from typing import Any, Mapping
@@ -29,7 +30,8 @@ from . import metrics
 from .classify import NodeView
 from .kube import ApiError, Kube
 from .model import SpecError, parse_spec
-from .reconcile import Observed, Plan, reconcile
+from .conditions import set_condition
+from .reconcile import Event, Observed, Plan, reconcile
 from .snapshots import SnapshotReader, access_from_secret
 
 log = logging.getLogger("trainingjob_operator")
@@ -74,20 +76,34 @@ class Controller:
         self._queued: set[Key] = set()
         self._active: set[Key] = set()
         self._dirty: set[Key] = set()
+        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._secret_values: dict[Key, tuple[str, ...]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
     def enqueue(self, key: Key, delay: float = 0.0) -> None:
+        """Reconcile ``key`` now, or after ``delay`` s (one pending timer per key: the earliest wins)."""
         if self._queue is None:
             return
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.enqueue, key, 0.0)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + delay
+            pending = self._timers.get(key)
+            if pending is not None and pending[0] <= deadline:
+                return
+            if pending is not None:
+                pending[1].cancel()
+            self._timers[key] = (deadline, loop.call_at(deadline, self._fire, key))
             return
         if key in self._active:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
             self._queue.put_nowait(key)
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.enqueue(key)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -175,10 +191,17 @@ class Controller:
             spec = None
         if spec is not None and spec.snapshot is not None and not meta.get("deletionTimestamp"):
             secret = None
-            if spec.snapshot.credentials_secret:
-                assert self.kube is not None
-                secret = await self.kube.get_secret(meta["namespace"], spec.snapshot.credentials_secret)
-            access, secret_problem = access_from_secret(spec, secret)
+            access = None
+            try:
+                if spec.snapshot.credentials_secret:
+                    assert self.kube is not None
+                    secret = await self.kube.get_secret(meta["namespace"], spec.snapshot.credentials_secret)
+                access, secret_problem = access_from_secret(spec, secret)
+            except ApiError as e:  # 403 and friends: say so, do not loop on tracebacks
+                secret_problem = (f"cannot read credentials Secret {spec.snapshot.credentials_secret!r}: "
+                                  f"{e.status} {e.reason}")
+            if access is not None:
+                self._secret_values[key] = access.secret_values()
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
             fresh = not (body.get("status") or {}).get("gangCreated")
@@ -186,10 +209,23 @@ class Controller:
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem)
 
+    def redact(self, key: Key, value: Any) -> Any:
+        """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
+        secrets = self._secret_values.get(key)
+        if not secrets:
+            return value
+        text = json.dumps(value)
+        for v in secrets:
+            text = text.replace(json.dumps(v)[1:-1], "***")
+        return json.loads(text)
+
     async def execute(self, body: Mapping[str, Any], plan: Plan, now: dt.datetime) -> None:
         assert self.kube is not None
         meta = body["metadata"]
         ns, name = meta["namespace"], meta["name"]
+        key = (ns, name)
+        plan.status = self.redact(key, plan.status)
+        plan.events = [Event(e.type, e.reason, self.redact(key, e.message)) for e in plan.events]
         patch = status_patch(body.get("status"), plan.status)
         if patch:
             # Status first: the decision is recorded before the world changes.
@@ -204,7 +240,11 @@ class Controller:
                 log.warning("could not post event %s for %s/%s: %s", ev.reason, ns, name, e)
         for a in plan.actions:
             if a.verb == "create":
-                created = await self.kube.create(a.kind, ns, a.body or {})
+                try:
+                    created = await self.kube.create(a.kind, ns, a.body or {})
+                except ApiError as e:
+                    await self._create_rejected(body, a.kind, a.name, e, now_iso)
+                    return
                 if created:
                     log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
             elif a.verb == "delete":
@@ -212,6 +252,34 @@ class Controller:
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
+
+
+    async def _create_rejected(self, body: Mapping[str, Any], kind: str, obj: str, e: ApiError, now_iso: str) -> None:
+        """The API server refused a pod/Service built from the spec.
+
+        400/422 (an invalid podTemplate field, a bad quantity...) will never
+        succeed: the job is Failed with reason InvalidSpec. Anything else
+        (403 from a quota, a webhook...) may pass later: a Warning Event, and
+        the worker retries with backoff.
+        """
+        assert self.kube is not None
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        detail = self.redact(key, f"the API server rejected {kind} {obj}: {e.status} {e.reason}: {e.message}")[:900]
+        if e.status in (400, 422):
+            status = dict(body.get("status") or {})
+            status.pop("kopf", None)
+            new = {**status, "phase": "Failed", "reason": "InvalidSpec", "message": f"invalid spec: {detail}",
+                   "completionTime": now_iso}
+            set_condition(new, "Failed", True, "InvalidSpec", detail, now=now_iso,
+                          generation=meta.get("generation"))
+            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, key[0], key[1],
+                                         status_patch(status, new))
+            await self.kube.post_event(body, "Warning", "InvalidSpec", detail, now_iso)
+            log.warning("%s/%s InvalidSpec: %s", *key, detail)
+            return
+        await self.kube.post_event(body, "Warning", "CreateFailed", detail, now_iso)
+        raise e
 
 
 CONTROLLER = Controller()

@@ -52,6 +52,9 @@ R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
 
 RESYNC_SECONDS = 10.0
+#: How long a restart waits for an unreadable snapshot folder before starting
+#: the new gang anyway (the trainer then picks the latest complete snapshot).
+SNAPSHOT_STATUS_WAIT_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class SnapshotState:
     count: int = 0
     #: Seconds between the two newest complete snapshots (the expected interval).
     interval_seconds: float | None = None
+    #: The gang attempt that wrote ``latest`` (from its commit marker).
+    latest_attempt: int | None = None
     error: str | None = None
 
 
@@ -277,6 +282,14 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
 
 def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
+    # The ended gang's pods report the step they reached as they exit: keep
+    # the highest for the lost-work accounting of the next gang.
+    last = c.status.get("lastDisruption")
+    if last and not last.get("accounted"):
+        for p in old_pods:
+            cm = PodView.from_pod(p).contract_message
+            if cm and cm.step is not None and _attempt_of(p) == last.get("attempt") and cm.step > last.get("step", -1):
+                last["step"] = cm.step
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
     if c.status.get("phase") != RESTARTING:
@@ -294,7 +307,8 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
     nxt = parse_time(c.status.get("nextRestartTime"))
     if nxt is not None and nxt > c.now:
         wait = (nxt - c.now).total_seconds()
-        c.set_phase(RESTARTING, R_BACKOFF, f"attempt {attempt} starts in {int(wait + 0.999)}s (failure backoff)")
+        c.set_phase(RESTARTING, R_BACKOFF,
+                    f"attempt {attempt} starts at {c.status['nextRestartTime']} (failure backoff)")
         c.requeue(wait)
         return
     if c.obs.secret_problem:
@@ -311,6 +325,17 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
         # Decide once per attempt what the gang resumes from, and record it
         # before any pod exists: every pod gets the same answer even if the
         # operator restarts midway through creating them.
+        snaps = c.obs.snapshots
+        if spec.snapshot is not None and attempt > 0 and (snaps is None or snaps.error):
+            decided = parse_time((c.status.get("lastDisruption") or {}).get("at")) or c.now
+            if (c.now - decided).total_seconds() < SNAPSHOT_STATUS_WAIT_SECONDS:
+                # Which snapshot the gang resumes from (and the lost work) is
+                # decided from S3: wait a little for it to answer.
+                c.set_phase(RESTARTING, "WaitingForSnapshotStatus",
+                            "cannot read the snapshot folder yet; the new gang waits for it (at most "
+                            f"{SNAPSHOT_STATUS_WAIT_SECONDS}s after the disruption)")
+                c.requeue(3.0)
+                return
         resume, resume_step = _resume_point(c, spec, attempt)
         snap["restoredAttempt"] = attempt
         if resume:
@@ -322,7 +347,8 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
         else:
             snap.pop("restoredFrom", None)
             snap.pop("restoredStep", None)
-        _account_lost_work(c, resume_step)
+        if snaps is None or not snaps.error:
+            _account_lost_work(c, resume_step)
         c.status.setdefault("startTime", _iso(c.now))
         c.status["attemptStartTime"] = _iso(c.now)
     resume = snap.get("restoredFrom")
@@ -367,6 +393,12 @@ def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
     if last.get("kind") != PREEMPTION or last.get("accounted"):
         return
     reached = last.get("step")
+    snaps = c.obs.snapshots
+    if snaps and snaps.latest and snaps.latest_attempt == last.get("attempt"):
+        # The ended gang got at least as far as the last snapshot it wrote.
+        step = snaps.latest.get("step")
+        if isinstance(step, int) and (reached is None or step > reached):
+            reached = step
     if reached is None:
         return
     lost = max(0, int(reached) - int(resume_step or 0))
@@ -400,7 +432,7 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         _end_attempt(c, spec, preempted[0], max(steps) if steps else None, views)
         return
     if failed:
-        if any(node_suspect(v, c.obs.nodes) for v in views):
+        if any(node_suspect(v, c.obs.nodes) for v in views if v.phase not in ("Succeeded", "Failed")):
             # A gang member's node is NotReady: this failure is probably the
             # rendezvous breaking because of it. Wait for the node's fate.
             c.set_phase(RUNNING, "NodeNotReady", "a worker's node is not Ready; waiting before deciding")
@@ -414,7 +446,9 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             c.set_phase(RUNNING, "WorkerEnded", "a worker ended with an error; waiting for the rest of the gang")
             c.requeue(min(wait, 2.0))
             return
-        first = min(failed, key=lambda o: (o.step is None, o.pod))
+        # The pod that ended first is usually the cause; the others follow it.
+        ended = {v.name: v.finished_at or c.now for v in views}
+        first = min(failed, key=lambda o: (ended.get(o.pod, c.now), o.pod))
         _end_attempt(c, spec, first, max(steps) if steps else None, views)
         return
     if len(views) == spec.nodes and all(o.kind == SUCCESS for o in outcomes) and len(outcomes) == spec.nodes:
@@ -529,6 +563,13 @@ def _snapshot_status(c: _Ctx, spec: JobSpec) -> None:
 
 
 def _stall_condition(c: _Ctx, spec: JobSpec) -> None:
+    """SnapshotStalled: no new snapshot for ``stallAfterIntervals`` expected intervals.
+
+    The expected interval is the time between the two newest snapshots; with
+    only one, the time the attempt took to write its first; with none, the
+    step time of the last attempt times ``everySteps``. Without any of these
+    the condition is not set (nothing to compare with yet).
+    """
     if spec.snapshot is None or c.obs.snapshots is None or c.obs.snapshots.error:
         return
     st = c.status.get("snapshot") or {}
@@ -536,14 +577,17 @@ def _stall_condition(c: _Ctx, spec: JobSpec) -> None:
     latest = st.get("latest") or {}
     saved = parse_time(latest.get("savedAt"))
     sps = (c.status.get("lastDisruption") or {}).get("secondsPerStep")
-    interval = c.obs.snapshots.interval_seconds or (spec.snapshot.every_steps * sps if sps else None)
+    interval = c.obs.snapshots.interval_seconds
+    if interval is None and saved and started and saved > started:
+        interval = (saved - started).total_seconds()
+    if interval is None and sps:
+        interval = spec.snapshot.every_steps * float(sps)
     if not interval or not started:
         return
     ref = max(t for t in (saved, started) if t is not None)
-    age = (c.now - ref).total_seconds()
     limit = spec.snapshot.stall_after_intervals * float(interval)
-    if age > limit:
+    if (c.now - ref).total_seconds() > limit:
         c.condition("SnapshotStalled", True, R_SNAPSHOT_STALLED,
-                    f"no new snapshot for {int(age)}s (expected one every ~{int(interval)}s)")
+                    f"no new snapshot since {_iso(ref)} (expected one every ~{int(interval)}s)")
     else:
         c.condition("SnapshotStalled", False, R_SNAPSHOT_OK)

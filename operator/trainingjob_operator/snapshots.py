@@ -37,6 +37,10 @@ class S3Access:
     def __repr__(self) -> str:  # never print credentials
         return f"S3Access(endpoint={self.endpoint!r}, region={self.region!r}, key={'***' if self.key else None})"
 
+    def secret_values(self) -> tuple[str, ...]:
+        """The credential values, to mask them in anything the operator writes."""
+        return tuple(v for v in (self.key, self.secret, self.token) if v and len(v) >= 4)
+
     def storage_options(self) -> dict[str, Any]:
         # A status read must not stall the job's reconcile for long: short
         # timeouts, few retries (the next reconcile tries again anyway).
@@ -50,6 +54,12 @@ class S3Access:
             opts.update(key=self.key, secret=self.secret)
             if self.token:
                 opts["token"] = self.token
+        elif self.endpoint:
+            # No credentialsSecret and an endpoint chosen by the job's author:
+            # read anonymously, never sending the operator's own credentials
+            # there. (Without an endpoint, AWS S3 itself is read with the
+            # operator's ambient identity, e.g. IRSA, as the pods do.)
+            opts["anon"] = True
         return opts
 
 
@@ -76,7 +86,7 @@ def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
             interval = (b - a).total_seconds()
     latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
-    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval)
+    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt)
 
 
 def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple[S3Access | None, str | None]:
@@ -105,11 +115,20 @@ def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple
 
 
 class SnapshotReader:
-    """Reads each job's snapshot state at most every ``min_interval`` seconds."""
+    """Reads each job's snapshot state, at most every ``min_interval`` seconds.
 
-    def __init__(self, *, min_interval: float = 3.0) -> None:
+    A listing never holds a reconcile for more than ``timeout`` seconds: a
+    slow or unreachable endpoint (chosen by the job's author) leaves the
+    listing running in its thread, the reconcile goes on with the last known
+    state, and no second listing of that job starts until it ends.
+    """
+
+    def __init__(self, *, min_interval: float = 3.0, finished_interval: float = 60.0, timeout: float = 8.0) -> None:
         self.min_interval = min_interval
+        self.finished_interval = finished_interval
+        self.timeout = timeout
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
 
     async def observe(self, body: Mapping[str, Any], spec: JobSpec, access: S3Access | None,
                       *, force: bool = False) -> SnapshotState | None:
@@ -117,19 +136,36 @@ class SnapshotReader:
             return None
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
-        stamp = (meta.get("uid"), (body.get("status") or {}).get("attempt"))
+        status = body.get("status") or {}
+        finished = status.get("phase") in ("Succeeded", "Failed", "Suspended")
+        stamp = (meta.get("uid"), status.get("attempt"), finished)
         cached = self._cache.get(key)
         now = time.monotonic()
-        if cached and not force and cached[1] == stamp and now - cached[0] < self.min_interval:
+        interval = self.finished_interval if finished else self.min_interval
+        if cached and not force and cached[1] == stamp and now - cached[0] < interval:
             return cached[2]
-        root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
+        task = self._inflight.get(key)
+        if task is None or task.done():
+            root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
+            task = asyncio.create_task(self._read(root, access))
+            self._inflight[key] = task
         try:
-            state = await asyncio.to_thread(read_snapshot_state, root, access)
+            state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
+        except asyncio.TimeoutError:
+            log.warning("snapshot listing of %s/%s is taking longer than %.0fs", *key, self.timeout)
+            return cached[2] if cached else SnapshotState(error=f"listing S3 took longer than {self.timeout:.0f}s")
+        self._cache[key] = (time.monotonic(), stamp, state)
+        return state
+
+    @staticmethod
+    async def _read(root: str, access: S3Access) -> SnapshotState:
+        try:
+            return await asyncio.to_thread(read_snapshot_state, root, access)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
-            log.warning("snapshot listing failed for %s/%s: %s", *key, state.error)
-        self._cache[key] = (now, stamp, state)
-        return state
+            log.warning("snapshot listing failed: %s", state.error)
+            return state
 
     def forget(self, key: tuple[str, str]) -> None:
         self._cache.pop(key, None)
+        self._inflight.pop(key, None)

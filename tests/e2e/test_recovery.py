@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -25,11 +26,11 @@ from tests.integration.helpers import TJ, events_of, pods_of, wait_phase, wait_s
 
 pytestmark = [pytest.mark.slow]
 
-STEPS = 40
+STEPS = 60
 EVERY = 10
 
 
-def example_job(name: str, namespace: str, cluster, weights: Path, *, steps: int = STEPS, sleep: float = 0.1,
+def example_job(name: str, namespace: str, cluster, weights: Path, *, steps: int = STEPS, sleep: float = 0.15,
                 **spec) -> dict:
     body = {
         "apiVersion": "trainingjob.dev/v1alpha1",
@@ -60,6 +61,26 @@ def s3_secret(kube: Client, namespace: str, cluster) -> None:
 
 def latest_step(st: dict) -> int:
     return ((st.get("snapshot") or {}).get("latest") or {}).get("step") or 0
+
+
+def pod_logs(cluster, namespace: str, job: str, attempt: int) -> str:
+    root = Path(cluster.state_dir) / "pods" / namespace
+    return "".join((d / "trainer.log").read_text() for d in sorted(root.glob(f"{job}-{attempt}-*"))
+                   if (d / "trainer.log").exists())
+
+
+def start_step(cluster, namespace: str, job: str, attempt: int) -> int:
+    """The step the gang of ``attempt`` resumed at, as its global rank 0 printed it."""
+    m = re.search(r"start_step=(\d+)", pod_logs(cluster, namespace, job, attempt))
+    assert m, f"attempt {attempt} printed no start step"
+    return int(m.group(1))
+
+
+def emergency_step(cluster, namespace: str, job: str, attempt: int) -> int:
+    """The step of the emergency snapshot the gang of ``attempt`` took, as printed."""
+    steps = {int(x) for x in re.findall(r"emergency snapshot at step (\d+)", pod_logs(cluster, namespace, job, attempt))}
+    assert len(steps) == 1, f"attempt {attempt}: every rank saves at the same step, got {steps}"
+    return steps.pop()
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -109,8 +130,12 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     wait_status(kube, namespace, "twice", lambda s: s.get("attempt") == 1 and s.get("phase") == "Running",
                 timeout=180, what="attempt 1 running")
 
-    # Preemption 2, and the operator SIGKILLed while it fences attempt 1.
-    time.sleep(rng.uniform(0.5, 2.0))
+    # Preemption 2 (once attempt 1 is training), and the operator SIGKILLed while it fences attempt 1.
+    deadline = time.monotonic() + 120
+    while not re.search(r"start_step=\d+.*\n(.*\n)*.*\[example\] step \d+/", pod_logs(cluster, namespace, "twice", 1)):
+        assert time.monotonic() < deadline, "attempt 1 never trained"
+        time.sleep(0.1)
+    time.sleep(rng.uniform(0.2, 1.0))
     victim = f"twice-1-{rng.randrange(2)}"
     control.preempt(kube, namespace, victim, reason="EvictionByEvictionAPI", message="e2e preemption 2")
     wait_status(kube, namespace, "twice", lambda s: s.get("attempt") == 2, timeout=30, what="attempt 2 decided")
@@ -130,6 +155,11 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     st = wait_phase(kube, namespace, "twice", "Succeeded", timeout=300)
     assert st["restarts"] == {"preemptions": 2, "failures": 0}
     assert st["lostWork"]["steps"] == 0
+    # Ground truth from the trainers' own logs: each new gang started exactly
+    # where the previous one's emergency snapshot was taken.
+    for attempt in (1, 2):
+        assert start_step(cluster, namespace, "twice", attempt) == emergency_step(cluster, namespace, "twice",
+                                                                                   attempt - 1)
     assert latest_step(st) == STEPS
     assert st["attempt"] == 2
     assert st["snapshot"]["restoredFrom"].startswith(f"s3://{cluster.bucket}/e2e/{namespace}/twice/epoch_")
@@ -160,7 +190,9 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     assert last["reason"] == "NodeLost" and last["node"] == node
     restored = st["snapshot"]["restoredStep"]
     assert restored % EVERY == 0 and restored >= EVERY  # a periodic snapshot, not an emergency one
-    assert last["step"] > restored
+    assert start_step(cluster, namespace, "lost", 1) == restored
+    printed = [int(x) for x in re.findall(r"\[example\] step (\d+)/", pod_logs(cluster, namespace, "lost", 0))]
+    assert last["step"] >= max(printed) > restored  # the survivors reported how far the gang got
     assert st["lostWork"]["steps"] == last["step"] - restored > 0
     assert_same_weights(weights, reference_weights)
 
@@ -172,9 +204,9 @@ def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_
 
     weights = tmp_path / "weights.pt"
     start_operator(["--resync-seconds", "1"], name="operator-d")
-    # A bigger model (about 50 MB of state with Adam) makes every save take a while.
-    body = example_job("midsave", namespace, cluster, weights, sleep=0.05)
-    body["spec"]["args"] += ["--hidden", "1024"]
+    # A bigger model (about 200 MB of state with Adam) makes every save take a while.
+    body = example_job("midsave", namespace, cluster, weights, steps=30, sleep=0.0)
+    body["spec"]["args"] += ["--hidden", "2048"]
     kube.create(TJ, body, namespace=namespace)
     wait_phase(kube, namespace, "midsave", "Running", timeout=180)
     root = contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, "midsave")
@@ -188,18 +220,24 @@ def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_
         if partial is None:
             time.sleep(0.02)
     assert partial is not None, "never saw a snapshot being written"
-    # Rank 0 hosts the rendezvous; grace 0: no time to finish the save or take an emergency one.
-    control.preempt(kube, namespace, "midsave-0-0", reason="PreemptionByScheduler", grace_period=0)
-    st = wait_status(kube, namespace, "midsave", lambda s: s.get("attempt") == 1 and s.get("gangCreated"),
-                     timeout=120, what="attempt 1 created")
+    # Node rank 0 hosts the rendezvous. Its node is reclaimed without any grace
+    # (every process SIGKILLed at once): no time to finish the save or take an
+    # emergency one.
+    node = kube.get("pods", "midsave-0-0", namespace=namespace)["spec"]["nodeName"]
+    control.lose_node(kube, node)
+    try:
+        st = wait_status(kube, namespace, "midsave", lambda s: s.get("attempt") == 1 and s.get("gangCreated"),
+                         timeout=120, what="attempt 1 created")
+    finally:
+        control.restore_node(kube, node)
     restored = st["snapshot"].get("restoredFrom")
-    # Rank 0 writes the commit marker last; killed first, its folder stays incomplete
-    # (unless the save won the race by the few ms between our listing and the kill).
-    if not store.inspect(partial.uri).complete:
-        assert restored != partial.uri
-        assert restored is None or st["snapshot"]["restoredStep"] < partial.step
+    # Rank 0 writes the commit marker last; killed mid-save, its folder stays incomplete.
+    assert not store.inspect(partial.uri).complete
+    assert restored != partial.uri
     if restored is not None:
-        assert store.inspect(restored).complete
+        assert store.inspect(restored).complete and st["snapshot"]["restoredStep"] < partial.step
+    restored_step = st["snapshot"].get("restoredStep") or 0
     st = wait_phase(kube, namespace, "midsave", "Succeeded", timeout=300)
+    assert start_step(cluster, namespace, "midsave", 1) == restored_step
     assert st["restarts"] == {"preemptions": 1, "failures": 0}
-    assert latest_step(st) == STEPS
+    assert latest_step(st) == 30

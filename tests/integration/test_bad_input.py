@@ -106,6 +106,12 @@ def test_invalid_specs_are_rejected_or_failed_and_valid_job_still_runs(kube, nam
     time.sleep(3)
     after = {n: kube.get(TJ, n, namespace=namespace)["metadata"]["resourceVersion"] for n in accepted}
     assert before == after
+    # The gang's size cannot change under a running job (a transition rule).
+    kube.create(TJ, job_manifest("sized", namespace, "import time; time.sleep(30)", nodes=1), namespace=namespace)
+    with pytest.raises(ApiError) as err:
+        kube.patch(TJ, "sized", {"spec": {"nodes": 2}}, namespace=namespace)
+    assert err.value.status == 422 and "spec.nodes cannot change" in str(err.value)
+    kube.delete(TJ, "sized", namespace=namespace)
     # The operator is alive and a valid job still runs to the end.
     assert operator.alive
     kube.create(TJ, job_manifest("good", namespace, OK_CODE, nodes=2), namespace=namespace)

@@ -66,6 +66,7 @@ def _spec(body):
 
 def obs(pods=(), services=(), **kw):
     kw.setdefault("nodes", {"n1": NodeView(True), "n2": NodeView(True)})
+    kw.setdefault("snapshots", SnapshotState())  # S3 read fine, no snapshot yet
     return Observed(now=NOW, pods=tuple(pods), services=tuple(services), **kw)
 
 
@@ -143,7 +144,7 @@ def test_restart_waits_for_fencing_then_backoff_then_creates():
     plan = reconcile(b, obs([]))
     assert creates(plan) == [] and plan.status["reason"] == "BackoffBeforeRestart"
     assert plan.requeue_after == pytest.approx(10)
-    later = Observed(now=NOW + dt.timedelta(seconds=11), nodes={"n1": NodeView(True)})
+    later = Observed(now=NOW + dt.timedelta(seconds=11), nodes={"n1": NodeView(True)}, snapshots=SnapshotState())
     plan = reconcile(b, later)
     assert creates(plan, "Pod") == ["mnist-1-0", "mnist-1-1", "mnist-1-2"]
 
@@ -351,7 +352,7 @@ def test_snapshot_stalled_condition_after_missing_intervals():
     snaps = SnapshotState(latest=latest, count=2, interval_seconds=30.0)
     plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=snaps))
     cond = next(c for c in plan.status["conditions"] if c["type"] == "SnapshotStalled")
-    assert cond["status"] == "True" and cond["reason"] == "NoNewSnapshot" and "120s" in cond["message"]
+    assert cond["status"] == "True" and cond["reason"] == "NoNewSnapshot" and "since 2026-11-28T11:58:00Z" in cond["message"]
     assert plan.status["snapshot"]["latest"] == latest and plan.status["snapshot"]["count"] == 2
     # every 60 s: 120 s is within 3 intervals
     plan = reconcile(b, obs(pods, [svc(b, 0)], snapshots=SnapshotState(latest=latest, count=2, interval_seconds=60.0)))
@@ -377,3 +378,119 @@ def test_explicit_resume_from_wins_on_the_first_attempt_only():
     plan = reconcile(b2, obs([], snapshots=SnapshotState(latest=latest, count=1)))
     assert plan.status["snapshot"]["restoredFrom"] == latest["uri"]
     assert plan.status["snapshot"]["restoredStep"] == 20
+
+
+def test_failed_pod_on_a_dead_node_is_not_held_forever():
+    b = job(status=running_status())
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(days=1))}
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=2, node="n2"),
+            pod(b, 0, 1, phase="Failed", ready=False, exit_code=1), pod(b, 0, 2, phase="Failed", ready=False,
+                                                                           exit_code=1)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["restarts"]["failures"] == 1
+
+
+def test_lost_work_uses_steps_reported_while_fencing_and_the_ended_gangs_snapshots():
+    cond = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    b = job(status=running_status())
+    running = [pod(b, 0, 0, conditions=[cond], deleting=True), pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(running, [svc(b, 0)]))
+    assert "step" not in plan.status["lastDisruption"]  # decided before anyone exited
+    b1 = apply(b, plan)
+    msg = contract.format_termination_message(contract.TerminationMessage(reason="PreemptedWithoutSnapshot", step=57))
+    exited = [pod(b, 0, r, phase="Failed", ready=False, exit_code=143, message=msg, deleting=True) for r in range(3)]
+    plan = reconcile(b1, obs(exited))
+    assert plan.status["lastDisruption"]["step"] == 57
+    b2 = apply(b1, plan)
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_50", "step": 50, "epoch": 0,
+              "savedAt": "2026-11-28T11:59:00Z", "bytes": 1}
+    plan = reconcile(b2, obs([], snapshots=SnapshotState(latest=latest, count=1, latest_attempt=0)))
+    assert plan.status["lostWork"]["steps"] == 7
+    # An emergency snapshot by the ended gang: it got (at least) that far, nothing lost.
+    b3 = apply(b, reconcile(b, obs(running, [svc(b, 0)])))
+    em = dict(latest, step=61, uri="s3://bucket/runs/ml/mnist/epoch_0_train_step_61")
+    plan = reconcile(b3, obs([], snapshots=SnapshotState(latest=em, count=2, latest_attempt=0)))
+    assert plan.status["lostWork"]["steps"] == 0 and plan.status["snapshot"]["restoredStep"] == 61
+
+
+def test_restart_waits_for_an_unreadable_snapshot_folder_then_goes_on():
+    b = job(status=running_status(attempt=1, gangCreated=False, lastDisruption={
+        "kind": "Preemption", "reason": "PreemptionByScheduler", "step": 57, "attempt": 0,
+        "at": "2026-11-28T11:59:50Z"}))
+    err = SnapshotState(error="cannot list: EndpointConnectionError")
+    plan = reconcile(b, obs([], snapshots=err))
+    assert creates(plan) == [] and plan.status["reason"] == "WaitingForSnapshotStatus"
+    later = Observed(now=NOW + dt.timedelta(seconds=70), nodes={"n1": NodeView(True)}, snapshots=err)
+    plan = reconcile(b, later)
+    assert creates(plan, "Pod") == ["mnist-1-0", "mnist-1-1", "mnist-1-2"]
+    assert plan.status["lostWork"]["steps"] == 0  # unknown resume point: nothing invented
+
+
+def test_status_is_stable_while_time_passes():
+    """Written only when it changed: no countdowns or ages in status."""
+    latest = {"uri": "s3://bucket/runs/ml/mnist/epoch_0_train_step_40", "step": 40, "epoch": 0,
+              "savedAt": "2026-11-28T11:58:00Z", "bytes": 10, "seconds": 1.0, "emergency": False}
+    snaps = SnapshotState(latest=latest, count=2, interval_seconds=30.0)
+    worlds = {
+        "running-stalled": job(status=running_status(attemptStartTime="2026-11-28T11:50:00Z")),
+        "backoff": job(status={**running_status(attempt=1, gangCreated=False),
+                               "nextRestartTime": "2026-11-28T12:10:00Z"}),
+    }
+    for name, b in worlds.items():
+        pods = [pod(b, 0, r) for r in range(3)] if name.startswith("running") else []
+        first = reconcile(b, obs(pods, [svc(b, 0)] if pods else [], snapshots=snaps))
+        later = Observed(now=NOW + dt.timedelta(seconds=7), pods=tuple(pods), services=(svc(b, 0),) if pods else (),
+                         nodes={"n1": NodeView(True)}, snapshots=snaps)
+        second = reconcile(apply(b, first), later)
+        assert second.status == first.status, name
+
+
+@pytest.mark.parametrize("reason", ["Evicted", "Terminated", "Shutdown", "NodeShutdown", "NodeLost"])
+def test_disrupted_pod_reasons_are_preemptions(reason):
+    b = job(status=running_status())
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, reason=reason), pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 1, "failures": 0}
+    assert plan.status["lastDisruption"]["reason"] == reason
+
+
+def test_oomkilled_is_a_failure():
+    b = job(status=running_status())
+    oom = pod(b, 0, 1, phase="Failed", ready=False, exit_code=137)
+    oom["status"]["containerStatuses"][0]["state"]["terminated"].update(reason="OOMKilled",
+                                                                         finishedAt="2026-11-28T11:58:30Z")
+    others = [pod(b, 0, r, phase="Failed", ready=False, exit_code=1) for r in (0, 2)]
+    plan = reconcile(b, obs([oom, *others], [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 1}
+    assert "OOMKilled" in plan.status["lastDisruption"]["message"]
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("All", ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]),
+    ("None", []),
+    ("Running", ["mnist-0"]),
+])
+def test_clean_pod_policy(policy, expected):
+    b = job(status=running_status(), cleanPodPolicy=policy)
+    pods = [pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Succeeded" and deletes(plan) == expected
+
+
+def test_pod_template_is_merged_and_operator_fields_win():
+    tmpl = {"metadata": {"labels": {"team": "ml"}, "annotations": {"a": "b"}},
+            "spec": {"nodeSelector": {"pool": "spot"}, "priorityClassName": "low",
+                     "tolerations": [{"key": "spot", "operator": "Exists"}],
+                     "volumes": [{"name": "data", "emptyDir": {}}], "imagePullSecrets": [{"name": "reg"}]}}
+    b = job(podTemplate=tmpl, volumeMounts=[{"name": "data", "mountPath": "/data"}])
+    plan = reconcile(b, obs())
+    p = next(a.body for a in plan.actions if a.kind == "Pod")
+    assert p["metadata"]["labels"]["team"] == "ml" and p["metadata"]["annotations"] == {"a": "b"}
+    assert p["metadata"]["labels"][contract.LABEL_JOB_NAME] == "mnist"
+    spec = p["spec"]
+    assert spec["nodeSelector"] == {"pool": "spot"} and spec["priorityClassName"] == "low"
+    assert spec["tolerations"] == tmpl["spec"]["tolerations"] and spec["imagePullSecrets"] == [{"name": "reg"}]
+    assert spec["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert spec["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    assert spec["hostname"] == p["metadata"]["name"] and spec["subdomain"] == "mnist-0"

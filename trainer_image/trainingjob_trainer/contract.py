@@ -43,11 +43,6 @@ LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "trainingjob-operator"
 
-#: Set on a pod right before the operator deletes it, with the reason
-#: (``Fenced``, ``Suspended``, ``Cleanup``). A pod of the current attempt that
-#: disappears WITHOUT it was deleted by someone else: a disruption.
-ANNOTATION_DELETED_BY_OPERATOR = f"{GROUP}/deleted-by-operator"
-
 #: The name of the container that runs torchrun in every pod.
 CONTAINER_NAME = "trainer"
 
