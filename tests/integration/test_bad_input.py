@@ -67,6 +67,9 @@ CASES = [
     ("name-not-dns-label", [("metadata.name", "a.b")], "operator", "DNS label"),
     ("mount-without-volume", [("spec.volumeMounts", [{"name": "data", "mountPath": "/data"}])], "operator",
      "names no volume"),
+    # Accepted by the CRD and by the operator's checks, refused by the API server when the pod is created.
+    ("label-value-invalid", [("spec.podTemplate", {"metadata": {"labels": {"team": "has space"}}})], "operator",
+     "the API server rejected"),
 ]
 
 
