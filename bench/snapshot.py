@@ -160,9 +160,10 @@ def _flag_worker(rank: int, world: int, port: int, steps: int, out) -> None:
     for _ in range(steps):
         snap.preemption_requested()
     per = (time.perf_counter() - t0) / steps
-    dist.destroy_process_group()
     if rank == 0:
         out.put(per)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def bench_flag(world: int = 4, steps: int = 500) -> float:
@@ -170,7 +171,16 @@ def bench_flag(world: int = 4, steps: int = 500) -> float:
 
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_flag_worker, args=(world, _free_port(), steps, q), nprocs=world, start_method="spawn")
+    try:
+        mp.start_processes(_flag_worker, args=(world, _free_port(), steps, q), nprocs=world, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        # Rank 0 can only finish its timed all-reduces if every rank did, so a
+        # result in the queue is a complete measurement; a rank dying at
+        # teardown after it (seen after long runs: "terminate called without
+        # an active exception") does not void it.
+        if q.empty():
+            raise
+        print(f"note: a flag-check rank exited abnormally after the timed loop ({e})", file=sys.stderr)
     return q.get()
 
 
