@@ -33,9 +33,17 @@ def test_credentials_never_leak_into_status_events_or_logs(kube, namespace, star
                 namespace=namespace)
     st = wait_phase(kube, namespace, "quiet", "Succeeded", timeout=60)
     assert "lastError" in st.get("snapshot", {})  # the S3 listing failed and was reported
+    # A trainer that prints its credentials and fails: its log tail becomes the
+    # termination message (FallbackToLogsOnError), which the operator masks.
+    leak = "import os, sys; print('key', os.environ['AWS_SECRET_ACCESS_KEY']); sys.exit(5)"
+    kube.create(TJ, job_manifest("leaky", namespace, leak, nodes=1, recovery={"maxFailures": 0}, **spec),
+                namespace=namespace)
+    st = wait_phase(kube, namespace, "leaky", "Failed", timeout=60)
+    assert "exited with code 5" in st["message"] and "key ***" in st["message"]
     texts = [json.dumps(status(kube, namespace, "quiet")), json.dumps(events_of(kube, namespace, "quiet")),
-             op.log_text()]
+             json.dumps(st), json.dumps(events_of(kube, namespace, "leaky")), op.log_text()]
     for text in texts:
         for needle in (KEY_ID, SECRET, base64.b64encode(SECRET.encode()).decode()):
             assert needle not in text
     kube.delete(TJ, "quiet", namespace=namespace)
+    kube.delete(TJ, "leaky", namespace=namespace)
