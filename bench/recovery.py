@@ -18,7 +18,6 @@ is <= 1 s. Usage: ``python bench/recovery.py [--preemptions 3]``.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import statistics
@@ -81,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.start()
         kube = cluster.client()
-        data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
-        kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"}, "data": data},
-                    namespace=NS)
+        cluster.create_s3_secret(NS)
         cluster.start_operator()  # default resync (10 s): reactions must come from watch events
         steps = 400
         kube.create("trainingjobs", {

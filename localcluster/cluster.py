@@ -15,6 +15,7 @@ from the JSON file.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from localcluster import control
-from localcluster.kube import ApiError, Client, condition, wait_until
+from localcluster.kube import ApiError, Client, Obj, condition, wait_until
 from localcluster.nodeagent import PID_FILE, kill_group, proc_start_time
 from localcluster.s3 import DEFAULT_BUCKET, S3Server, pid_alive, stop_pid
 
@@ -143,6 +144,19 @@ class LocalCluster:
     @property
     def s3_credentials(self) -> dict[str, str]:
         return self.s3.credentials if self.s3 else {}
+
+    def s3_storage_options(self) -> dict[str, str]:
+        """s3fs options (endpoint and credentials) for the cluster's S3."""
+        creds = self.s3_credentials
+        return {"endpoint_url": self.s3_endpoint or "", "key": creds["AWS_ACCESS_KEY_ID"],
+                "secret": creds["AWS_SECRET_ACCESS_KEY"]}
+
+    def create_s3_secret(self, namespace: str, name: str = "s3-creds") -> Obj:
+        """A Secret with the S3 credentials, as a job's ``spec.snapshot.credentialsSecret`` names it."""
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in self.s3_credentials.items()}
+        return self.client().create("secrets", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                                "metadata": {"name": name, "namespace": namespace}, "data": data},
+                                    namespace=namespace)
 
     def s3_env(self) -> dict[str, str]:
         """AWS_* env for a client of the cluster's S3 (empty without S3)."""

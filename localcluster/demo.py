@@ -11,7 +11,6 @@ Everything it started is stopped by PID at the end, also on Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import base64
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,6 @@ def manifest_for(cluster: LocalCluster) -> str:
     snap["endpoint"] = cluster.s3_endpoint
     snap["uri"] = f"s3://{cluster.bucket}/runs"
     return yaml.safe_dump(body, sort_keys=False)
-
-
-def create_secret(kube: Client, cluster: LocalCluster, name: str) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
-    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-                            "type": "Opaque", "data": data}, namespace=NS)
 
 
 class Watcher:
@@ -105,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         kube = cluster.client()
         tl.say(f"API server {cluster.api_url}, S3 {cluster.s3_endpoint}")
-        create_secret(kube, cluster, "s3-creds")
+        cluster.create_s3_secret(NS, "s3-creds")
         cluster.start_operator(["--resync-seconds", "2"])
         tl.say("operator started (python -m trainingjob_operator)")
         print(kubectl(cluster, "apply", "-f", "-", stdin=manifest_for(cluster)).strip(), flush=True)

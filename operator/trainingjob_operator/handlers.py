@@ -136,6 +136,12 @@ class Controller:
                 delay = await self.reconcile_key(key)
             except asyncio.CancelledError:
                 raise
+            except ApiError as e:
+                # The job or its namespace went away mid-reconcile (404), or the
+                # API refused a write (409, 403...): an expected race, not a bug.
+                # Its next event (or this retry) sees the new state.
+                log.warning("reconcile of %s/%s stopped: %s", *key, e)
+                delay = None if e.status == 404 else 5.0
             except Exception:  # one job's trouble must never stop the others
                 log.exception("reconcile of %s/%s failed; retrying", *key)
                 delay = 5.0

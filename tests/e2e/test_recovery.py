@@ -8,7 +8,6 @@ run's.
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import re
@@ -21,7 +20,6 @@ import pytest
 import torch
 
 from localcluster import control
-from localcluster.kube import Client
 from tests.integration.helpers import TJ, events_of, pods_of, wait_phase, wait_status
 
 pytestmark = [pytest.mark.slow]
@@ -51,12 +49,6 @@ def example_job(name: str, namespace: str, cluster, weights: Path, *, steps: int
     }
     body["spec"].update(spec)
     return body
-
-
-def s3_secret(kube: Client, namespace: str, cluster) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
-    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                            "data": data}, namespace=namespace)
 
 
 def latest_step(st: dict) -> int:
@@ -97,7 +89,7 @@ def reference_weights(cluster, tmp_path_factory) -> Path:
     ns = "e2e-reference"
     kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     out = tmp_path_factory.mktemp("ref") / "weights.pt"
-    s3_secret(kube, ns, cluster)
+    cluster.create_s3_secret(ns)
     cluster.start_operator(name="operator-ref")
     try:
         kube.create(TJ, example_job("ref", ns, cluster, out), namespace=ns)
@@ -111,7 +103,7 @@ def reference_weights(cluster, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def s3_creds(kube, namespace, cluster) -> None:
-    s3_secret(kube, namespace, cluster)
+    cluster.create_s3_secret(namespace)
 
 
 def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
@@ -210,9 +202,7 @@ def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_
     kube.create(TJ, body, namespace=namespace)
     wait_phase(kube, namespace, "midsave", "Running", timeout=180)
     root = contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, "midsave")
-    store = SnapshotStore(root, storage_options={"endpoint_url": cluster.s3_endpoint,
-                                                 "key": cluster.s3_credentials["AWS_ACCESS_KEY_ID"],
-                                                 "secret": cluster.s3_credentials["AWS_SECRET_ACCESS_KEY"]})
+    store = SnapshotStore(root, storage_options=cluster.s3_storage_options())
     partial = None
     deadline = time.monotonic() + 180
     while partial is None and time.monotonic() < deadline:

@@ -10,7 +10,6 @@ Kopf's health endpoint (the chart's probes) answers on ``--health-port``.
 
 from __future__ import annotations
 
-import base64
 import socket
 import time
 import urllib.request
@@ -67,8 +66,7 @@ def wait_scrape(port: int, pred: Callable[[Samples], bool], what: str, timeout: 
 
 def put_complete_snapshot(cluster, root: str, step: int) -> None:
     """A committed snapshot folder (one object + commit marker), as the trainer writes it."""
-    opts = {"endpoint_url": cluster.s3_endpoint, "key": cluster.s3_credentials["AWS_ACCESS_KEY_ID"],
-            "secret": cluster.s3_credentials["AWS_SECRET_ACCESS_KEY"]}
+    opts = cluster.s3_storage_options()
     store = SnapshotStore(root, storage_options=opts)
     uri = store.begin(epoch=0, step=step)
     fs, path = filesystem(uri, opts)
@@ -78,10 +76,7 @@ def put_complete_snapshot(cluster, root: str, step: int) -> None:
 
 @pytest.mark.timeout(180)
 def test_metrics_move_when_a_job_is_preempted(cluster, kube, namespace, start_operator):
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
-    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                            "metadata": {"name": "s3-creds", "namespace": namespace}, "data": data},
-                namespace=namespace)
+    cluster.create_s3_secret(namespace)
     base = f"s3://{cluster.bucket}/metrics"
     put_complete_snapshot(cluster, f"{base}/{namespace}/pre", step=40)
 

@@ -19,7 +19,6 @@ lifetime) are checked against the rules the chart renders for that mode:
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -57,10 +56,7 @@ def _resource(e: dict[str, Any]) -> str:
 
 
 def _create_secret(kube, cluster, namespace: str) -> None:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in cluster.s3_credentials.items()}
-    kube.create("secrets", {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                            "metadata": {"name": "s3-creds", "namespace": namespace}, "data": data},
-                namespace=namespace)
+    cluster.create_s3_secret(namespace)
 
 
 def _snapshot_spec(cluster) -> dict[str, Any]:
