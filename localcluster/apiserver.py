@@ -249,6 +249,9 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
                 response = await self._dispatch(raw, route, query, body, entry)
             except ApiError as e:
                 response = _json_response(e.status(), e.code)
+            except ConnectionResetError:  # the client went away (a watcher killed mid-stream): nothing to answer
+                response = aiohttp.web.Response(status=499)
+                entry['status'] = 499
             except Exception as e:  # never crash the server: answer 500 with a Status
                 log.exception('internal error serving %s %s', raw.method, raw.path)
                 response = _json_response(ApiError(500, 'InternalError', f'Internal error occurred: {e!r}',
