@@ -64,6 +64,7 @@ class Recorder:
         self.phases: list[str] = []
         #: (monotonic time, pod name, "seen" | "gone")
         self.pod_timeline: list[tuple[float, str, str]] = []
+        self._present: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,24 +75,30 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        # The test may have seen the last change (polling on its own) before
+        # this thread's next sample: take one more so the timeline ends with
+        # the state the test saw.
+        self._sample()
 
     def _run(self) -> None:
-        present: set[str] = set()
         while not self._stop.is_set():
-            try:
-                phase = status(self.kube, self.namespace, self.name).get("phase")
-                if phase and (not self.phases or self.phases[-1] != phase):
-                    self.phases.append(phase)
-                names = {p["metadata"]["name"] for p in pods_of(self.kube, self.namespace, self.name)}
-            except ApiError:
-                names = present
-            now = time.monotonic()
-            for n in sorted(names - present):
-                self.pod_timeline.append((now, n, "seen"))
-            for n in sorted(present - names):
-                self.pod_timeline.append((now, n, "gone"))
-            present = names
+            self._sample()
             time.sleep(self.interval)
+
+    def _sample(self) -> None:
+        try:
+            phase = status(self.kube, self.namespace, self.name).get("phase")
+            if phase and (not self.phases or self.phases[-1] != phase):
+                self.phases.append(phase)
+            names = {p["metadata"]["name"] for p in pods_of(self.kube, self.namespace, self.name)}
+        except ApiError:
+            names = self._present
+        now = time.monotonic()
+        for n in sorted(names - self._present):
+            self.pod_timeline.append((now, n, "seen"))
+        for n in sorted(self._present - names):
+            self.pod_timeline.append((now, n, "gone"))
+        self._present = names
 
     def first(self, prefix: str, what: str) -> float | None:
         return next((t for t, n, w in self.pod_timeline if n.startswith(prefix) and w == what), None)
