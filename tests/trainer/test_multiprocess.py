@@ -38,11 +38,18 @@ def _reference(tmp_path, *, wrap: str, env: dict[str, str]) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("wrap", "backend"), [("ddp", "torchsnapshot"), ("fsdp", "dcp")])
-def test_sigterm_to_one_node_saves_all_ranks_and_resume_is_bit_exact(s3_env, s3_root, tmp_path, wrap, backend):
+@pytest.mark.parametrize(("wrap", "backend", "async_save"), [
+    ("ddp", "torchsnapshot", False),
+    # Periodic saves in the background while DDP/FSDP run their own
+    # collectives: DCP's upload thread plans and commits on a group of its own.
+    ("fsdp", "dcp", True),
+    ("ddp", "dcp", True),
+])
+def test_sigterm_to_one_node_saves_all_ranks_and_resume_is_bit_exact(s3_env, s3_root, tmp_path, wrap, backend,
+                                                                     async_save):
     env = {**s3_env, contract.ENV_SNAPSHOT_URI: s3_root, contract.ENV_SNAPSHOT_BACKEND: backend,
            contract.ENV_SNAPSHOT_EVERY_STEPS: "4", contract.ENV_SNAPSHOT_KEEP_LAST: "2"}
-    common = ["--steps", str(STEPS), "--wrap", wrap]
+    common = ["--steps", str(STEPS), "--wrap", wrap, *(["--async-save"] if async_save else [])]
 
     # Attempt 0, preempted: SIGTERM reaches only node 1's launcher (PID 1 of its pod).
     gang = start_gang(nodes=2, procs=2, env={**env, contract.ENV_ATTEMPT: "0"},
@@ -66,6 +73,9 @@ def test_sigterm_to_one_node_saves_all_ranks_and_resume_is_bit_exact(s3_env, s3_
         assert (msg.step, msg.snapshot) == (step, uri)
     info = SnapshotStore(s3_root).inspect(uri)
     assert info.complete and info.marker.emergency and info.marker.step == step and info.marker.backend == backend
+    # The periodic snapshots before it (every 4 steps, the last 2 kept) were committed too.
+    periodic = [i.step for i in SnapshotStore(s3_root).scan() if i.complete and not i.marker.emergency]
+    assert periodic and all(s % 4 == 0 and s <= step for s in periodic), periodic
 
     # Attempt 1 resumes from the emergency snapshot and finishes.
     final = tmp_path / "final.pt"

@@ -167,3 +167,102 @@ def test_torchsnapshot_plugin_multipart_round_trip(s3_root, monkeypatch):
     snap2 = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"t": dst}, watch_preemption=False)
     assert snap2.restore_latest() == 1
     assert all(torch.equal(dst.tensors[k], v) for k, v in tensors.items())
+
+
+class _Tensors:
+    """A state of named tensors, saved and loaded in place."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self):
+        return dict(self.tensors)
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
+
+
+def _mixed_tensors(seed: int) -> dict[str, torch.Tensor]:
+    """Small tensors of several dtypes (batched into slabs by torchsnapshot,
+    packed into one object by DCP), a non-contiguous view and one tensor past
+    the 4 MiB slab size."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"small{i}": torch.randn(1000 + 37 * i, generator=g) for i in range(20)}
+    out["bf16"] = torch.randn(333, generator=g).to(torch.bfloat16)
+    out["int64"] = torch.randint(-2**40, 2**40, (515,), generator=g)
+    out["bool"] = torch.rand(77, generator=g) > 0.5
+    out["transposed"] = torch.randn(64, 48, generator=g).t()  # a non-contiguous view
+    out["big"] = torch.randn(5 << 18, generator=g)  # 5 MiB
+    return out
+
+
+def _mutate(tensors: dict[str, torch.Tensor]) -> None:
+    for t in tensors.values():
+        if t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.add_(3)
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-rank gloo process group: async saves need one."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, backend, world_of_one):
+    """Training changes every tensor right after save() returns, while the
+    upload runs; each snapshot still holds exactly the state at its step.
+    Two saves from one snapshotter: the second reuses what the first kept
+    (DCP's staging buffers) and must not hold the first's bytes."""
+    tensors = _mixed_tensors(0)
+    snap = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(tensors)},
+                            async_save=True, watch_preemption=False)
+    assert snap.async_save
+    expected = {}
+    for step in (1, 2):
+        expected[step] = {k: v.clone() for k, v in tensors.items()}
+        snap.save(step=step)
+        _mutate(tensors)  # the next step's optimizer update, during the upload
+    snap.close()
+    for step in (1, 2):
+        target = _mixed_tensors(99)
+        reader = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(target)},
+                                  watch_preemption=False)
+        reader.restore(f"{s3_root}/{contract.snapshot_dir_name(0, step)}")
+        assert assert_states_equal(target, expected[step]) == len(expected[step])
+
+
+def test_dcp_stager_reuses_buffers_only_while_the_layout_is_unchanged():
+    from trainingjob_trainer.backends import _dcp_stager
+
+    stager = _dcp_stager()(keep=True)
+    sd = {"w": torch.arange(6.0), "step": 3, "opt": {"m": [torch.ones(2)]}}
+    first = stager.stage(sd)
+    sd["w"].add_(10)  # training goes on: the staged copy does not move
+    assert torch.equal(first["w"], torch.arange(6.0)) and first["step"] == 3
+    sd["step"] = 4
+    second = stager.stage(sd)
+    assert second["w"].data_ptr() == first["w"].data_ptr()  # same buffers, new bytes and values
+    assert torch.equal(second["w"], torch.arange(6.0) + 10) and second["step"] == 4
+    # A changed layout never copies into the old buffers (a (6,) buffer would
+    # silently take a broadcast (1,) tensor, a float one would cast ints).
+    for changed in ({**sd, "w": torch.ones(1)}, {**sd, "w": torch.arange(6)}, {**sd, "extra": torch.zeros(3)}):
+        staged = stager.stage(changed)
+        assert staged["w"].data_ptr() != first["w"].data_ptr()
+        assert staged["w"].dtype == changed["w"].dtype and torch.equal(staged["w"], changed["w"])
+    stager.close()
+    fresh = _dcp_stager()(keep=False)
+    a, b = fresh.stage(sd), fresh.stage(sd)
+    assert a["w"].data_ptr() != b["w"].data_ptr()

@@ -61,3 +61,11 @@ def cpu_group(pg: Any = None) -> Any:
     if dist.get_backend(group) == dist.Backend.GLOO:
         return pg
     return dist.new_group(backend=dist.Backend.GLOO)
+
+
+def new_gloo_group(pg: Any = None) -> Any:
+    """A new gloo group of ``pg``'s ranks (collective: call on all ranks)."""
+    if not initialized():
+        return None
+    ranks = None if pg is None else dist.get_process_group_ranks(pg)
+    return dist.new_group(ranks=ranks, backend=dist.Backend.GLOO)
