@@ -1,6 +1,7 @@
 """Snapshot benchmark: backends vs. torch.save-to-S3 and a raw parallel upload.
 
-Run with ``make bench`` (or ``.venv/bin/python bench/snapshot.py --sizes 256,1024``).
+Run with ``make bench`` (or ``.venv/bin/python bench/snapshot.py --sizes 256,1024,256x256``;
+``256x256`` is a 256 MiB state of 256 tensors, the others have 64).
 Everything is measured in ONE run against a local moto S3 server started
 here, so only the ratios are meaningful (moto on loopback is not AWS).
 
@@ -84,13 +85,13 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def bench_size(mib: int, bucket: str, repeat: int) -> dict[str, float]:
+def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[str, float]:
     import s3fs
 
     from trainingjob_trainer.backends import make_snapshotter
 
     fs = s3fs.S3FileSystem(use_listings_cache=False)
-    state = TensorState(mib)
+    state = TensorState(mib, n=tensors)
     res: dict[str, list[float]] = {}
 
     def add(key: str, seconds: float) -> None:
@@ -121,7 +122,7 @@ def bench_size(mib: int, bucket: str, repeat: int) -> dict[str, float]:
             uri = f"s3://{bucket}/{backend}-{r}"
             snap = make_snapshotter(backend=backend, uri=uri, app_state={"m": state}, watch_preemption=False)
             add(f"{backend} save", timed(lambda: snap.save(step=1)))
-            target = TensorState(mib, seed=1)
+            target = TensorState(mib, n=tensors, seed=1)
             snap2 = make_snapshotter(backend=backend, uri=uri, app_state={"m": target}, watch_preemption=False)
             add(f"{backend} restore", timed(snap2.restore_latest))
             assert all(torch.equal(target.tensors[k], state.tensors[k]) for k in state.tensors)
@@ -192,7 +193,8 @@ def bench_flag(world: int = 4, steps: int = 500) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="snapshot benchmark (ratios measured in one run)")
-    ap.add_argument("--sizes", default="256,1024", help="state sizes in MiB, comma-separated")
+    ap.add_argument("--sizes", default="256,1024,256x256",
+                    help="states, comma-separated: MiB (as 64 tensors) or MiBxTENSORS")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (median)")
     args = ap.parse_args()
     proc, url = start_moto()
@@ -204,12 +206,14 @@ def main() -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
         print(f"torch {torch.__version__}, moto S3 on loopback, {os.cpu_count()} CPUs, repeat={args.repeat}\n")
-        for mib in [int(s) for s in args.sizes.split(",") if s.strip()]:
+        for spec in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+            mib, _, n = spec.partition("x")
+            mib, n = int(mib), int(n or 64)
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem().mkdir(bucket)
-            m = bench_size(mib, bucket, args.repeat)
+            m = bench_size(mib, bucket, args.repeat, tensors=n)
             base_a, base_b = m["torch.save->s3fs.open"], m["raw parallel upload"]
-            print(f"### {mib} MiB state\n")
+            print(f"### {mib} MiB state: {n} float32 tensors of {mib / n:g} MiB\n")
             print("| what | seconds | MiB/s | save vs torch.save->s3fs | save vs raw parallel upload |")
             print("|---|---:|---:|---:|---:|")
             print(f"| torch.save -> s3fs.open | {base_a:.2f} | {mib / base_a:.0f} | 1.00x | {base_b / base_a:.2f}x |")

@@ -19,6 +19,7 @@ Typical use in a plain PyTorch loop::
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import os
 import time
@@ -120,9 +121,21 @@ class Snapshotter(abc.ABC):
         self.last_save_stall_s = 0.0
 
     # ----------------------------------------------------------- backend API
+    #: Whether :meth:`_write` takes ``prepare`` for an asynchronous write, i.e.
+    #: empties the folder off the training thread before its first object.
+    _prepares_async_writes: ClassVar[bool] = False
+
     @abc.abstractmethod
-    def _write(self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool) -> PendingWrite | None:
-        """Write ``app_state`` into folder ``uri`` (collective over the group)."""
+    def _write(
+        self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool,
+        prepare: Callable[[], Any] | None = None,
+    ) -> PendingWrite | None:
+        """Write ``app_state`` into folder ``uri`` (collective over the group).
+
+        ``prepare`` (rank 0 only, asynchronous writes of backends that set
+        :attr:`_prepares_async_writes`): must run to completion before any
+        rank writes an object of this save.
+        """
 
     @abc.abstractmethod
     def _read(self, uri: str, app_state: Mapping[str, Any]) -> None:
@@ -286,13 +299,21 @@ class Snapshotter(abc.ABC):
         self.wait()
         asynchronous = self.async_save if asynchronous is None else asynchronous
         save_id = None
+        prepare = None
+        t0 = time.monotonic()
         if _dist.rank(self.pg) == 0:
             save_id = new_save_id(self.attempt)
-            self.store.begin(epoch=epoch, step=step)
+            # Empty the folder (a fenced attempt's leftovers): in the upload
+            # when the backend can order it before the first object (two S3
+            # round trips off the training thread), else here.
+            prepare = functools.partial(self.store.begin, epoch=epoch, step=step)
+            if not (asynchronous and self._prepares_async_writes):
+                prepare()
+                prepare = None
         save_id = _dist.broadcast_object(save_id, pg=self._flag_pg)
         uri = self.store.uri_for(epoch=epoch, step=step)
-        t0 = time.monotonic()
-        handle = self._write(uri, app_state if app_state is not None else self.app_state, asynchronous=asynchronous)
+        handle = self._write(uri, app_state if app_state is not None else self.app_state, asynchronous=asynchronous,
+                             prepare=prepare)
         self.last_save_stall_s = time.monotonic() - t0
         self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle)
         if handle is None:
