@@ -195,7 +195,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="snapshot benchmark (ratios measured in one run)")
     ap.add_argument("--sizes", default="256,1024,256x256",
                     help="states, comma-separated: MiB (as 64 tensors) or MiBxTENSORS")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     args = ap.parse_args()
     proc, url = start_moto()
     try:
