@@ -260,8 +260,7 @@ class DCPSnapshotter(Snapshotter):
         # An async save plans and commits with collectives from its upload
         # thread; on the training's own group they would interleave with the
         # training's collectives (DDP's all-reduces) in a different order on
-        # each rank: 4 DDP ranks on gloo aborted within a few steps. DCP's
-        # docs ask for a group of its own.
+        # each rank: 4 DDP ranks on gloo aborted within a few steps.
         self._async_pg = _dist.new_gloo_group(self.pg) if self.async_save else None
         # Import DCP now (~0.7 s on this machine) rather than inside the first
         # save, where it would stall training.
