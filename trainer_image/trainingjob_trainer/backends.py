@@ -56,19 +56,19 @@ class _SlabPool:
     """
 
     def __init__(self) -> None:
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._used: list[torch.Tensor] = []
+        self._free: dict[int, list[bytearray]] = {}
+        self._used: list[bytearray] = []
 
-    def take(self, nbytes: int) -> torch.Tensor:
+    def take(self, nbytes: int) -> bytearray:
         kept = self._free.get(nbytes)
-        slab = kept.pop() if kept else torch.empty(nbytes, dtype=torch.uint8)
+        slab = kept.pop() if kept else bytearray(nbytes)
         self._used.append(slab)
         return slab
 
     def end_take(self) -> None:
         self._free = {}
         for slab in self._used:
-            self._free.setdefault(slab.numel(), []).append(slab)
+            self._free.setdefault(len(slab), []).append(slab)
         self._used = []
 
     def clear(self) -> None:
@@ -128,8 +128,12 @@ async def _ts_stage_slab(self: Any, executor: Any = None) -> memoryview:
     from torchsnapshot.uvm_tensor import is_uvm_tensor
 
     pool = _TS_POOL
-    slab = pool.take(self.slab_sz_bytes) if pool is not None else torch.empty(self.slab_sz_bytes, dtype=torch.uint8)
-    view = memoryview(slab.numpy())
+    # A bytearray: the tjs3 plugin hands a whole one to botocore as the PUT
+    # body as it is (a memoryview it would have to copy into bytes first).
+    # New ones are zero-filled; kept ones (the pool) are not touched twice.
+    buf = pool.take(self.slab_sz_bytes) if pool is not None else bytearray(self.slab_sz_bytes)
+    view = memoryview(buf)
+    slab = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
     for (start, end), stager in self.byte_range_to_buffer_stager.items():
         tensor = getattr(stager, "tensor", None)
         if (is_batchable(stager) and isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"

@@ -54,7 +54,12 @@ class S3FSStoragePlugin(StoragePlugin):
         bucket, path, _ = self.fs.split_path(key)
         size = view.nbytes
         if size < 2 * PART_BYTES:
-            body = buf if isinstance(buf, bytes) else view.tobytes()
+            if isinstance(buf, (bytes, bytearray)):
+                body = buf
+            elif isinstance(buf, memoryview) and isinstance(buf.obj, bytearray) and buf.nbytes == len(buf.obj):
+                body = buf.obj  # a whole slab (backends._ts_stage_slab): no copy
+            else:
+                body = view.tobytes()
             await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
             return
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=path)
