@@ -169,20 +169,6 @@ def test_torchsnapshot_plugin_multipart_round_trip(s3_root, monkeypatch):
     assert all(torch.equal(dst.tensors[k], v) for k, v in tensors.items())
 
 
-class _Tensors:
-    """A state of named tensors, saved and loaded in place."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self):
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
-
-
 def _mixed_tensors(seed: int) -> dict[str, torch.Tensor]:
     """Small tensors of several dtypes (batched into slabs by torchsnapshot,
     packed into one object by DCP), a non-contiguous view and one tensor past
@@ -221,11 +207,27 @@ def world_of_one():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, backend, world_of_one):
+def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, backend, world_of_one,
+                                                                       monkeypatch):
     """Training changes every tensor right after save() returns, while the
     upload runs; each snapshot still holds exactly the state at its step.
     Two saves from one snapshotter: the second reuses what the first kept
-    (DCP's staging buffers) and must not hold the first's bytes."""
+    (staging buffers, slabs) and must not hold the first's bytes."""
+    import asyncio
+
+    from trainingjob_trainer import ts_plugin
+
+    # A slow link: torchsnapshot's PUTs start reading their buffer only after
+    # the training has moved on (torchsnapshot 0.1.0 itself uploads large CPU
+    # tensors from live memory in async takes; without the delay that showed
+    # only in some runs).
+    put = ts_plugin.S3FSStoragePlugin._put
+
+    async def slow_put(self, key, buf):
+        await asyncio.sleep(0.3)
+        await put(self, key, buf)
+
+    monkeypatch.setattr(ts_plugin.S3FSStoragePlugin, "_put", slow_put)
     tensors = _mixed_tensors(0)
     snap = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(tensors)},
                             async_save=True, watch_preemption=False)

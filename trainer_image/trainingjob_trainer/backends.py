@@ -7,8 +7,10 @@ Each implements only the I/O of :class:`~trainingjob_trainer.snapshotter.Snapsho
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -45,14 +47,16 @@ _TS_SLAB_ENV = "TORCHSNAPSHOT_SLAB_SIZE_THRESHOLD_BYTES_OVERRIDE"
 
 
 class _SlabPool:
-    """Slab buffers kept from one torchsnapshot take to the next.
+    """Staging buffers kept from one torchsnapshot take to the next.
 
-    A take stages its batched tensors into slabs (:func:`_ts_stage_slab`);
-    copying 256 MiB into new memory took 0.08 s here, mostly page faults, so
-    the slabs of one take are reused by the next (same sizes while the state
-    keeps its layout). Only a take's own slabs are kept after it; a buffer is
-    handed out again only at the next take, which starts after the previous
-    one's uploads finished (``Snapshotter.save`` waits for them).
+    A take copies its batched tensors into slabs, and, when async, each
+    unbatched CPU tensor into a buffer of its own (:func:`_ts_stage_slab`,
+    :func:`_ts_stage_tensor`); copying 256 MiB into new memory took 0.08 s
+    here, mostly page faults, so the buffers of one take are reused by the
+    next (same sizes while the state keeps its layout). A take's buffers go
+    back to the pool only when its uploads are known to be over
+    (:meth:`settle` after a successful take or ``wait()``); after a failed one
+    the pool is dropped, since a PUT of that save may still be reading.
     """
 
     def __init__(self) -> None:
@@ -61,22 +65,49 @@ class _SlabPool:
 
     def take(self, nbytes: int) -> bytearray:
         kept = self._free.get(nbytes)
-        slab = kept.pop() if kept else bytearray(nbytes)
-        self._used.append(slab)
-        return slab
+        buf = kept.pop() if kept else bytearray(nbytes)
+        self._used.append(buf)
+        return buf
 
-    def end_take(self) -> None:
+    def settle(self, ok: bool) -> None:
+        """The take that used the handed-out buffers is over: keep them if it
+        succeeded, drop everything if not."""
         self._free = {}
-        for slab in self._used:
-            self._free.setdefault(len(slab), []).append(slab)
+        if ok:
+            for buf in self._used:
+                self._free.setdefault(len(buf), []).append(buf)
         self._used = []
 
     def clear(self) -> None:
         self._free, self._used = {}, []
 
 
-#: The pool of the take in progress (set by :func:`_ts_tuning`).
-_TS_POOL: _SlabPool | None = None
+@dataclass
+class _TsTake:
+    """What this package's torchsnapshot stagers use during one of its takes."""
+
+    pool: _SlabPool | None
+
+
+#: Set during a take of :class:`TorchSnapshotSnapshotter` (:func:`_ts_tuning`);
+#: a context variable, so takes in other threads, or by other code, get
+#: torchsnapshot's stock staging.
+_TS_TAKE: contextvars.ContextVar[_TsTake | None] = contextvars.ContextVar("tj_ts_take", default=None)
+_TS_STOCK: dict[str, Any] = {}
+
+
+def _ts_install() -> None:
+    """Wrap torchsnapshot's two CPU stagers, once per process; the wrappers
+    do this package's staging only inside :func:`_ts_tuning`."""
+    if _TS_STOCK:
+        return
+    from torchsnapshot import batcher
+    from torchsnapshot.io_preparers import tensor as ts_tensor
+
+    _TS_STOCK["slab"] = batcher.BatchedBufferStager.stage_buffer
+    _TS_STOCK["tensor"] = ts_tensor.TensorBufferStager.stage_buffer
+    batcher.BatchedBufferStager.stage_buffer = _ts_stage_slab
+    ts_tensor.TensorBufferStager.stage_buffer = _ts_stage_tensor
 
 
 @contextlib.contextmanager
@@ -85,67 +116,100 @@ def _ts_tuning(pool: _SlabPool | None = None):
 
     * The slab size knob (:data:`TS_SLAB_BYTES`; read from the env while a
       take plans its batches), unless the user set it.
-    * Slabs staged with one copy (:func:`_ts_stage_slab`) instead of
-      torchsnapshot 0.1.0's three: its ``BatchedBufferStager`` zero-fills a
-      new ``bytearray``, and when async clones each tensor before copying the
-      clone into the slab, all on the training thread; the slabs come from
-      ``pool`` when given (:class:`_SlabPool`).
-
-    All of it is process-wide while the take runs; a process takes one
-    snapshot at a time (``Snapshotter.save`` waits for the previous one).
+    * Batched tensors staged with one copy each (:func:`_ts_stage_slab`).
+    * Unbatched CPU tensors of an async take copied before the take returns
+      (:func:`_ts_stage_tensor`): torchsnapshot 0.1.0 means to, but its test
+      compares the entry's serializer string with the enum and is never true,
+      so it uploaded the live tensor while training changed it.
+    * Buffers from ``pool`` when given (:class:`_SlabPool`); the caller
+      settles the pool when the take's uploads are over.
     """
-    from torchsnapshot import batcher
-
-    global _TS_POOL
+    _ts_install()
     set_env = _TS_SLAB_ENV not in os.environ
     if set_env:
         os.environ[_TS_SLAB_ENV] = str(TS_SLAB_BYTES)
-    original = batcher.BatchedBufferStager.stage_buffer
-    batcher.BatchedBufferStager.stage_buffer = _ts_stage_slab
-    _TS_POOL = pool
+    token = _TS_TAKE.set(_TsTake(pool=pool))
     try:
         yield
     finally:
-        _TS_POOL = None
-        if pool is not None:
-            pool.end_take()  # staging is over when take/async_take returns
-        batcher.BatchedBufferStager.stage_buffer = original
+        _TS_TAKE.reset(token)
         if set_env:
             os.environ.pop(_TS_SLAB_ENV, None)
 
 
-async def _ts_stage_slab(self: Any, executor: Any = None) -> memoryview:
-    """``BatchedBufferStager.stage_buffer`` with one copy per batched tensor.
-
-    The slab is an uninitialised tensor (no zero-fill) and each contiguous
-    CPU tensor is copied straight into its byte range: the same bytes the
-    stock stager produces (``tensor_as_memoryview`` of a clone), and, as
-    there, a copy taken before the take returns, so training may change the
-    tensor right after. Anything else (GPU or UVM tensors, non-contiguous
-    ones) goes through its own stager as before.
-    """
-    from torchsnapshot.batcher import is_batchable
-    from torchsnapshot.uvm_tensor import is_uvm_tensor
-
-    pool = _TS_POOL
+def _ts_buffer(take: _TsTake, nbytes: int) -> bytearray:
     # A bytearray: the tjs3 plugin hands a whole one to botocore as the PUT
     # body as it is (a memoryview it would have to copy into bytes first).
-    # New ones are zero-filled; kept ones (the pool) are not touched twice.
-    buf = pool.take(self.slab_sz_bytes) if pool is not None else bytearray(self.slab_sz_bytes)
-    view = memoryview(buf)
+    # New ones are zero-filled; kept ones (the pool) are not.
+    return take.pool.take(nbytes) if take.pool is not None else bytearray(nbytes)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor's bytes as a flat uint8 view (no copy): what
+    torchsnapshot's ``tensor_as_memoryview`` serialises."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _plain_cpu_tensor(tensor: Any) -> bool:
+    from torchsnapshot.uvm_tensor import is_uvm_tensor
+
+    return (isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.is_contiguous()
+            and not is_uvm_tensor(tensor))
+
+
+async def _ts_stage_slab(self: Any, executor: Any = None) -> memoryview:
+    """``BatchedBufferStager.stage_buffer``: within our takes, one copy per
+    batched tensor (the stock one zero-fills a new ``bytearray`` and copies
+    each tensor's staged buffer into it, on the training thread).
+
+    Each contiguous CPU tensor is copied straight into its byte range of the
+    slab (the same bytes as the stock stager), before the take returns, so
+    training may change the tensor right after. Anything else (GPU or UVM
+    tensors) goes through its own stager as before.
+    """
+    take = _TS_TAKE.get()
+    if take is None:
+        return await _TS_STOCK["slab"](self, executor)
+    from torchsnapshot.batcher import is_batchable
+
+    buf = _ts_buffer(take, self.slab_sz_bytes)
     slab = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
     for (start, end), stager in self.byte_range_to_buffer_stager.items():
         tensor = getattr(stager, "tensor", None)
-        if (is_batchable(stager) and isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
-                and tensor.is_contiguous() and not is_uvm_tensor(tensor)):
-            src = tensor.detach().reshape(-1).view(torch.uint8)
+        if is_batchable(stager) and _plain_cpu_tensor(tensor):
+            src = _as_bytes(tensor)
         else:
             src = torch.frombuffer(memoryview(await stager.stage_buffer(executor=executor)).cast("B"),
                                    dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
         if src.numel() != end - start:
             raise AssertionError(f"staged {src.numel()} bytes for the slab range {start}-{end}")
         slab[start:end].copy_(src)
-    return view
+    return memoryview(buf)
+
+
+async def _ts_stage_tensor(self: Any, executor: Any = None) -> Any:
+    """``TensorBufferStager.stage_buffer``: within our async takes, a CPU
+    tensor serialised with the buffer protocol is copied (into a pooled
+    buffer) before the take returns; everything else as stock (a sync take
+    may read the live tensor: it returns only after the upload)."""
+    take = _TS_TAKE.get()
+    tensor = self.tensor
+    if take is None or not self.is_async_snapshot or self._tensor_prepare_func is not None:
+        return await _TS_STOCK["tensor"](self, executor)
+    from torchsnapshot.serialization import Serializer
+
+    if self.entry.serializer != Serializer.BUFFER_PROTOCOL.value or not isinstance(tensor, torch.Tensor) \
+            or tensor.device.type != "cpu":
+        return await _TS_STOCK["tensor"](self, executor)
+    if not _plain_cpu_tensor(tensor):
+        tensor = tensor.detach().contiguous()  # a copy already, and what the stock stager sends
+        if not _plain_cpu_tensor(tensor):
+            return await _TS_STOCK["tensor"](self, executor)
+    src = _as_bytes(tensor)
+    buf = _ts_buffer(take, src.numel())
+    if src.numel():
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(src)
+    return memoryview(buf)
 
 
 class TorchSnapshotSnapshotter(Snapshotter):
@@ -153,9 +217,10 @@ class TorchSnapshotSnapshotter(Snapshotter):
 
     Args:
         replicated: torchsnapshot glob patterns of replicated entries.
-        reuse_staging: Keep the slab buffers of batched tensors for the next
-            save (:class:`_SlabPool`): at most one CPU copy of the batched
-            tensors held between saves; ``False`` allocates them every save.
+        reuse_staging: Keep the staging buffers (slabs of batched tensors;
+            with async saves, copies of the other CPU tensors too) for the
+            next save (:class:`_SlabPool`): up to one CPU copy of the state
+            held between saves; ``False`` allocates them every save.
         **kwargs: See :class:`~trainingjob_trainer.snapshotter.Snapshotter`.
     """
 
@@ -169,31 +234,48 @@ class TorchSnapshotSnapshotter(Snapshotter):
         # than inside the first save, where it would stall training.
         import torchsnapshot  # noqa: F401
 
-    def close(self) -> None:
-        """Commit any background save, then free the kept slabs."""
-        try:
-            super().close()
-        finally:
-            if self._slabs is not None:
-                self._slabs.clear()
+    def _free_kept_buffers(self) -> None:
+        if self._slabs is not None:
+            self._slabs.clear()
 
     def _write(self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool,
                prepare: Any = None) -> PendingWrite | None:
         from torchsnapshot import Snapshot
 
         url = s3.to_torchsnapshot_url(uri)
-        with _ts_tuning(self._slabs):  # batching is planned and staged inside take/async_take
-            if asynchronous:
-                pending = Snapshot.async_take(
-                    url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                    storage_options=self.storage_options,
-                )
-                return PendingWrite(done=pending.done, wait=pending.wait)
-            Snapshot.take(
-                url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                storage_options=self.storage_options,
-            )
-        return None
+        pool = self._slabs
+        try:
+            with _ts_tuning(pool):  # batching is planned and staged inside take/async_take
+                if asynchronous:
+                    pending = Snapshot.async_take(
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
+                        storage_options=self.storage_options,
+                    )
+                else:
+                    Snapshot.take(
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
+                        storage_options=self.storage_options,
+                    )
+        except BaseException:
+            if pool is not None:
+                pool.settle(ok=False)
+            raise
+        if not asynchronous:
+            if pool is not None:
+                pool.settle(ok=True)
+            return None
+
+        def wait() -> None:
+            try:
+                pending.wait()
+            except BaseException:
+                if pool is not None:
+                    pool.settle(ok=False)
+                raise
+            if pool is not None:
+                pool.settle(ok=True)
+
+        return PendingWrite(done=pending.done, wait=wait)
 
     def _read(self, uri: str, app_state: Mapping[str, Any]) -> None:
         from torchsnapshot import Snapshot
@@ -295,6 +377,8 @@ class DCPSnapshotter(Snapshotter):
 
         writer = self._writer(uri, prepare)
         if asynchronous:
+            if self._async_pg is None:  # save(asynchronous=True) without async_save
+                self._async_pg = _dist.new_gloo_group(self.pg)  # collective, like save()
             if self._stager is None:
                 self._stager = _dcp_stager()(keep=self.reuse_staging)
             # save() waited for the previous save, so no upload still reads
@@ -306,14 +390,10 @@ class DCPSnapshotter(Snapshotter):
         dcp.save(dict(app_state), storage_writer=writer, process_group=self.pg)
         return None
 
-    def close(self) -> None:
-        """Commit any background save, then free the kept staging buffers."""
-        try:
-            super().close()
-        finally:
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
+    def _free_kept_buffers(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _read(self, uri: str, app_state: Mapping[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -483,14 +563,15 @@ def _state_layout(obj: Any) -> Any:
                 tuple((tuple(s.metadata.shard_offsets), tuple(s.tensor.shape), s.tensor.dtype)
                       for s in obj.local_shards()))
     if isinstance(obj, DTensor):
-        return ("dtensor", tuple(obj.shape), tuple(obj.to_local().shape), obj.dtype, obj.placements)
+        return ("dtensor", tuple(obj.shape), tuple(obj.to_local().shape), obj.dtype, obj.placements,
+                obj.device_mesh)
     if isinstance(obj, torch.Tensor):
         return ("tensor", tuple(obj.shape), obj.dtype)
     if isinstance(obj, dict):
         return ("dict", tuple((k, _state_layout(v)) for k, v in obj.items()))
     if isinstance(obj, (list, tuple)):
         return (type(obj).__name__, tuple(_state_layout(v) for v in obj))
-    return type(obj).__name__
+    return "value"  # taken fresh every time, whatever its type
 
 
 _DCP_S3_WRITER: Any = None

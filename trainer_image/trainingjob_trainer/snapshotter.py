@@ -329,7 +329,6 @@ class Snapshotter(abc.ABC):
     def _finish_in_flight(self) -> contract.CommitMarker | None:
         fl = self._in_flight
         assert fl is not None
-        self._in_flight = None
         ok = True
         try:
             if fl.handle is not None:
@@ -337,6 +336,9 @@ class Snapshotter(abc.ABC):
         except Exception:  # noqa: BLE001
             logger.exception("snapshot write to %s failed; it will not be committed", fl.uri)
             ok = False
+        # Only now: interrupted in wait() (KeyboardInterrupt), the save stays
+        # in flight, and the next save waits for it before reusing buffers.
+        self._in_flight = None
         ok = not _dist.all_reduce_max([int(not ok)], pg=self._flag_pg)[0]
         marker_json = None
         if ok and _dist.rank(self.pg) == 0:
@@ -360,10 +362,17 @@ class Snapshotter(abc.ABC):
         return self.last_marker
 
     def close(self) -> None:
-        """Commit any background save and uninstall the SIGTERM handler."""
-        self.wait()
-        if self.watcher is not None:
-            self.watcher.uninstall()
+        """Commit any background save, uninstall the SIGTERM handler and free
+        the buffers kept between saves."""
+        try:
+            self.wait()
+            if self.watcher is not None:
+                self.watcher.uninstall()
+        finally:
+            self._free_kept_buffers()
+
+    def _free_kept_buffers(self) -> None:
+        """Backends that keep staging buffers between saves free them here."""
 
 
 def record_progress(step: int) -> None:
