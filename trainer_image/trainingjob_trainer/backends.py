@@ -20,9 +20,8 @@ from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter, env_int
 
 BACKEND_TORCHSNAPSHOT = "torchsnapshot"
 BACKEND_DCP = "dcp"
-#: Chosen from docs/benchmarks.md ("Snapshots"): DCP met every target in the
-#: recorded run (save >= 0.9x a raw parallel upload, async stall <= 0.1x sync)
-#: and saves as fast or faster than torchsnapshot at every size measured.
+#: Chosen from docs/benchmarks.md ("Snapshots"): at 256 MiB and 1 GiB DCP
+#: saved faster than torchsnapshot in every run and stalled training least.
 #: TorchTNT's ``TorchSnapshotSaver`` keeps torchsnapshot unless told otherwise.
 DEFAULT_BACKEND = BACKEND_DCP
 
