@@ -10,7 +10,6 @@ import contextlib
 import contextvars
 import io
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -56,13 +55,18 @@ class _SlabPool:
     back to the pool only when its uploads are known to be over
     (:meth:`settle` after a successful take or ``wait()``); after a failed one
     the pool is dropped, since a PUT of that save may still be reading.
+    With ``keep=False`` nothing is kept: every take allocates.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: bool = True) -> None:
+        self.keep = keep
         self._free: dict[int, list[bytearray]] = {}
         self._used: list[bytearray] = []
 
     def take(self, nbytes: int) -> bytearray:
+        # A bytearray: the tjs3 plugin hands a whole one to botocore as the
+        # PUT body as it is (a memoryview it would have to copy into bytes
+        # first). New ones are zero-filled; kept ones are not.
         kept = self._free.get(nbytes)
         buf = kept.pop() if kept else bytearray(nbytes)
         self._used.append(buf)
@@ -72,7 +76,7 @@ class _SlabPool:
         """The take that used the handed-out buffers is over: keep them if it
         succeeded, drop everything if not."""
         self._free = {}
-        if ok:
+        if ok and self.keep:
             for buf in self._used:
                 self._free.setdefault(len(buf), []).append(buf)
         self._used = []
@@ -81,17 +85,10 @@ class _SlabPool:
         self._free, self._used = {}, []
 
 
-@dataclass
-class _TsTake:
-    """What this package's torchsnapshot stagers use during one of its takes."""
-
-    pool: _SlabPool | None
-
-
-#: Set during a take of :class:`TorchSnapshotSnapshotter` (:func:`_ts_tuning`);
-#: a context variable, so takes in other threads, or by other code, get
-#: torchsnapshot's stock staging.
-_TS_TAKE: contextvars.ContextVar[_TsTake | None] = contextvars.ContextVar("tj_ts_take", default=None)
+#: The buffer pool of the :class:`TorchSnapshotSnapshotter` take in progress
+#: (:func:`_ts_tuning`); a context variable, so takes in other threads, or by
+#: other code, get torchsnapshot's stock staging.
+_TS_POOL: contextvars.ContextVar[_SlabPool | None] = contextvars.ContextVar("tj_ts_pool", default=None)
 _TS_STOCK: dict[str, Any] = {}
 
 
@@ -110,7 +107,7 @@ def _ts_install() -> None:
 
 
 @contextlib.contextmanager
-def _ts_tuning(pool: _SlabPool | None = None):
+def _ts_tuning(pool: _SlabPool):
     """This project's torchsnapshot settings, for the duration of one take.
 
     * The slab size knob (:data:`TS_SLAB_BYTES`; read from the env while a
@@ -120,27 +117,20 @@ def _ts_tuning(pool: _SlabPool | None = None):
       (:func:`_ts_stage_tensor`): torchsnapshot 0.1.0 means to, but its test
       compares the entry's serializer string with the enum and is never true,
       so it uploaded the live tensor while training changed it.
-    * Buffers from ``pool`` when given (:class:`_SlabPool`); the caller
-      settles the pool when the take's uploads are over.
+    * Buffers from ``pool`` (:class:`_SlabPool`); the caller settles it when
+      the take's uploads are over.
     """
     _ts_install()
     set_env = _TS_SLAB_ENV not in os.environ
     if set_env:
         os.environ[_TS_SLAB_ENV] = str(TS_SLAB_BYTES)
-    token = _TS_TAKE.set(_TsTake(pool=pool))
+    token = _TS_POOL.set(pool)
     try:
         yield
     finally:
-        _TS_TAKE.reset(token)
+        _TS_POOL.reset(token)
         if set_env:
             os.environ.pop(_TS_SLAB_ENV, None)
-
-
-def _ts_buffer(take: _TsTake, nbytes: int) -> bytearray:
-    # A bytearray: the tjs3 plugin hands a whole one to botocore as the PUT
-    # body as it is (a memoryview it would have to copy into bytes first).
-    # New ones are zero-filled; kept ones (the pool) are not.
-    return take.pool.take(nbytes) if take.pool is not None else bytearray(nbytes)
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -166,12 +156,12 @@ async def _ts_stage_slab(self: Any, executor: Any = None) -> memoryview:
     training may change the tensor right after. Anything else (GPU or UVM
     tensors) goes through its own stager as before.
     """
-    take = _TS_TAKE.get()
-    if take is None:
+    pool = _TS_POOL.get()
+    if pool is None:
         return await _TS_STOCK["slab"](self, executor)
     from torchsnapshot.batcher import is_batchable
 
-    buf = _ts_buffer(take, self.slab_sz_bytes)
+    buf = pool.take(self.slab_sz_bytes)
     slab = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
     for (start, end), stager in self.byte_range_to_buffer_stager.items():
         tensor = getattr(stager, "tensor", None)
@@ -191,9 +181,9 @@ async def _ts_stage_tensor(self: Any, executor: Any = None) -> Any:
     tensor serialised with the buffer protocol is copied (into a pooled
     buffer) before the take returns; everything else as stock (a sync take
     may read the live tensor: it returns only after the upload)."""
-    take = _TS_TAKE.get()
+    pool = _TS_POOL.get()
     tensor = self.tensor
-    if take is None or not self.is_async_snapshot or self._tensor_prepare_func is not None:
+    if pool is None or not self.is_async_snapshot or self._tensor_prepare_func is not None:
         return await _TS_STOCK["tensor"](self, executor)
     from torchsnapshot.serialization import Serializer
 
@@ -205,7 +195,7 @@ async def _ts_stage_tensor(self: Any, executor: Any = None) -> Any:
         if not _plain_cpu_tensor(tensor):
             return await _TS_STOCK["tensor"](self, executor)
     src = _as_bytes(tensor)
-    buf = _ts_buffer(take, src.numel())
+    buf = pool.take(src.numel())
     if src.numel():
         torch.frombuffer(buf, dtype=torch.uint8).copy_(src)
     return memoryview(buf)
@@ -228,14 +218,13 @@ class TorchSnapshotSnapshotter(Snapshotter):
     def __init__(self, *, replicated: list[str] | None = None, reuse_staging: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.replicated = list(replicated or [])
-        self._slabs = _SlabPool() if reuse_staging else None
+        self._slabs = _SlabPool(keep=reuse_staging)
         # Import torchsnapshot now (~1.1 s here: it imports DTensor) rather
         # than inside the first save, where it would stall training.
         import torchsnapshot  # noqa: F401
 
     def _free_kept_buffers(self) -> None:
-        if self._slabs is not None:
-            self._slabs.clear()
+        self._slabs.clear()
 
     def _write(self, uri: str, app_state: Mapping[str, Any], *, asynchronous: bool,
                prepare: Any = None) -> PendingWrite | None:
@@ -256,23 +245,19 @@ class TorchSnapshotSnapshotter(Snapshotter):
                         storage_options=self.storage_options,
                     )
         except BaseException:
-            if pool is not None:
-                pool.settle(ok=False)
+            pool.settle(ok=False)
             raise
         if not asynchronous:
-            if pool is not None:
-                pool.settle(ok=True)
+            pool.settle(ok=True)
             return None
 
         def wait() -> None:
             try:
                 pending.wait()
             except BaseException:
-                if pool is not None:
-                    pool.settle(ok=False)
+                pool.settle(ok=False)
                 raise
-            if pool is not None:
-                pool.settle(ok=True)
+            pool.settle(ok=True)
 
         return PendingWrite(done=pending.done, wait=wait)
 

@@ -57,7 +57,7 @@ class S3FSStoragePlugin(StoragePlugin):
             if isinstance(buf, (bytes, bytearray)):
                 body = buf
             elif isinstance(buf, memoryview) and isinstance(buf.obj, bytearray) and buf.nbytes == len(buf.obj):
-                body = buf.obj  # a whole staging buffer (backends._ts_buffer): no copy
+                body = buf.obj  # a whole staging buffer (backends._SlabPool.take): no copy
             else:
                 body = view.tobytes()
             await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
