@@ -127,12 +127,16 @@ class TerminationMessage:
         step: The last global step the gang completed (``None`` if unknown).
         snapshot: URI of the snapshot written on the way out, if any.
         message: Free text for humans (an exception summary...).
+        save_seconds: Wall seconds the emergency snapshot took, when one was
+            taken on the way out (``saveSeconds`` in the JSON), so the
+            operator can show it and users can size the grace period.
     """
 
     reason: str
     step: int | None = None
     snapshot: str | None = None
     message: str = ""
+    save_seconds: float | None = None
 
 
 def format_termination_message(msg: TerminationMessage) -> str:
@@ -142,6 +146,8 @@ def format_termination_message(msg: TerminationMessage) -> str:
         body["step"] = int(msg.step)
     if msg.snapshot:
         body["snapshot"] = msg.snapshot
+    if msg.save_seconds is not None:
+        body["saveSeconds"] = round(float(msg.save_seconds), 3)
     text = msg.message
     while True:
         body["message"] = text
@@ -167,11 +173,15 @@ def parse_termination_message(text: str | None) -> TerminationMessage | None:
     if not isinstance(body, dict) or not isinstance(body.get("reason"), str):
         return None
     step = body.get("step")
+    save_seconds = body.get("saveSeconds")
     return TerminationMessage(
         reason=body["reason"],
         step=step if isinstance(step, int) and not isinstance(step, bool) else None,
         snapshot=body.get("snapshot") if isinstance(body.get("snapshot"), str) else None,
         message=body.get("message") if isinstance(body.get("message"), str) else "",
+        save_seconds=float(save_seconds)
+        if isinstance(save_seconds, (int, float)) and not isinstance(save_seconds, bool) and save_seconds >= 0
+        else None,
     )
 
 
