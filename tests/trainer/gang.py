@@ -95,8 +95,40 @@ def wait_for_text(gang: list[Node], text: str, *, timeout: float) -> None:
     raise AssertionError(f"{text!r} not seen in {timeout}s:\n" + "\n".join(n.output()[-3000:] for n in gang))
 
 
+def spawn_ranks(fn, *args, world: int = 2, timeout: float = 240) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes (gloo on loopback).
+
+    ``fn`` must be importable (a module-level function). A child's exception
+    is re-raised here; on timeout every child is killed by its PID.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ranks still running after {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join()
+
+
+def init_ranks(rank: int, world: int, port: int, *, timeout_s: float = 60) -> None:
+    """``spawn_ranks`` children: join a gloo group of ``world`` on 127.0.0.1:``port``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def dump(gang: list[Node]) -> str:
     return "\n".join(f"--- {n.log.name} ---\n{n.output()[-4000:]}" for n in gang)
 
 
-__all__ = ["Node", "start_gang", "wait_all", "wait_for_text", "dump", "json"]
+__all__ = ["Node", "start_gang", "wait_all", "wait_for_text", "dump", "json", "spawn_ranks", "init_ranks"]

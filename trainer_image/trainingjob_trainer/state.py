@@ -28,6 +28,13 @@ def _fsdp_full_state_dict(model: nn.Module) -> bool | None:
     return sdt == StateDictType.FULL_STATE_DICT
 
 
+def _dsd_options(model: nn.Module):
+    """``StateDictOptions`` that follow ``model``'s FSDP state-dict type (FULL or not)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=bool(_fsdp_full_state_dict(model)), strict=True)
+
+
 class ModelOptimizerState:
     """A model and its optimizers, saved with fully-qualified parameter names.
 
@@ -46,16 +53,10 @@ class ModelOptimizerState:
         self.model = model
         self.optimizers = tuple(optimizers)
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        full = _fsdp_full_state_dict(self.model)
-        return StateDictOptions(full_state_dict=bool(full), strict=True)
-
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self.model, self.optimizers, options=self._options())
+        msd, osd = get_state_dict(self.model, self.optimizers, options=_dsd_options(self.model))
         return {"model": msd, "optim": osd}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -66,8 +67,41 @@ class ModelOptimizerState:
             self.optimizers,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
-            options=self._options(),
+            options=_dsd_options(self.model),
         )
+
+
+class OptimizerState:
+    """One optimizer of ``model``, saved and loaded with ``torch.distributed.checkpoint.state_dict``.
+
+    What TorchTNT's ``FSDPOptimizerWrapper`` is replaced with in this
+    package's saves (:mod:`trainingjob_trainer.tnt`). That wrapper calls
+    ``FSDP.optim_state_dict``, which with ``use_orig_params=True`` and a FULL
+    state-dict type returns an ``exp_avg`` that shares memory with
+    ``exp_avg_sq`` (torch 2.13, 2 ranks, AdamW: every parameter), so the
+    snapshot held a wrong ``exp_avg``; and its optimizer state is created only
+    at the first step, so DCP, which loads only keys the target already has,
+    restored nothing. ``get_optimizer_state_dict`` returns the right tensors
+    and creates the lazy state before loading.
+
+    Args:
+        model: The (possibly FSDP-wrapped) module the optimizer steps.
+        optimizer: The optimizer.
+    """
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=_dsd_options(self.model))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=_dsd_options(self.model))
 
 
 class RNGState:

@@ -31,11 +31,12 @@ from torchtnt.framework.callbacks._checkpoint_utils import (
 from torchtnt.framework.callbacks.checkpointer_types import RestoreOptions
 from torchtnt.framework.state import State
 from torchtnt.framework.unit import AppStateMixin, TTrainUnit
+from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 
 from trainingjob_trainer import contract
 from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter
 from trainingjob_trainer.snapshotter import Snapshotter, env_int
-from trainingjob_trainer.state import RNGState
+from trainingjob_trainer.state import OptimizerState, RNGState
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,24 @@ def _rng_stateful(backend: str) -> Any:
     return RNGState()  # DCP: keyed by rank
 
 
+def _unwrap_fsdp_optimizers(app_state: Dict[str, Any]) -> Dict[str, Any]:
+    """Replace TorchTNT's ``FSDPOptimizerWrapper`` entries by :class:`OptimizerState`.
+
+    The wrapper's ``FSDP.optim_state_dict`` stores a wrong ``exp_avg`` with
+    ``use_orig_params=True`` (FULL), and DCP restored no optimizer state
+    through it (issue 8, items 2 and 14; see :class:`OptimizerState`).
+    """
+    return {
+        key: OptimizerState(model=value.module, optimizer=value.optimizer)
+        if isinstance(value, FSDPOptimizerWrapper) else value
+        for key, value in app_state.items()
+    }
+
+
 def _restore_app_state(
     unit: AppStateMixin, restore_options: RestoreOptions | None, train_dataloader: Any, rng: Any
 ) -> Dict[str, Any]:
-    app_state = _prepare_app_state_for_restore(unit, restore_options or RestoreOptions())
+    app_state = _unwrap_fsdp_optimizers(_prepare_app_state_for_restore(unit, restore_options or RestoreOptions()))
     app_state[_RNG_STATE_KEY] = rng
     if train_dataloader is not None and hasattr(train_dataloader, "load_state_dict"):
         app_state[_TRAIN_DL_STATE_KEY] = train_dataloader
@@ -130,7 +145,7 @@ class TorchSnapshotSaver(Callback):
 
     # ------------------------------------------------------------------ hooks
     def _app_state(self, state: State, unit: AppStateMixin, *, intra_epoch: bool) -> Dict[str, Any]:
-        app_state = _prepare_app_state_for_checkpoint(state, unit, intra_epoch)
+        app_state = _unwrap_fsdp_optimizers(_prepare_app_state_for_checkpoint(state, unit, intra_epoch))
         app_state[_RNG_STATE_KEY] = _rng_stateful(self._backend)
         return app_state
 
