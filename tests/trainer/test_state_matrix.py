@@ -141,9 +141,12 @@ def _matrix_worker(rank: int, world: int, port: int, root: str, out: str) -> Non
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def matrix(s3_server, tmp_path_factory):
-    """Run the whole table once (2 ranks); rank -> row -> failure or None."""
+def run_matrix(worker, *, s3_server, out: pathlib.Path, name: str) -> dict:
+    """Run ``worker(rank, world, port, root, out)`` on 2 ranks against a new bucket.
+
+    Returns:
+        rank -> row -> ``None`` (passed) or what failed, as each rank wrote it.
+    """
     import os
     import uuid
 
@@ -153,11 +156,10 @@ def matrix(s3_server, tmp_path_factory):
     bucket = f"tj-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
                       secret=env["AWS_SECRET_ACCESS_KEY"]).mkdir(bucket)
-    out = tmp_path_factory.mktemp("matrix")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the spawned ranks inherit it
     try:
-        spawn_ranks(_matrix_worker, f"s3://{bucket}/snapshots/default/matrix", str(out), timeout=400)
+        spawn_ranks(worker, f"s3://{bucket}/snapshots/default/{name}", str(out), timeout=400)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -165,6 +167,12 @@ def matrix(s3_server, tmp_path_factory):
             else:
                 os.environ[k] = v
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(2)}
+
+
+@pytest.fixture(scope="module")
+def matrix(s3_server, tmp_path_factory):
+    """Run the whole table once (2 ranks); rank -> row -> failure or None."""
+    return run_matrix(_matrix_worker, s3_server=s3_server, out=tmp_path_factory.mktemp("matrix"), name="matrix")
 
 
 @pytest.mark.slow

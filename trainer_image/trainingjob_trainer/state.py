@@ -1,4 +1,4 @@
-"""Stateful wrappers the plain-loop API snapshots: model+optimizers, RNG.
+"""Stateful wrappers the snapshots hold: model+optimizers, per-rank state, RNG.
 
 Both backends call ``state_dict()`` to save and ``state_dict()`` then
 ``load_state_dict()`` to restore, so anything with those two methods can be
@@ -7,6 +7,7 @@ put in an ``app_state`` mapping.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Iterable
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from trainingjob_trainer import _dist
+
+logger = logging.getLogger(__name__)
 
 
 def _fsdp_full_state_dict(model: nn.Module) -> bool | None:
@@ -104,23 +107,93 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=_dsd_options(self.model))
 
 
-class RNGState:
-    """This rank's torch CPU and Python ``random`` generator states.
+def rank_key() -> str:
+    """The key of this rank's entry in per-rank state (``rank<global rank>``)."""
+    return f"rank{_dist.rank()}"
 
-    Keyed by global rank, so a backend that treats identical keys as
-    replicated (DCP) still keeps each rank's stream.
+
+class PerRankState:
+    """Wraps a stateful whose state differs between ranks (a dataloader's position).
+
+    DCP keeps ONE copy of each key that is not a sharded tensor: every rank's
+    ``{"pos": 5}`` is taken for a replica of rank 0's, and each rank then gets
+    rank 0's back. Under a key of its own rank (as :class:`RNGState`), each
+    rank's state survives on both backends. The TorchTNT saver wraps the train
+    dataloader with it; wrap any other per-rank state in ``app_state`` too.
+
+    Args:
+        stateful: Anything with ``state_dict()`` and ``load_state_dict()``.
     """
 
-    def _key(self) -> str:
-        return f"rank{_dist.rank()}"
+    def __init__(self, stateful: Any) -> None:
+        self.stateful = stateful
 
     def state_dict(self) -> dict[str, Any]:
-        version, internal, _gauss = random.getstate()
-        py = torch.tensor([version, *internal], dtype=torch.int64)  # fixed shape: loads in place
-        return {self._key(): {"torch": torch.get_rng_state(), "python": py}}
+        return {rank_key(): self.stateful.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        mine = state_dict[self._key()]
+        try:
+            mine = state_dict[rank_key()]
+        except KeyError:
+            raise RuntimeError(
+                f"the snapshot holds no per-rank state for {rank_key()} (ranks saved: {sorted(state_dict)}); "
+                "was it taken with another world size?"
+            ) from None
+        self.stateful.load_state_dict(mine)
+
+
+class RNGState:
+    """This rank's random generators: torch CPU, CUDA (when available), numpy, Python.
+
+    Keyed by global rank (:func:`rank_key`), so a backend that treats
+    identical keys as replicated (DCP) still keeps each rank's streams. Every
+    value is a fixed-shape tensor, so DCP loads it in place. Python's state
+    includes ``gauss_next`` (the second value of the last ``random.gauss``
+    pair) and numpy's its cached Gaussian, so a resumed run draws the same
+    numbers as an uninterrupted one from the first draw on. The CUDA streams of
+    every visible device are saved when CUDA is available; a snapshot restored
+    without CUDA skips them with a warning.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        mine: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": torch.tensor([version, *internal], dtype=torch.int64),
+            "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        }
+        np = _numpy()
+        if np is not None:
+            _name, keys, pos, has_gauss, cached = np.random.get_state()
+            mine["numpy"] = torch.from_numpy(keys.astype(np.int64))
+            mine["numpy_pos"] = torch.tensor([pos, has_gauss], dtype=torch.int64)
+            mine["numpy_gauss"] = torch.tensor([cached], dtype=torch.float64)
+        if torch.cuda.is_available():
+            mine["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        return {rank_key(): mine}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = state_dict[rank_key()]
         torch.set_rng_state(mine["torch"])
         values = [int(v) for v in mine["python"].tolist()]
-        random.setstate((values[0], tuple(values[1:]), None))
+        has_gauss, gauss = mine["python_gauss"].tolist() if "python_gauss" in mine else (0.0, 0.0)
+        random.setstate((values[0], tuple(values[1:]), gauss if has_gauss else None))
+        np = _numpy()
+        if np is not None and "numpy" in mine:
+            pos, np_has_gauss = (int(v) for v in mine["numpy_pos"].tolist())
+            keys = mine["numpy"].numpy().astype(np.uint32)
+            np.random.set_state(("MT19937", keys, pos, np_has_gauss, float(mine["numpy_gauss"][0])))
+        if "cuda" in mine:
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(mine["cuda"]))
+            else:
+                logger.warning("the snapshot holds CUDA RNG states but CUDA is not available; not restored")
+
+
+def _numpy() -> Any:
+    """numpy if installed (its global RNG is saved only then)."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy comes with torchsnapshot
+        return None
+    return numpy

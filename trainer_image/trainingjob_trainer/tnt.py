@@ -36,43 +36,45 @@ from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 from trainingjob_trainer import contract
 from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter
 from trainingjob_trainer.snapshotter import Snapshotter, env_int
-from trainingjob_trainer.state import OptimizerState, RNGState
+from trainingjob_trainer.state import OptimizerState, PerRankState, RNGState
 
 logger = logging.getLogger(__name__)
 
 _RNG_STATE_KEY = "rng_state"
 
 
-def _rng_stateful(backend: str) -> Any:
-    if backend == BACKEND_TORCHSNAPSHOT:
-        import torchsnapshot
+def _snapshot_entries(app_state: Dict[str, Any]) -> Dict[str, Any]:
+    """TorchTNT's app state as this package snapshots it (saves and restores alike).
 
-        return torchsnapshot.RNGState()  # what TorchTNT's saver stores (per rank)
-    return RNGState()  # DCP: keyed by rank
-
-
-def _unwrap_fsdp_optimizers(app_state: Dict[str, Any]) -> Dict[str, Any]:
-    """Replace TorchTNT's ``FSDPOptimizerWrapper`` entries by :class:`OptimizerState`.
-
-    The wrapper's ``FSDP.optim_state_dict`` stores a wrong ``exp_avg`` with
-    ``use_orig_params=True`` (FULL), and DCP restored no optimizer state
-    through it (issue 8, items 2 and 14; see :class:`OptimizerState`).
+    * ``FSDPOptimizerWrapper`` entries become :class:`OptimizerState`: the
+      wrapper's ``FSDP.optim_state_dict`` stores a wrong ``exp_avg`` with
+      ``use_orig_params=True`` (FULL), and DCP restored no optimizer state
+      through it (issue 8, items 2 and 14; see :class:`OptimizerState`).
+    * The train dataloader is keyed by rank (:class:`PerRankState`): DCP
+      keeps one copy of a non-sharded key, so every rank came back with one
+      rank's position (item 5).
+    * :class:`RNGState` is added: this rank's torch, CUDA, numpy and Python
+      generators, keyed by rank (TorchTNT's saver stores torch's CPU
+      generator only; item 13).
     """
-    return {
-        key: OptimizerState(model=value.module, optimizer=value.optimizer)
-        if isinstance(value, FSDPOptimizerWrapper) else value
-        for key, value in app_state.items()
-    }
+    out: Dict[str, Any] = {}
+    for key, value in app_state.items():
+        if isinstance(value, FSDPOptimizerWrapper):
+            value = OptimizerState(model=value.module, optimizer=value.optimizer)
+        elif key == _TRAIN_DL_STATE_KEY:
+            value = PerRankState(value)
+        out[key] = value
+    out[_RNG_STATE_KEY] = RNGState()
+    return out
 
 
 def _restore_app_state(
-    unit: AppStateMixin, restore_options: RestoreOptions | None, train_dataloader: Any, rng: Any
+    unit: AppStateMixin, restore_options: RestoreOptions | None, train_dataloader: Any
 ) -> Dict[str, Any]:
-    app_state = _unwrap_fsdp_optimizers(_prepare_app_state_for_restore(unit, restore_options or RestoreOptions()))
-    app_state[_RNG_STATE_KEY] = rng
+    app_state = _prepare_app_state_for_restore(unit, restore_options or RestoreOptions())
     if train_dataloader is not None and hasattr(train_dataloader, "load_state_dict"):
         app_state[_TRAIN_DL_STATE_KEY] = train_dataloader
-    return app_state
+    return _snapshot_entries(app_state)
 
 
 class TorchSnapshotSaver(Callback):
@@ -145,15 +147,12 @@ class TorchSnapshotSaver(Callback):
 
     # ------------------------------------------------------------------ hooks
     def _app_state(self, state: State, unit: AppStateMixin, *, intra_epoch: bool) -> Dict[str, Any]:
-        app_state = _unwrap_fsdp_optimizers(_prepare_app_state_for_checkpoint(state, unit, intra_epoch))
-        app_state[_RNG_STATE_KEY] = _rng_stateful(self._backend)
-        return app_state
+        return _snapshot_entries(_prepare_app_state_for_checkpoint(state, unit, intra_epoch))
 
     def on_train_start(self, state: State, unit: TTrainUnit) -> None:
         if getattr(unit, "_tj_restored_from", None) is None and (env_int(contract.ENV_ATTEMPT, 0) or 0) > 0:
             target = self._snap.restore_latest(
-                app_state=_restore_app_state(unit, None, state.train_state.dataloader if state.train_state else None,
-                                             _rng_stateful(self._backend)),
+                app_state=_restore_app_state(unit, None, state.train_state.dataloader if state.train_state else None),
                 optional=(_TRAIN_DL_STATE_KEY,),
             )
             if target:
@@ -217,7 +216,7 @@ class TorchSnapshotSaver(Callback):
         chosen = backend or (info.marker.backend if info and info.marker else BACKEND_TORCHSNAPSHOT)
         snap = make_snapshotter(backend=chosen, uri=root, storage_options=storage_options,
                                 process_group=process_group, watch_preemption=False)
-        snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader, _rng_stateful(chosen)),
+        snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader),
                      optional=(_TRAIN_DL_STATE_KEY,))
         unit._tj_restored_from = path.rstrip("/")  # type: ignore[attr-defined]
 
