@@ -116,6 +116,7 @@ class Snapshotter(abc.ABC):
         self.async_save = async_save
         self.watcher = watcher or (PreemptionWatcher() if watch_preemption else None)
         self.restored_from: str | None = None
+        self._restored_marker: contract.CommitMarker | None = None
         self.last_marker: contract.CommitMarker | None = None
         self._in_flight: _InFlight | None = None
         self.last_save_stall_s = 0.0
@@ -220,6 +221,7 @@ class Snapshotter(abc.ABC):
         reader._read(uri.rstrip("/"), state)
         _dist.barrier(self._flag_pg)
         self.restored_from = uri.rstrip("/")
+        self._restored_marker = marker
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
         return marker
@@ -295,8 +297,18 @@ class Snapshotter(abc.ABC):
 
         A synchronous save is committed (marker written) when this returns; an
         asynchronous one at a later step boundary or in :meth:`wait`.
+
+        A save into the folder this run restored from is skipped: it holds
+        this very state, complete, and re-saving it would drop its commit
+        marker first, leaving nothing to restore until the save finished
+        (TorchTNT's ``on_train_end`` of a restarted, finished run did that).
         """
         self.wait()
+        uri = self.store.uri_for(epoch=epoch, step=step)
+        if uri == self.restored_from:
+            logger.info("%s is the snapshot this run restored from; not saved again", uri)
+            self.last_marker = self._restored_marker or self.last_marker
+            return uri
         asynchronous = self.async_save if asynchronous is None else asynchronous
         save_id = None
         prepare = None
@@ -311,7 +323,6 @@ class Snapshotter(abc.ABC):
                 prepare()
                 prepare = None
         save_id = _dist.broadcast_object(save_id, pg=self._flag_pg)
-        uri = self.store.uri_for(epoch=epoch, step=step)
         handle = self._write(uri, app_state if app_state is not None else self.app_state, asynchronous=asynchronous,
                              prepare=prepare)
         self.last_save_stall_s = time.monotonic() - t0
