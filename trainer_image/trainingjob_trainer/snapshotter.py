@@ -382,6 +382,36 @@ class Snapshotter(abc.ABC):
         finally:
             self._free_kept_buffers()
 
+    def abandon(self) -> None:
+        """After an error on this rank: local cleanup only, no collective.
+
+        The other ranks may be anywhere (in a step's all-reduce, in a
+        collective of their own error handling, gone), so a collective here
+        would pair with one of theirs or hang until the group's timeout. A
+        save in flight is not committed: its folder keeps no marker, is never
+        restored, and is cleared by the next save of that step or by
+        retention. The SIGTERM handler is uninstalled (a SIGTERM now ends the
+        process) and kept staging buffers are dropped; an upload still
+        running keeps its own references to its buffers.
+        """
+        fl, self._in_flight = self._in_flight, None
+        if fl is not None:
+            logger.warning("rank %d: not committing snapshot %s after an error", _dist.rank(self.pg), fl.uri)
+        if self.watcher is not None:
+            self.watcher.uninstall()
+        self._free_kept_buffers()
+
+    def __enter__(self) -> "Snapshotter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """:meth:`close` after a clean exit; :meth:`abandon` after an exception
+        (:class:`Preempted` included: its snapshot is committed already)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
     def _free_kept_buffers(self) -> None:
         """Backends that keep staging buffers between saves free them here."""
 

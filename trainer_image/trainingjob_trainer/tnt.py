@@ -190,10 +190,9 @@ class TorchSnapshotSaver(Callback):
         self._snap.close()
 
     def on_exception(self, state: State, unit: Any, exc: BaseException) -> None:  # noqa: ARG002
-        try:
-            self._snap.wait()
-        except Exception:  # noqa: BLE001 - never mask the original error
-            logger.exception("pending snapshot failed during exception handling")
+        """Local cleanup only (:meth:`Snapshotter.abandon`): no collective, since
+        the other ranks are not where this one is (issue 8, item 7)."""
+        self._snap.abandon()
 
     # ---------------------------------------------------------------- restore
     @staticmethod
