@@ -10,9 +10,13 @@ unchanged with ``dirpath="s3://bucket/prefix"``. What it fixes and adds:
   instead of crashing in torchsnapshot's ``dist_store``.
 * The endpoint/credentials reach every layer (our ``tjs3`` plugin).
 * ``backend="dcp"`` switches to torch.distributed.checkpoint.
-* On attempt > 0 (contract env) it restores before the first step if the
-  script did not; on SIGTERM all ranks take an emergency snapshot at the
-  next step boundary and exit with the contract's preempted code.
+* Unset keyword arguments come from the contract env (backend, every-steps,
+  keep-last), then TorchTNT's defaults.
+* On attempt > 0, or when the contract names a snapshot to resume from, it
+  restores before the first step if the script did not; on SIGTERM (in a
+  train or an eval step) all ranks take an emergency snapshot at the next
+  step boundary and exit with the contract's preempted code.
+* Every train step's number goes to the launcher's progress file.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from torchtnt.framework.unit import AppStateMixin, TTrainUnit
 from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 
 from trainingjob_trainer import contract
-from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter
-from trainingjob_trainer.snapshotter import Snapshotter, env_int
+from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter, snapshotter_from_env
+from trainingjob_trainer.snapshotter import Snapshotter, record_progress
 from trainingjob_trainer.state import OptimizerState, PerRankState, RNGState
 
 logger = logging.getLogger(__name__)
@@ -82,14 +86,17 @@ class TorchSnapshotSaver(Callback):
 
     Args:
         dirpath: The job's snapshot folder (``s3://...`` or a local path).
-        save_every_n_train_steps: Save every N train steps (``None``: never).
+        save_every_n_train_steps: Save every N train steps (``None``:
+            ``$TJ_SNAPSHOT_EVERY_STEPS``, else never).
         save_every_n_epochs: Save every N epochs (``None``: never).
-        keep_last_n_checkpoints: Complete snapshots to keep (``None``: all).
+        keep_last_n_checkpoints: Complete snapshots to keep (``None``:
+            ``$TJ_SNAPSHOT_KEEP_LAST``, else all).
         process_group: Process group of the saves (default: world).
         async_checkpoint: Save in the background (needs a process group).
         replicated: torchsnapshot replicated globs.
         storage_options: s3fs options over the contract env.
-        backend: ``torchsnapshot`` (default) or ``dcp``.
+        backend: ``torchsnapshot`` or ``dcp`` (``None``: ``$TJ_SNAPSHOT_BACKEND``,
+            else ``torchsnapshot``).
         watch_preemption: Take the coordinated emergency snapshot on SIGTERM.
         save_every_n_eval_epochs: Not supported (must be ``None``).
         best_checkpoint_config: Not supported (must be ``None``).
@@ -110,22 +117,24 @@ class TorchSnapshotSaver(Callback):
         replicated: Optional[List[str]] = None,
         storage_options: Optional[Dict[str, Any]] = None,
         knob_options: Any = None,  # noqa: ARG002
-        backend: str = BACKEND_TORCHSNAPSHOT,
+        backend: Optional[str] = None,
         watch_preemption: bool = True,
     ) -> None:
         if save_every_n_eval_epochs is not None or best_checkpoint_config is not None:
             raise ValueError("save_every_n_eval_epochs and best_checkpoint_config are not supported")
         if save_every_n_epochs is not None and save_every_n_epochs <= 0:
             raise ValueError(f"save_every_n_epochs must be positive, got {save_every_n_epochs}")
+        # Explicit keyword arguments win, then the contract env (what the
+        # TrainingJob says: backend, everySteps, keepLast, resumeFrom, the
+        # attempt), then TorchTNT's defaults (torchsnapshot, keep all).
+        backend = backend or os.environ.get(contract.ENV_SNAPSHOT_BACKEND) or BACKEND_TORCHSNAPSHOT
         extra = {"replicated": replicated} if backend == BACKEND_TORCHSNAPSHOT else {}
-        self._snap: Snapshotter = make_snapshotter(
+        self._snap: Snapshotter = snapshotter_from_env(
             backend=backend,
             uri=dirpath,
             every_steps=save_every_n_train_steps,
             keep_last=keep_last_n_checkpoints,
             storage_options=storage_options,
-            attempt=env_int(contract.ENV_ATTEMPT, 0) or 0,
-            resume_from=os.environ.get(contract.ENV_RESUME_FROM) or None,
             process_group=process_group,
             async_save=async_checkpoint,
             watch_preemption=watch_preemption,
@@ -150,7 +159,10 @@ class TorchSnapshotSaver(Callback):
         return _snapshot_entries(_prepare_app_state_for_checkpoint(state, unit, intra_epoch))
 
     def on_train_start(self, state: State, unit: TTrainUnit) -> None:
-        if getattr(unit, "_tj_restored_from", None) is None and (env_int(contract.ENV_ATTEMPT, 0) or 0) > 0:
+        # Restore unless the script did: on a restarted gang (attempt > 0), or
+        # when the TrainingJob names a snapshot (spec.snapshot.resumeFrom),
+        # on attempt 0 too.
+        if getattr(unit, "_tj_restored_from", None) is None and (self._snap.attempt > 0 or self._snap.resume_from):
             target = self._snap.restore_latest(
                 app_state=_restore_app_state(unit, None, state.train_state.dataloader if state.train_state else None),
                 optional=(_TRAIN_DL_STATE_KEY,),
@@ -170,6 +182,7 @@ class TorchSnapshotSaver(Callback):
 
     def on_train_step_end(self, state: State, unit: TTrainUnit) -> None:
         step = unit.train_progress.num_steps_completed
+        record_progress(step)  # the step reached, for the launcher's termination message
         if self._snap.watcher is not None and self._snap.preemption_requested():
             self._snap.emergency_save(
                 step=step,
