@@ -9,11 +9,12 @@ learn at the same step that one was signalled and save together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from trainingjob_trainer import _dist, contract
 
@@ -38,6 +39,23 @@ class Preempted(SystemExit):
         self.snapshot = snapshot
 
 
+class PreemptedDuringRestore(SystemExit):
+    """Raised at once when SIGTERM arrives while a snapshot is being restored.
+
+    Nothing can be saved yet (the state is half loaded) and nothing is lost
+    (no step ran since that snapshot), so the rank exits right away with
+    ``128 + SIGTERM``, the code of a process ended by SIGTERM, instead of
+    finishing a restore that may take longer than the grace period.
+
+    Attributes:
+        snapshot: The snapshot that was being restored.
+    """
+
+    def __init__(self, *, snapshot: str) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.snapshot = snapshot
+
+
 class PreemptionWatcher:
     """Installs a SIGTERM handler and answers "did any rank get SIGTERM?".
 
@@ -50,6 +68,7 @@ class PreemptionWatcher:
         self._event = threading.Event()
         self._signals = signals
         self._previous: dict[int, Any] = {}
+        self._raise: Callable[[], BaseException] | None = None
         if install:
             self.install()
 
@@ -70,6 +89,23 @@ class PreemptionWatcher:
 
     def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self._event.set()
+        if self._raise is not None:
+            raise self._raise()
+
+    @contextlib.contextmanager
+    def raising(self, make_error: Callable[[], BaseException]) -> Iterator[None]:
+        """While active, a signal raises ``make_error()`` in the main thread at once.
+
+        For phases with no step boundary to wait for (a long restore). If this
+        rank was signalled already, raises on entry.
+        """
+        if self.local_flag:
+            raise make_error()
+        self._raise = make_error
+        try:
+            yield
+        finally:
+            self._raise = None
 
     def trigger(self) -> None:
         """Mark this rank as preempted (what the signal handler does)."""

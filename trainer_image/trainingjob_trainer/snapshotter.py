@@ -19,6 +19,7 @@ Typical use in a plain PyTorch loop::
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import logging
 import os
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
 from trainingjob_trainer import _dist, contract
-from trainingjob_trainer.preemption import Preempted, PreemptionWatcher, write_termination_message
+from trainingjob_trainer.preemption import (
+    Preempted,
+    PreemptedDuringRestore,
+    PreemptionWatcher,
+    write_termination_message,
+)
 from trainingjob_trainer.store import SnapshotStore, new_save_id
 
 logger = logging.getLogger(__name__)
@@ -194,7 +200,36 @@ class Snapshotter(abc.ABC):
             app_state: Overrides the constructor's ``app_state``.
             optional: Keys of ``app_state`` restored only if the snapshot has
                 them (TorchTNT's dataloader is saved only intra-epoch).
+
+        Raises:
+            PreemptedDuringRestore: SIGTERM arrived during the restore (with a
+                watcher): the rank exits at once, after writing a
+                ``PreemptedWithoutSnapshot`` termination message.
         """
+        try:
+            with self._exit_on_sigterm(uri):
+                marker = self._restore(uri, app_state=app_state, optional=optional)
+        except PreemptedDuringRestore:
+            logger.warning("rank %d: SIGTERM during the restore of %s; exiting at once", _dist.rank(self.pg), uri)
+            parsed = contract.parse_snapshot_dir_name(uri.rstrip("/").rsplit("/", 1)[-1])
+            write_termination_message(contract.TerminationMessage(
+                reason=contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT,
+                step=parsed[1] if parsed else None,  # the step reached: nothing ran since
+                snapshot=uri.rstrip("/"),
+                message=f"SIGTERM during the restore of {uri}: exited at once; no step ran since that snapshot",
+            ))
+            raise
+        self.restored_from = uri.rstrip("/")
+        self._restored_marker = marker
+        return marker
+
+    def _exit_on_sigterm(self, uri: str) -> Any:
+        """While restoring ``uri``: SIGTERM raises :class:`PreemptedDuringRestore` at once."""
+        if self.watcher is None:
+            return contextlib.nullcontext()
+        return self.watcher.raising(lambda: PreemptedDuringRestore(snapshot=uri.rstrip("/")))
+
+    def _restore(self, uri: str, *, app_state: Mapping[str, Any] | None, optional: tuple[str, ...]) -> contract.CommitMarker:
         marker_json = None
         if _dist.rank(self.pg) == 0:
             info = self.store.inspect(uri)
@@ -220,8 +255,6 @@ class Snapshotter(abc.ABC):
                         state.pop(key, None)
         reader._read(uri.rstrip("/"), state)
         _dist.barrier(self._flag_pg)
-        self.restored_from = uri.rstrip("/")
-        self._restored_marker = marker
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
         return marker

@@ -33,7 +33,7 @@ from torchtnt.framework.callbacks._checkpoint_utils import (
     _TRAIN_DL_STATE_KEY,
 )
 from torchtnt.framework.callbacks.checkpointer_types import RestoreOptions
-from torchtnt.framework.state import State
+from torchtnt.framework.state import EntryPoint, State
 from torchtnt.framework.unit import AppStateMixin, TTrainUnit
 from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 
@@ -180,18 +180,33 @@ class TorchSnapshotSaver(Callback):
             return
         self._snap.save(step=step, epoch=epoch, app_state=self._app_state(state, unit, intra_epoch=intra_epoch))
 
+    def _check_preemption(self, state: State, unit: TTrainUnit) -> None:
+        """Step boundary: if any rank got SIGTERM, emergency snapshot and :class:`Preempted`."""
+        if self._snap.watcher is None or not self._snap.preemption_requested():
+            return
+        progress = unit.train_progress
+        self._snap.emergency_save(
+            step=progress.num_steps_completed,
+            epoch=progress.num_epochs_completed,
+            # Mid-epoch (also an eval within the epoch): with the train dataloader's position.
+            app_state=self._app_state(state, unit, intra_epoch=progress.num_steps_completed_in_epoch > 0),
+        )
+
     def on_train_step_end(self, state: State, unit: TTrainUnit) -> None:
         step = unit.train_progress.num_steps_completed
         record_progress(step)  # the step reached, for the launcher's termination message
-        if self._snap.watcher is not None and self._snap.preemption_requested():
-            self._snap.emergency_save(
-                step=step,
-                epoch=unit.train_progress.num_epochs_completed,
-                app_state=self._app_state(state, unit, intra_epoch=True),
-            )
+        self._check_preemption(state, unit)
         every = self._snap.every_steps
         if every and step % every == 0:
             self._save(state, unit, intra_epoch=True)
+
+    def on_eval_step_end(self, state: State, unit: Any) -> None:
+        """Under ``fit()`` an eval step is a step boundary too (issue 8, item 12):
+        a SIGTERM during a long eval epoch gets its emergency snapshot (of the
+        train state; the interrupted eval is not resumed). Every rank must run
+        the same number of eval steps, as with train steps."""
+        if state.entry_point == EntryPoint.FIT:
+            self._check_preemption(state, unit)
 
     def on_train_epoch_end(self, state: State, unit: TTrainUnit) -> None:
         epoch = unit.train_progress.num_epochs_completed
@@ -226,10 +241,16 @@ class TorchSnapshotSaver(Callback):
                                  process_group=process_group, watch_preemption=False)
         info = probe.store.inspect(path)
         chosen = backend or (info.marker.backend if info and info.marker else BACKEND_TORCHSNAPSHOT)
+        # With a watcher of its own while it runs: a SIGTERM during the
+        # restore exits at once (PreemptedDuringRestore).
         snap = make_snapshotter(backend=chosen, uri=root, storage_options=storage_options,
-                                process_group=process_group, watch_preemption=False)
-        snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader),
-                     optional=(_TRAIN_DL_STATE_KEY,))
+                                process_group=process_group)
+        try:
+            snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader),
+                         optional=(_TRAIN_DL_STATE_KEY,))
+        finally:
+            if snap.watcher is not None:
+                snap.watcher.uninstall()
         unit._tj_restored_from = path.rstrip("/")  # type: ignore[attr-defined]
 
     @classmethod
