@@ -79,3 +79,38 @@ def test_item10_resume_from_is_honoured_on_attempt_0(s3_root, monkeypatch):
     tnt_train(unit, [torch.ones(2, 8)] * 4, max_epochs=1,
               callbacks=[Probe(dirpath=s3_root, async_checkpoint=False, watch_preemption=False)])
     assert started == [2]
+
+
+def test_shape_save_every_n_eval_epochs_under_fit(s3_root):
+    from torchtnt.framework.fit import fit
+
+    from tests.trainer.test_tnt_preemption_phases import FitUnit
+
+    class Quiet(FitUnit):
+        def eval_step(self, state, data) -> None:
+            self.eval_steps += 1
+
+    batches = [torch.ones(2, 8)] * 4
+    fit(Quiet(), train_dataloader=batches, eval_dataloader=batches[:2], max_epochs=1, evaluate_every_n_steps=2,
+        callbacks=[TorchSnapshotSaver(dirpath=s3_root, save_every_n_eval_epochs=1, async_checkpoint=False,
+                                      watch_preemption=False)])
+    # Evals after train steps 2 and 4 (mid-epoch), after the epoch; then the final save (same folder).
+    assert _complete(s3_root) == [(2, 0, "torchsnapshot"), (4, 0, "torchsnapshot"), (4, 1, "torchsnapshot")]
+
+
+def test_shape_restore_options_strict_false_skips_entries_the_snapshot_lacks(s3_root):
+    import pytest
+    from torchtnt.framework.callbacks.checkpointer_types import RestoreOptions
+
+    saved = _unit()
+    tnt_train(saved, [torch.ones(2, 8)] * 2, max_steps=2,
+              callbacks=[TorchSnapshotSaver(dirpath=s3_root, async_checkpoint=False, watch_preemption=False)])
+    unit = _unit()
+    unit.extra = torch.nn.Linear(2, 2)  # tracked by the unit, absent from the snapshot
+    with pytest.raises(AssertionError, match="extra is absent"):  # torchsnapshot, strict by default
+        TorchSnapshotSaver.restore_from_latest(s3_root, unit)
+    unit = _unit()
+    unit.extra = torch.nn.Linear(2, 2)
+    assert TorchSnapshotSaver.restore_from_latest(s3_root, unit, restore_options=RestoreOptions(strict=False))
+    assert torch.equal(unit.module.weight, saved.module.weight)
+    assert unit.train_progress.num_steps_completed == 2

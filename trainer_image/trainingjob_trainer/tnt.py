@@ -98,8 +98,11 @@ class TorchSnapshotSaver(Callback):
         backend: ``torchsnapshot`` or ``dcp`` (``None``: ``$TJ_SNAPSHOT_BACKEND``,
             else ``torchsnapshot``).
         watch_preemption: Take the coordinated emergency snapshot on SIGTERM.
-        save_every_n_eval_epochs: Not supported (must be ``None``).
-        best_checkpoint_config: Not supported (must be ``None``).
+        save_every_n_eval_epochs: Under ``fit()``, save every N eval epochs
+            (the train state, named by its train epoch and step; under
+            ``evaluate()`` alone there is no train state and nothing is saved).
+        best_checkpoint_config: Not supported (must be ``None``): the
+            contract's folder names carry no metric (docs/trainer.md).
         knob_options: Accepted for compatibility; unused.
     """
 
@@ -120,10 +123,12 @@ class TorchSnapshotSaver(Callback):
         backend: Optional[str] = None,
         watch_preemption: bool = True,
     ) -> None:
-        if save_every_n_eval_epochs is not None or best_checkpoint_config is not None:
-            raise ValueError("save_every_n_eval_epochs and best_checkpoint_config are not supported")
-        if save_every_n_epochs is not None and save_every_n_epochs <= 0:
-            raise ValueError(f"save_every_n_epochs must be positive, got {save_every_n_epochs}")
+        if best_checkpoint_config is not None:
+            raise ValueError("best_checkpoint_config is not supported: snapshot folder names carry no metric")
+        for name, every in (("save_every_n_epochs", save_every_n_epochs),
+                            ("save_every_n_eval_epochs", save_every_n_eval_epochs)):
+            if every is not None and every <= 0:
+                raise ValueError(f"{name} must be positive, got {every}")
         # Explicit keyword arguments win, then the contract env (what the
         # TrainingJob says: backend, everySteps, keepLast, resumeFrom, the
         # attempt), then TorchTNT's defaults (torchsnapshot, keep all).
@@ -142,6 +147,7 @@ class TorchSnapshotSaver(Callback):
         )
         self._backend = backend
         self._save_every_n_epochs = save_every_n_epochs
+        self._save_every_n_eval_epochs = save_every_n_eval_epochs
         self._storage_options = storage_options
 
     @property
@@ -208,6 +214,11 @@ class TorchSnapshotSaver(Callback):
         if state.entry_point == EntryPoint.FIT:
             self._check_preemption(state, unit)
 
+    def on_eval_epoch_end(self, state: State, unit: Any) -> None:
+        every = self._save_every_n_eval_epochs
+        if every and state.entry_point == EntryPoint.FIT and unit.eval_progress.num_epochs_completed % every == 0:
+            self._save(state, unit, intra_epoch=unit.train_progress.num_steps_completed_in_epoch > 0)
+
     def on_train_epoch_end(self, state: State, unit: TTrainUnit) -> None:
         epoch = unit.train_progress.num_epochs_completed
         if self._save_every_n_epochs and epoch % self._save_every_n_epochs == 0:
@@ -245,9 +256,11 @@ class TorchSnapshotSaver(Callback):
         # restore exits at once (PreemptedDuringRestore).
         snap = make_snapshotter(backend=chosen, uri=root, storage_options=storage_options,
                                 process_group=process_group)
+        app_state = _restore_app_state(unit, restore_options, train_dataloader)
+        # strict=False (TorchTNT's RestoreOptions): restore the entries the snapshot has, skip the others.
+        optional = (_TRAIN_DL_STATE_KEY,) if restore_options is None or restore_options.strict else tuple(app_state)
         try:
-            snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader),
-                         optional=(_TRAIN_DL_STATE_KEY,))
+            snap.restore(path, app_state=app_state, optional=optional)
         finally:
             if snap.watcher is not None:
                 snap.watcher.uninstall()
