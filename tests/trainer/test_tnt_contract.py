@@ -114,3 +114,13 @@ def test_shape_restore_options_strict_false_skips_entries_the_snapshot_lacks(s3_
     assert TorchSnapshotSaver.restore_from_latest(s3_root, unit, restore_options=RestoreOptions(strict=False))
     assert torch.equal(unit.module.weight, saved.module.weight)
     assert unit.train_progress.num_steps_completed == 2
+
+
+def test_shape_unknown_torchtnt_version_fails_at_import():
+    import subprocess
+    import sys
+
+    code = "import torchtnt; torchtnt.__version__ = '0.3.0'; import trainingjob_trainer.tnt"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "ImportError: trainingjob_trainer.tnt supports torchtnt 0.2.4, found 0.3.0" in r.stderr, r.stderr[-2000:]

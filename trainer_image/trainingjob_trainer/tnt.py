@@ -26,6 +26,8 @@ import os
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch.distributed as dist
+import torchtnt
+
 from torchtnt.framework.callback import Callback
 from torchtnt.framework.callbacks._checkpoint_utils import (
     _prepare_app_state_for_checkpoint,
@@ -43,6 +45,26 @@ from trainingjob_trainer.snapshotter import Snapshotter, record_progress
 from trainingjob_trainer.state import OptimizerState, PerRankState, RNGState
 
 logger = logging.getLogger(__name__)
+
+
+def _check_torchtnt_version(version: str) -> None:
+    """This module uses TorchTNT internals (``_checkpoint_utils``, the
+    ``FSDPOptimizerWrapper`` layout, ``Progress`` counters) as of 0.2.4; any
+    other version must fail here, with a message, never misbehave later.
+
+    Raises:
+        ImportError: ``version`` is not one this module was written against.
+    """
+    if version not in SUPPORTED_TORCHTNT:
+        raise ImportError(
+            f"trainingjob_trainer.tnt supports torchtnt {', '.join(sorted(SUPPORTED_TORCHTNT))}, found {version}: "
+            "it relies on TorchTNT internals; install a supported torchtnt (see constraints.txt)"
+        )
+
+
+#: TorchTNT versions whose internals this module was checked against.
+SUPPORTED_TORCHTNT = frozenset({"0.2.4"})
+_check_torchtnt_version(torchtnt.__version__)
 
 _RNG_STATE_KEY = "rng_state"
 
