@@ -6,7 +6,8 @@
 * During a long restore: the rank exits at once (``PreemptedDuringRestore``,
   128+SIGTERM) with a ``PreemptedWithoutSnapshot`` message naming the
   snapshot, instead of finishing the restore first. The restore is held up
-  by a read that blocks for up to 20 s.
+  by a read that blocks for up to 20 s, and the signal lands on another
+  thread than the main one (where Python runs handlers).
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def test_item12_sigterm_during_a_long_restore_exits_at_once(s3_root, tmp_path, m
     snap._read = slow_read
 
     def sigterm_once_reading() -> None:
+        # Delivered to THIS thread, not the main one: the kernel may hand a
+        # process-directed SIGTERM to any thread (an S3 or upload thread).
         if reading.wait(30):
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
     threading.Thread(target=sigterm_once_reading, daemon=True).start()
     t0 = time.monotonic()

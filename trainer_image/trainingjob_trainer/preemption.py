@@ -89,8 +89,9 @@ class PreemptionWatcher:
 
     def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self._event.set()
-        if self._raise is not None:
-            raise self._raise()
+        make_error, self._raise = self._raise, None  # raise once, even if the signal comes twice
+        if make_error is not None:
+            raise make_error()
 
     @contextlib.contextmanager
     def raising(self, make_error: Callable[[], BaseException]) -> Iterator[None]:
@@ -98,14 +99,26 @@ class PreemptionWatcher:
 
         For phases with no step boundary to wait for (a long restore). If this
         rank was signalled already, raises on entry.
+
+        Python runs a signal handler in the main thread, when that thread
+        next executes bytecode; a process-directed SIGTERM that the kernel
+        hands to another thread (an S3 or upload thread) leaves a main thread
+        blocked in a lock wait asleep until the wait ends, which in a restore
+        is when the read finishes. So while this is active, a relay thread
+        watches the signal wakeup fd (written by the C-level handler, whatever
+        thread caught the signal) and re-sends the signal to the main thread
+        with ``pthread_kill``, which interrupts its wait.
         """
         if self.local_flag:
             raise make_error()
         self._raise = make_error
+        relay = _MainThreadRelay(self._signals, self._event) if _in_main_thread() else None
         try:
             yield
         finally:
             self._raise = None
+            if relay is not None:
+                relay.stop()
 
     def trigger(self) -> None:
         """Mark this rank as preempted (what the signal handler does)."""
@@ -115,6 +128,50 @@ class PreemptionWatcher:
     def local_flag(self) -> bool:
         """Whether THIS rank was signalled."""
         return self._event.is_set()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class _MainThreadRelay:
+    """Re-sends ``signals`` to the main thread until :meth:`stop` (see
+    :meth:`PreemptionWatcher.raising`). Signal numbers arrive on the wakeup
+    fd of :func:`signal.set_wakeup_fd`; a previous wakeup fd (asyncio's, say)
+    gets every byte too."""
+
+    def __init__(self, signals: tuple[int, ...], handled: threading.Event) -> None:
+        self._signals = set(signals)
+        self._handled = handled
+        self._stopping = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._previous = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._run, name="tj-signal-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = os.read(self._r, 64)
+            if self._stopping or not data:
+                return
+            if self._previous >= 0:
+                try:
+                    os.write(self._previous, data)
+                except OSError:
+                    pass
+            # Not handled yet: the main thread did not get it (or has not run since).
+            if any(b in self._signals for b in data) and not self._handled.is_set() and self._main is not None:
+                signal.pthread_kill(self._main, next(b for b in data if b in self._signals))
+
+    def stop(self) -> None:
+        signal.set_wakeup_fd(self._previous)
+        self._stopping = True
+        os.write(self._w, b"\0")
+        self._thread.join()
+        os.close(self._r)
+        os.close(self._w)
 
 
 def write_termination_message(msg: contract.TerminationMessage, *, path: str | None = None) -> str | None:
