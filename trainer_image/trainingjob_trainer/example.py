@@ -16,6 +16,7 @@ for bit-for-bit comparisons. Batches and dropout depend only on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -143,21 +144,21 @@ def main(argv: list[str] | None = None) -> int:
               f"restore_seconds={time.monotonic() - t0:.3f}", flush=True)
     step = start
     try:
-        for step in range(start + 1, args.steps + 1):
-            torch.manual_seed(args.seed * 7919 + step * 31 + rank)  # dropout stream of this step
-            x, y = batch(seed=args.seed, step=step, rank=rank, size=args.batch)
-            loss = nn.functional.mse_loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if rank == 0:
-                print(f"[example] step {step}/{args.steps} loss {loss.item():.6f}", flush=True)
-            if args.sleep_per_step:
-                time.sleep(args.sleep_per_step)
-            if snap:
-                snap.maybe_save(step)
-        if snap:
-            snap.close()
+        # On an error: local cleanup only, no collective (the other ranks are elsewhere).
+        with snap if snap else contextlib.nullcontext():
+            for step in range(start + 1, args.steps + 1):
+                torch.manual_seed(args.seed * 7919 + step * 31 + rank)  # dropout stream of this step
+                x, y = batch(seed=args.seed, step=step, rank=rank, size=args.batch)
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if rank == 0:
+                    print(f"[example] step {step}/{args.steps} loss {loss.item():.6f}", flush=True)
+                if args.sleep_per_step:
+                    time.sleep(args.sleep_per_step)
+                if snap:
+                    snap.maybe_save(step)
     except Preempted as p:
         print(f"[example] rank {rank}: preempted, emergency snapshot at step {p.step}: {p.snapshot}", flush=True)
         if _dist.initialized():

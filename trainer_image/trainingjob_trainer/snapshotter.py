@@ -10,10 +10,10 @@ Typical use in a plain PyTorch loop::
 
     snap = snapshotter_from_env(app_state={"train": ModelOptimizerState(model=m, optimizers=[opt])})
     start = snap.restore_latest()            # 0 on a fresh job
-    for step in range(start + 1, total + 1):
-        train_step(step)
-        snap.maybe_save(step)                # may raise Preempted (exit code 83)
-    snap.close()
+    with snap:                               # close(); after an error abandon(): no collective
+        for step in range(start + 1, total + 1):
+            train_step(step)
+            snap.maybe_save(step)            # may raise Preempted (exit code 83)
 """
 
 from __future__ import annotations
