@@ -167,10 +167,8 @@ class TorchSnapshotSaver(Callback):
             watch_preemption=watch_preemption,
             **extra,
         )
-        self._backend = backend
         self._save_every_n_epochs = save_every_n_epochs
         self._save_every_n_eval_epochs = save_every_n_eval_epochs
-        self._storage_options = storage_options
 
     @property
     def dirpath(self) -> str:
