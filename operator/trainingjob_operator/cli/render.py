@@ -148,15 +148,16 @@ def _disruption(d: Mapping[str, Any]) -> str:
     return ", ".join(bits)
 
 
-def _mapping_section(lines: list[str], title: str, value: Any, known: Sequence[tuple[str, str]]) -> None:
+def _mapping_section(lines: list[str], title: str, value: Any, known: Sequence[tuple[str, str]],
+                     indent: int = 0) -> None:
     """A status object that may not exist yet (progress, goodput): known keys first, then any others."""
     if not isinstance(value, Mapping) or not value:
         return
-    lines.append(f"{title}:")
+    lines.append(f"{' ' * indent}{title}:")
     for key, label in known:
-        _kv(lines, label, value.get(key), 2)
+        _kv(lines, label, value.get(key), indent + 2)
     for key in sorted(set(value) - {k for k, _ in known}):
-        _kv(lines, key, value[key], 2)
+        _kv(lines, key, value[key], indent + 2)
 
 
 PROGRESS_FIELDS = (("step", "Step"), ("totalSteps", "Total steps"), ("percent", "Percent"),
@@ -237,7 +238,7 @@ def describe(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]], *, now
             _kv(lines, "Restored step", snap.get("restoredStep"), 4)
             _kv(lines, "For attempt", snap.get("restoredAttempt"), 4)
         _kv(lines, "Resume from (spec)", (spec.get("snapshot") or {}).get("resumeFrom"), 2)
-        _mapping_section(lines, "  Last request", snap.get("lastRequest"), LAST_REQUEST_FIELDS)
+        _mapping_section(lines, "Last request", snap.get("lastRequest"), LAST_REQUEST_FIELDS, indent=2)
         _kv(lines, "Last error", snap.get("lastError"), 2)
     conds = st.get("conditions") or []
     lines.append("Conditions:" + ("" if conds else f" {NONE}"))
