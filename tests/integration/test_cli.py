@@ -185,6 +185,10 @@ def test_issue12_describe_shows_the_timeline_and_the_operator_honours_resume(clu
     reasons = [ln.split()[3] for ln in events.strip().splitlines()[1:]]
     assert "GangCreated" in reasons and "AllWorkersSucceeded" in reasons
     assert reasons.index("GangCreated") < reasons.index("AllWorkersSucceeded")  # oldest first
+    # The snapshot list marks what the status names.
+    snaps = json.loads(run_cli(cluster, "snapshots", JOB, "-n", namespace, "-o", "json").stdout)["snapshots"]
+    notes = {r["step"]: r["note"] for r in snaps}
+    assert "latest" in notes[30] and "restored by the current attempt" in notes[20]
     assert_no_secret(cluster, out, proc.stderr)
 
 
