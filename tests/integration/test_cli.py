@@ -192,9 +192,13 @@ def test_issue12_describe_shows_the_timeline_and_the_operator_honours_resume(clu
     assert_no_secret(cluster, out, proc.stderr)
 
 
-def test_issue12_errors_are_one_line_with_exit_code_1(cluster, kube, namespace, job):
+def test_issue12_errors_are_one_line_with_exit_code_1(cluster, kube, namespace, job, tmp_path):
     assert_one_line_error(run_cli(cluster, "describe", "nope", "-n", namespace),
                           f"trainingjob {namespace}/nope not found")
+    nowhere = tmp_path / "kubeconfig"
+    nowhere.write_text(Path(cluster.kubeconfig).read_text().replace(cluster.client().server, "http://127.0.0.1:9"))
+    assert_one_line_error(run_cli(cluster, "describe", JOB, "-n", namespace, "--kubeconfig", str(nowhere)),
+                          "cannot reach the Kubernetes API at http://127.0.0.1:9")
     kube.create(TJ, job_manifest("nosecret", namespace, "print(1)", nodes=1,
                                  snapshot=snapshot_spec(cluster, secret="absent")), namespace=namespace)
     proc = run_cli(cluster, "snapshots", "nosecret", "-n", namespace)
