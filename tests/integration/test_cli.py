@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from trainingjob_operator.cli.api import Api, CliError
 from trainingjob_operator.cli.commands import patch_resume_from
@@ -217,3 +218,21 @@ def test_issue12_errors_are_one_line_with_exit_code_1(cluster, kube, namespace, 
     unsupported = run_cli(cluster, "snapshot", JOB, "-n", namespace)
     assert_one_line_error(unsupported, "not supported yet by this operator version", "status.snapshot.lastRequest")
     assert_no_secret(cluster, proc.stderr, local.stdout, down.stderr, there.stdout, unsupported.stderr)
+
+
+def test_issue12_context_and_namespace_come_from_the_kubeconfig_as_in_kubectl(cluster, namespace, job, tmp_path):
+    cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    good = cfg["contexts"][0]
+    cfg["clusters"].append({"name": "gone", "cluster": {"server": "http://127.0.0.1:9"}})
+    cfg["contexts"] = [{"name": "work", "context": {**good["context"], "namespace": namespace}},
+                       {"name": "broken", "context": {**good["context"], "cluster": "gone"}}]
+    cfg["current-context"] = "broken"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    env = _env(cluster, KUBECONFIG=str(path))
+    assert_one_line_error(run_cli(cluster, "describe", JOB, env=env), "cannot reach the Kubernetes API")
+    ok = run_cli(cluster, "describe", JOB, "--context", "work", env=env)  # no -n: the context's namespace
+    assert ok.returncode == 0 and f"Namespace:            {namespace}" in ok.stdout, ok.stderr
+    assert_one_line_error(run_cli(cluster, "describe", JOB, "--context", "nope", env=env),
+                          "context 'nope' not found")
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("kubectl-tj-*.kubeconfig"))  # the copy is gone

@@ -32,19 +32,45 @@ from .api import Api, CliError
 Command = Callable[[Api, argparse.Namespace], str]
 
 
-def _default_namespace() -> str:
-    """The kubeconfig context's namespace, else ``default`` (as kubectl)."""
-    try:
-        import yaml
+def _kubeconfig_path() -> str:
+    return os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
 
-        path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
-        with open(path, encoding="utf-8") as f:
+
+def select_context(context: str | None) -> tuple[str, str | None]:
+    """Apply ``--context`` and find the default namespace, as kubectl does.
+
+    The shared loader (:func:`trainingjob_operator.kube.load_config`) uses the
+    kubeconfig's current context; for ``--context`` it is given a private
+    copy (mode 0600) whose current context is the one asked for.
+
+    Returns:
+        ``(namespace, copy)``: the context's namespace (else ``default``) and
+        the path of the copy to delete once the config is loaded (``None``
+        without ``--context``).
+    """
+    import tempfile
+
+    import yaml
+
+    try:
+        with open(_kubeconfig_path(), encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
-        ctx = next((c.get("context") or {} for c in cfg.get("contexts") or []
-                    if c.get("name") == cfg.get("current-context")), {})
-        return ctx.get("namespace") or "default"
-    except (OSError, ValueError, AttributeError, ImportError):
-        return "default"
+    except (OSError, ValueError):
+        if context:
+            raise CliError(f"--context {context}: cannot read the kubeconfig {_kubeconfig_path()}") from None
+        return "default", None  # in-cluster, or the loader reports the problem
+    name = context or cfg.get("current-context")
+    ctx = next((c.get("context") or {} for c in cfg.get("contexts") or [] if c.get("name") == name), None)
+    if context and ctx is None:
+        raise CliError(f"context {context!r} not found in the kubeconfig {_kubeconfig_path()}")
+    namespace = (ctx or {}).get("namespace") or "default"
+    if not context:
+        return namespace, None
+    cfg["current-context"] = context
+    fd, copy = tempfile.mkstemp(prefix="kubectl-tj-", suffix=".kubeconfig")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    return namespace, copy
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("name", metavar="NAME", help="the TrainingJob")
         c.add_argument("-n", "--namespace", default=None, help="its namespace (default: the context's, or default)")
         c.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+        c.add_argument("--context", default=None, help="kubeconfig context (default: its current-context)")
         if s3:
             c.add_argument("--local-credentials", action="store_true",
                            help="read S3 with the local AWS env/config instead of the job's credentials Secret")
@@ -85,9 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    args.namespace = args.namespace or _default_namespace()
     try:
-        out = args.func(Api(), args)
+        namespace, copy = select_context(args.context)
+        args.namespace = args.namespace or namespace
+        try:
+            if copy:
+                os.environ["KUBECONFIG"] = copy
+            api = Api()
+        finally:
+            if copy:
+                os.unlink(copy)
+        out = args.func(api, args)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
