@@ -176,11 +176,14 @@ def test_issue12_describe_shows_the_timeline_and_the_operator_honours_resume(clu
     proc = run_cli(cluster, "describe", JOB, "-n", namespace)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.split("Conditions:")[0].splitlines())}
+    fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.split("Pods:")[0].splitlines())}
     assert "Phase:" in out and "Succeeded (AllWorkersSucceeded)" in out
     assert fields["Restored from"] == target and fields["Resume from (spec)"] == target
     assert fields["Latest"] == job.uri_for(epoch=1, step=30) and fields["Complete"] == "3"
     assert "Progress:" not in out and "Goodput:" not in out  # not in this operator's status
+    pods = out.split("Pods:", 1)[1].split("Conditions:", 1)[0].strip().splitlines()
+    assert pods[0].split() == ["NAME", "ATTEMPT", "RANK", "PHASE", "NODE", "AGE"]
+    assert pods[1].split()[:4] == [f"{JOB}-0-0", "0", "0", "Succeeded"] and pods[1].split()[4].startswith("node-")
     conditions, events = out.split("Conditions:", 1)[1].split("Events:", 1)
     assert "Succeeded" in conditions and "AllWorkersSucceeded" in conditions
     reasons = [ln.split()[3] for ln in events.strip().splitlines()[1:]]

@@ -47,6 +47,8 @@ def test_issue12_describe_shows_disruption_lost_work_and_events_oldest_first():
     assert f["Restarts"] == "2 preemption(s) (max 5), 0 failure(s) (max -)"
     assert f["What"] == "Preemption NodeLost: pod j-1-0 on node n1, attempt 1, at step 40"
     assert f["At"] == "2026-01-02T11:50:00Z (10m ago)" and f["Lost work"] == "7 step(s), 3.5 s (cumulative)"
+    assert "Pods: <none>" in text
+    assert "Pods: (not allowed to list pods)" in render.describe(job, [], now=NOW, pods=None)
     events_text = text.split("Events:", 1)[1]
     assert events_text.index("First") < events_text.index("Second") and "a more (x2)" in events_text
 

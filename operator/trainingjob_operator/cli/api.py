@@ -116,6 +116,17 @@ class Api:
             raise _explain(e, f"the Events of trainingjob {meta['namespace']}/{meta['name']}") from None
         return [e for e in items if (e.get("involvedObject") or {}).get("name") == meta["name"]]
 
+    def job_pods(self, job: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        """The job's pods (server-side label selector), ``None`` when not allowed to list them."""
+        meta = job["metadata"]
+        try:
+            return self.request("GET", f"/api/v1/namespaces/{meta['namespace']}/pods",
+                                params={"labelSelector": f"{contract.LABEL_JOB_NAME}={meta['name']}"}).get("items") or []
+        except kube.ApiError as e:
+            if e.status in (401, 403):
+                return None
+            raise _explain(e, f"the pods of trainingjob {meta['namespace']}/{meta['name']}") from None
+
     def crd_status_schema(self) -> dict[str, Any] | None:
         """The installed CRD's status schema, ``None`` when it cannot be read (403, 404)."""
         try:

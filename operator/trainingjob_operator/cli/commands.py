@@ -54,7 +54,7 @@ def snapshots(api: Api, args: argparse.Namespace) -> str:
 def describe(api: Api, args: argparse.Namespace) -> str:
     """``kubectl tj describe NAME``: the job's state and timeline."""
     job = api.get_job(args.namespace, args.name)
-    return render.describe(job, api.job_events(job), now=_now())
+    return render.describe(job, api.job_events(job), pods=api.job_pods(job), now=_now())
 
 
 def check_resume_target(storage: JobStorage, uri: str) -> Any:

@@ -184,8 +184,33 @@ def sorted_events(events: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]
     return sorted(events, key=key)
 
 
-def describe(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]], *, now: dt.datetime) -> str:
-    """The ``kubectl tj describe`` text: state, restarts, disruptions, snapshots, conditions, Events."""
+def pods_table(pods: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
+    """The job's pods by attempt and rank: phase, node, age."""
+    def label(p: Mapping[str, Any], key: str) -> str | None:
+        return ((p.get("metadata") or {}).get("labels") or {}).get(key)
+
+    def order(p: Mapping[str, Any]) -> tuple[int, int]:
+        a, r = label(p, contract.LABEL_ATTEMPT), label(p, contract.LABEL_NODE_RANK)
+        return int(a) if str(a).isdigit() else -1, int(r) if str(r).isdigit() else -1
+
+    rows = [(p["metadata"]["name"], label(p, contract.LABEL_ATTEMPT), label(p, contract.LABEL_NODE_RANK),
+             ((p.get("status") or {}).get("phase") or "Unknown")
+             + (" (terminating)" if p["metadata"].get("deletionTimestamp") else ""),
+             (p.get("spec") or {}).get("nodeName"), age(p["metadata"].get("creationTimestamp"), now))
+            for p in sorted(pods, key=order)]
+    return table(("Name", "Attempt", "Rank", "Phase", "Node", "Age"), rows)
+
+
+def describe(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]], *, now: dt.datetime,
+             pods: Sequence[Mapping[str, Any]] | None = ()) -> str:
+    """The ``kubectl tj describe`` text: state, restarts, disruptions, snapshots, pods, conditions, Events.
+
+    Args:
+        job: The TrainingJob.
+        events: Its Events (any order).
+        now: The current time (UTC).
+        pods: Its pods; ``None`` when the user may not list them.
+    """
     meta, spec, st = job["metadata"], job.get("spec") or {}, job.get("status") or {}
     lines: list[str] = []
     _kv(lines, "Name", meta["name"])
@@ -240,6 +265,12 @@ def describe(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]], *, now
         _kv(lines, "Resume from (spec)", (spec.get("snapshot") or {}).get("resumeFrom"), 2)
         _mapping_section(lines, "Last request", snap.get("lastRequest"), LAST_REQUEST_FIELDS, indent=2)
         _kv(lines, "Last error", snap.get("lastError"), 2)
+    if pods is None:
+        lines.append("Pods: (not allowed to list pods)")
+    else:
+        lines.append("Pods:" + ("" if pods else f" {NONE}"))
+        if pods:
+            lines.append(_indent(pods_table(pods, now), 2))
     conds = st.get("conditions") or []
     lines.append("Conditions:" + ("" if conds else f" {NONE}"))
     if conds:
