@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
+from localcluster import control
 from trainingjob_operator.cli.api import Api, CliError
 from trainingjob_operator.cli.commands import patch_resume_from
 from trainingjob_trainer import contract, s3
 from trainingjob_trainer.store import SnapshotStore
 
-from .helpers import TJ, job_manifest, wait_phase
+from .helpers import TJ, job_manifest, wait_phase, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -167,32 +168,55 @@ def test_issue12_resume_patch_is_conditional_on_the_resource_version_read(cluste
     assert kube.get(TJ, JOB, namespace=namespace)["spec"]["snapshot"]["resumeFrom"].endswith("step_20")
 
 
-def test_issue12_describe_shows_the_timeline_and_the_operator_honours_resume(cluster, kube, namespace, job,
-                                                                             start_operator):
-    target = job.uri_for(epoch=0, step=20)  # not the latest (30): only resumeFrom makes the gang start there
-    assert run_cli(cluster, "resume", JOB, "-n", namespace, "--from", target).returncode == 0
+def _fields(out: str) -> dict[str, str]:
+    """``Key: value`` lines of describe's head (before the Pods table)."""
+    return {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.split("Pods:")[0].splitlines())}
+
+
+def test_issue12_describe_shows_the_timeline_and_resume_wins_for_the_first_attempt_only(
+        cluster, kube, namespace, job, start_operator):
+    # Attempt 0 runs until it is preempted; attempt 1 exits 0.
+    code = "import os, time; time.sleep(60 if os.environ['TJ_ATTEMPT'] == '0' else 0)"
+    store = write_folders(cluster, namespace, "timeline")
+    kube.create(TJ, job_manifest("timeline", namespace, code, nodes=1, snapshot=snapshot_spec(cluster),
+                                 terminationGracePeriodSeconds=2), namespace=namespace)
+    target = store.uri_for(epoch=0, step=20)  # not the latest (30): only resumeFrom makes a gang start there
+    assert run_cli(cluster, "resume", "timeline", "-n", namespace, "--from", target).returncode == 0
     start_operator(["--resync-seconds", "1"])
-    wait_phase(kube, namespace, JOB, "Succeeded", timeout=60)
-    proc = run_cli(cluster, "describe", JOB, "-n", namespace)
+    wait_status(kube, namespace, "timeline", lambda s: s.get("phase") == "Running", timeout=60, what="attempt 0 running")
+    first = _fields(run_cli(cluster, "describe", "timeline", "-n", namespace).stdout)
+    assert first["Attempt"] == "0" and first["Restored from"] == target
+    control.preempt(kube, namespace, "timeline-0-0", grace_period=1)
+    wait_phase(kube, namespace, "timeline", "Succeeded", timeout=60)
+    proc = run_cli(cluster, "describe", "timeline", "-n", namespace)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.split("Pods:")[0].splitlines())}
-    assert "Phase:" in out and "Succeeded (AllWorkersSucceeded)" in out
-    assert fields["Restored from"] == target and fields["Resume from (spec)"] == target
-    assert fields["Latest"] == job.uri_for(epoch=1, step=30) and fields["Complete"] == "3"
+    out, fields = proc.stdout, _fields(proc.stdout)
+    assert fields["Phase"] == "Succeeded (AllWorkersSucceeded)" and fields["Attempt"] == "1"
+    assert fields["Restarts"].startswith("1 preemption(s) (max 100), 0 failure(s)")
+    assert fields["What"].startswith("Preemption PreemptionByScheduler: pod timeline-0-0 on node node-")
+    assert fields["Lost work"] == "0 step(s), 0 s (cumulative)"
+    # The later attempt resumed from the job's latest snapshot, not from spec.snapshot.resumeFrom.
+    latest = store.uri_for(epoch=1, step=30)
+    assert fields["Restored from"] == latest and fields["For attempt"] == "1" and fields["Restored step"] == "30"
+    assert fields["Resume from (spec)"] == target and fields["Latest"] == latest and fields["Complete"] == "3"
     assert "Progress:" not in out and "Goodput:" not in out  # not in this operator's status
     pods = out.split("Pods:", 1)[1].split("Conditions:", 1)[0].strip().splitlines()
     assert pods[0].split() == ["NAME", "ATTEMPT", "RANK", "PHASE", "NODE", "AGE"]
-    assert pods[1].split()[:4] == [f"{JOB}-0-0", "0", "0", "Succeeded"] and pods[1].split()[4].startswith("node-")
+    assert pods[1].split()[:4] == ["timeline-1-0", "1", "0", "Succeeded"] and pods[1].split()[4].startswith("node-")
     conditions, events = out.split("Conditions:", 1)[1].split("Events:", 1)
     assert "Succeeded" in conditions and "AllWorkersSucceeded" in conditions
-    reasons = [ln.split()[3] for ln in events.strip().splitlines()[1:]]
-    assert "GangCreated" in reasons and "AllWorkersSucceeded" in reasons
-    assert reasons.index("GangCreated") < reasons.index("AllWorkersSucceeded")  # oldest first
+    rows = events.strip().splitlines()[1:]
+    reasons = [ln.split()[3] for ln in rows]
+    timeline = [r for r in reasons if r in ("GangCreated", "Preempted", "FencingPreviousAttempt",
+                                            "AllWorkersSucceeded")]
+    assert timeline == ["GangCreated", "Preempted", "FencingPreviousAttempt", "GangCreated",
+                        "AllWorkersSucceeded"], reasons  # oldest first
+    gangs = [ln for ln in rows if ln.split()[3] == "GangCreated"]
+    assert target in gangs[0] and "attempt 0" in gangs[0] and latest in gangs[1] and "attempt 1" in gangs[1]
     # The snapshot list marks what the status names.
-    snaps = json.loads(run_cli(cluster, "snapshots", JOB, "-n", namespace, "-o", "json").stdout)["snapshots"]
+    snaps = json.loads(run_cli(cluster, "snapshots", "timeline", "-n", namespace, "-o", "json").stdout)["snapshots"]
     notes = {r["step"]: r["note"] for r in snaps}
-    assert "latest" in notes[30] and "restored by the current attempt" in notes[20]
+    assert "latest" in notes[30] and "restored by the current attempt" in notes[30] and "latest" not in notes[20]
     assert_no_secret(cluster, out, proc.stderr)
 
 
