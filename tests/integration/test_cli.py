@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from localcluster import control
-from trainingjob_operator.cli.api import Api, CliError
+from trainingjob_operator.cli.api import ACCESS, USER_AGENT, Api, CliError
 from trainingjob_operator.cli.commands import patch_resume_from
 from trainingjob_trainer import contract, s3
 from trainingjob_trainer.store import SnapshotStore
@@ -263,3 +264,20 @@ def test_issue12_context_and_namespace_come_from_the_kubeconfig_as_in_kubectl(cl
     assert_one_line_error(run_cli(cluster, "describe", JOB, "--context", "nope", env=env),
                           "context 'nope' not found")
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("kubectl-tj-*.kubeconfig"))  # the copy is gone
+
+
+def test_issue12_plugin_makes_exactly_the_api_calls_its_rbac_lists(cluster, namespace, job):
+    log = Path(cluster.state_dir) / "api-requests.jsonl"
+    t0 = time.time()
+    complete = job.uri_for(epoch=0, step=20)
+    for args in (("snapshots", JOB), ("describe", JOB), ("resume", JOB, "--from", complete), ("snapshot", JOB)):
+        run_cli(cluster, *args, "-n", namespace)
+    entries = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    used = {(e["api_group"] or "", e["resource"], e["verb"]) for e in entries
+            if e["user_agent"] == USER_AGENT and e["ts"] >= t0}
+    assert used == set(ACCESS)
+    docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    rows = {tuple(c.strip().strip("`").split("`")[0] for c in ln.split("|")[1:4])
+            for ln in docs.split("RBAC a user of the plugin needs", 1)[1].split("**`resume`**", 1)[0].splitlines()
+            if ln.startswith("| `")}
+    assert {("" if g == '""' else g, r, v) for g, r, v in rows} == set(ACCESS)  # the docs list the same calls

@@ -29,6 +29,20 @@ from ..model import SpecError, parse_spec
 #: Events, and the CRD (to learn what the installed operator version serves).
 JOBS = f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{{ns}}/{contract.PLURAL}"
 CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{contract.PLURAL}.{contract.GROUP}"
+USER_AGENT = "kubectl-tj/0.1"
+
+#: Every API call the plugin makes, as RBAC (api group, resource, verb), with
+#: what needs it (docs/operations.md; tests/integration/test_cli.py checks
+#: that the plugin makes exactly these calls).
+ACCESS = {
+    (contract.GROUP, contract.PLURAL, "get"): "every command reads the job",
+    (contract.GROUP, contract.PLURAL, "patch"): "resume sets spec.snapshot.resumeFrom",
+    ("", "secrets", "get"): "snapshots and resume read the job's credentials Secret (not with --local-credentials)",
+    ("", "events", "list"): "describe shows the job's Events",
+    ("", "pods", "list"): "describe shows the job's pods (optional)",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"):
+        "snapshot checks what the installed operator version serves (optional)",
+}
 
 
 class CliError(Exception):
@@ -61,7 +75,7 @@ class Api:
                 params: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One API call; raises :class:`kube.ApiError` for an error status, :class:`CliError` if unreachable."""
         url = self._config.server + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        headers = {"Accept": "application/json", "User-Agent": "kubectl-tj/0.1"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         token = self._config.token
         if self._config.token_path:
             with open(self._config.token_path, encoding="utf-8") as f:
