@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
 from . import builders
-from .classify import FAILURE, PREEMPTION, SUCCESS, NodeView, Outcome, PodView, classify, node_suspect, parse_time
+from .classify import (
+    FAIL_JOB, FAILURE, PREEMPTION, SUCCESS, TRANSIENT, NodeView, Outcome, PodView, classify, node_suspect, parse_time,
+)
 from .conditions import set_condition
 from .model import JobSpec, SpecError, parse_spec, validate
 
@@ -51,6 +54,9 @@ R_SECRET_MISSING = "CredentialsSecretNotReady"
 R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
 
+R_TRANSIENT = "TransientRestart"
+
+_CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*")
 RESYNC_SECONDS = 10.0
 #: How long a restart waits for an unreadable snapshot folder before starting
 #: the new gang anyway (the trainer then picks the latest complete snapshot).
@@ -288,8 +294,12 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     if last and not last.get("accounted"):
         for p in old_pods:
             cm = PodView.from_pod(p).contract_message
-            if cm and cm.step is not None and _attempt_of(p) == last.get("attempt") and cm.step > last.get("step", -1):
+            if not cm or _attempt_of(p) != last.get("attempt"):
+                continue
+            if cm.step is not None and cm.step > last.get("step", -1):
                 last["step"] = cm.step
+            if cm.save_seconds is not None and cm.save_seconds > last.get("saveSeconds", -1.0):
+                last["saveSeconds"] = cm.save_seconds
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
     if c.status.get("phase") != RESTARTING:
@@ -308,7 +318,7 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
     if nxt is not None and nxt > c.now:
         wait = (nxt - c.now).total_seconds()
         c.set_phase(RESTARTING, R_BACKOFF,
-                    f"attempt {attempt} starts at {c.status['nextRestartTime']} (failure backoff)")
+                    f"attempt {attempt} starts at {c.status['nextRestartTime']} (backoff)")
         c.requeue(wait)
         return
     if c.obs.secret_problem:
@@ -417,7 +427,8 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
     rr = spec.recovery
     outcomes: list[Outcome] = []
     for v in views:
-        o = classify(v, nodes=c.obs.nodes, now=c.now, node_not_ready_seconds=rr.node_not_ready_seconds)
+        o = classify(v, nodes=c.obs.nodes, now=c.now, node_not_ready_seconds=rr.node_not_ready_seconds,
+                     rules=rr.rules)
         if o is not None:
             outcomes.append(o)
     present = {v.rank for v in views}
@@ -426,11 +437,15 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             outcomes.append(Outcome(PREEMPTION, "PodDeleted", builders.pod_name(c.name, attempt, rank), None,
                                     message="the pod disappeared (deleted by someone other than the operator)"))
     steps = [o.step for o in outcomes if o.step is not None]
-    preempted = [o for o in outcomes if o.kind == PREEMPTION]
+    step = max(steps) if steps else None
     failed = [o for o in outcomes if o.kind == FAILURE]
-    if preempted:
-        _end_attempt(c, spec, preempted[0], max(steps) if steps else None, views)
-        return
+    # A cause that restarting cannot fix wins, then a disruption (the others'
+    # errors follow from it), then a transient rejection.
+    for kind in (FAIL_JOB, PREEMPTION, TRANSIENT):
+        first = next((o for o in outcomes if o.kind == kind), None)
+        if first is not None:
+            _end_attempt(c, spec, first, step, views)
+            return
     if failed:
         if any(node_suspect(v, c.obs.nodes) for v in views if v.phase not in ("Succeeded", "Failed")):
             # A gang member's node is NotReady: this failure is probably the
@@ -449,7 +464,7 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         # The pod that ended first is usually the cause; the others follow it.
         ended = {v.name: v.finished_at or c.now for v in views}
         first = min(failed, key=lambda o: (ended.get(o.pod, c.now), o.pod))
-        _end_attempt(c, spec, first, max(steps) if steps else None, views)
+        _end_attempt(c, spec, first, step, views)
         return
     if len(views) == spec.nodes and all(o.kind == SUCCESS for o in outcomes) and len(outcomes) == spec.nodes:
         c.status["completionTime"] = _iso(c.now)
@@ -484,55 +499,83 @@ def _settle_remaining(c: _Ctx, spec: JobSpec, views: list[PodView]) -> float:
     return spec.recovery.failure_settle_seconds - (c.now - min(ended)).total_seconds()
 
 
-def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:
-    attempt = c.status["attempt"]
-    restarts = c.status["restarts"]
-    key, budget = ("preemptions", spec.recovery.max_preemptions) if o.kind == PREEMPTION else (
-        "failures", spec.recovery.max_failures)
-    disruption: dict[str, Any] = {
-        "kind": o.kind, "reason": o.reason, "pod": o.pod, "attempt": attempt, "at": _iso(c.now),
+#: Per outcome kind: the restarts counter and the spec's budget (``None``: no budget).
+_BUDGETS = {PREEMPTION: ("preemptions", "max_preemptions"), FAILURE: ("failures", "max_failures"),
+            TRANSIENT: ("transient", None)}
+
+
+def _disruption(c: _Ctx, o: Outcome, step: int | None) -> dict[str, Any]:
+    """``status.lastDisruption`` for outcome ``o`` of the current attempt."""
+    d: dict[str, Any] = {
+        "kind": o.kind, "reason": o.reason, "pod": o.pod, "attempt": c.status["attempt"], "at": _iso(c.now),
         "message": o.describe(),
     }
     if o.node:
-        disruption["node"] = o.node
+        d["node"] = o.node
     if o.exit_code is not None:
-        disruption["exitCode"] = o.exit_code
+        d["exitCode"] = o.exit_code
+    if o.save_seconds is not None:
+        d["saveSeconds"] = o.save_seconds
     if step is not None:
-        disruption["step"] = step
+        d["step"] = step
         started = parse_time(c.status.get("attemptStartTime"))
         restored = (c.status.get("snapshot") or {}).get("restoredStep") or 0
         if started and step > restored:
-            disruption["secondsPerStep"] = round((c.now - started).total_seconds() / (step - restored), 6)
-    c.status["lastDisruption"] = disruption
-    if restarts.get(key, 0) >= budget:
+            d["secondsPerStep"] = round((c.now - started).total_seconds() / (step - restored), 6)
+    return d
+
+
+def _fail_job(c: _Ctx, spec: JobSpec, reason: str, msg: str) -> None:
+    c.status["completionTime"] = _iso(c.now)
+    c.set_phase(FAILED, reason, msg, event_type="Warning")
+    c.condition("Failed", True, reason, msg)
+    c.condition("Ready", False, reason)
+    _cleanup_finished(c, spec)
+
+
+def _backoff_until(c: _Ctx, spec: JobSpec, n: int) -> int:
+    """Set ``nextRestartTime`` for the ``n``-th backed-off restart; returns the delay."""
+    delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (max(n, 1) - 1)))
+    # Rounded UP to the second (RFC 3339 in status has second resolution):
+    # the backoff is never shorter than promised.
+    end = c.now + dt.timedelta(seconds=delay)
+    if end.microsecond:
+        end = end.replace(microsecond=0) + dt.timedelta(seconds=1)
+    c.status["nextRestartTime"] = _iso(end)
+    return delay
+
+
+def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:
+    attempt = c.status["attempt"]
+    restarts = c.status["restarts"]
+    c.status["lastDisruption"] = _disruption(c, o, step)
+    if o.kind == FAIL_JOB:
+        _fail_job(c, spec, o.reason, f"attempt {attempt} ended: {o.describe()}")
+        return
+    key, budget_field = _BUDGETS[o.kind]
+    budget = getattr(spec.recovery, budget_field) if budget_field else None
+    if budget is not None and restarts.get(key, 0) >= budget:
         reason = R_PREEMPTION_BUDGET if o.kind == PREEMPTION else R_FAILURE_BUDGET
         what = "maxPreemptions" if o.kind == PREEMPTION else "maxFailures"
-        msg = f"attempt {attempt} ended: {o.describe()}; {what}={budget} restarts already used"
-        c.status["completionTime"] = _iso(c.now)
-        c.set_phase(FAILED, reason, msg, event_type="Warning")
-        c.condition("Failed", True, reason, msg)
-        c.condition("Ready", False, reason)
-        _cleanup_finished(c, spec)
+        _fail_job(c, spec, reason, f"attempt {attempt} ended: {o.describe()}; {what}={budget} restarts already used")
         return
-    restarts[key] = restarts.get(key, 0) + 1
+    restarts[key] = n = restarts.get(key, 0) + 1
     c.status["attempt"] = attempt + 1
     _workers(c, spec, [])
     c.status["gangCreated"] = False
     if o.kind == FAILURE:
-        n = restarts[key]
-        delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (n - 1)))
-        # Rounded UP to the second (RFC 3339 in status has second resolution):
-        # the backoff is never shorter than promised.
-        end = c.now + dt.timedelta(seconds=delay)
-        if end.microsecond:
-            end = end.replace(microsecond=0) + dt.timedelta(seconds=1)
-        c.status["nextRestartTime"] = _iso(end)
+        delay = _backoff_until(c, spec, n)
         reason = R_FAILED_RESTART
         msg = (f"attempt {attempt} failed: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) after {delay}s backoff")
+    elif o.kind == TRANSIENT:
+        delay = _backoff_until(c, spec, n)
+        reason = o.reason if _CAMEL.fullmatch(o.reason) else R_TRANSIENT
+        msg = (f"attempt {attempt} could not run: {o.describe()}; attempt {attempt + 1} after {delay}s backoff "
+               "(not counted as a failure)")
     else:
         reason = R_PREEMPTED
-        msg = (f"attempt {attempt} preempted: {o.describe()}; restart {restarts[key]}/{budget} "
+        msg = (f"attempt {attempt} preempted: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) from the latest snapshot")
     c.set_phase(RESTARTING, reason, msg, event_type="Warning")
     c.condition("Ready", False, reason, msg)

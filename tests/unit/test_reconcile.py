@@ -494,3 +494,64 @@ def test_pod_template_is_merged_and_operator_fields_win():
     assert spec["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
     assert spec["hostname"] == p["metadata"]["name"] and spec["subdomain"] == "mnist-0"
+
+
+# ---------------------------------------------------------------- issue 9
+def test_defect5_exit84_snapshot_storage_error_fails_the_job_without_retrying():
+    b = job(status=running_status(), recovery={"maxFailures": 5})
+    pods = [pod(b, 0, r, phase="Failed", ready=False, exit_code=contract.EXIT_SNAPSHOT_CONFIG_ERROR) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "SnapshotStorageError"
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0} and plan.status["attempt"] == 0
+    assert "spec.snapshot or the credentials Secret" in plan.status["message"]
+    assert [e.reason for e in plan.events] == ["SnapshotStorageError"]
+
+
+def test_defect5_kubelet_admission_rejection_restarts_without_counting():
+    b = job(status=running_status())
+    rejected = pod(b, 0, 1, phase="Failed", ready=False, reason="OutOfnvidia.com/gpu")
+    rejected["status"]["message"] = "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu"
+    plan = reconcile(b, obs([pod(b, 0, 0), rejected, pod(b, 0, 2)], [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["attempt"] == 1 and plan.status["reason"] == "TransientRestart"
+    assert plan.status["nextRestartTime"] == "2026-11-28T12:00:10Z"  # backed off
+    assert plan.status["lastDisruption"]["kind"] == "Transient"
+
+
+def test_defect5_evicted_over_its_own_limit_is_a_failure_not_a_preemption():
+    b = job(status=running_status())
+    ev = pod(b, 0, 1, phase="Failed", ready=False, reason="Evicted")
+    ev["status"]["message"] = "Pod ephemeral local storage usage exceeds the total limit of containers 1Gi. "
+    plan = reconcile(b, obs([ev, pod(b, 0, 0), pod(b, 0, 2)], [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 1}
+    assert plan.status["lastDisruption"]["reason"] == "EvictedOverLimit"
+
+
+def test_issue8_save_seconds_shown_in_last_disruption():
+    msg = contract.format_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_PREEMPTED, step=40, snapshot="s3://bucket/runs/ml/mnist/epoch_0_train_step_40",
+        save_seconds=2.5))
+    b = job(status=running_status())
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=contract.EXIT_PREEMPTED_AFTER_SNAPSHOT, message=msg),
+            pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["lastDisruption"]["saveSeconds"] == 2.5
+    # reported by another pod while fencing: the longest save is kept
+    slower = contract.format_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_PREEMPTED, step=40, save_seconds=3.75))
+    fenced = [pod(b, 0, r, phase="Failed", ready=False, exit_code=contract.EXIT_PREEMPTED_AFTER_SNAPSHOT,
+                  message=slower, deleting=True) for r in (1, 2)]
+    plan2 = reconcile(apply(b, plan), obs(fenced, []))
+    assert plan2.status["lastDisruption"]["saveSeconds"] == 3.75
+
+
+def test_defect6_default_failure_settle_outlasts_the_node_monitor_grace_period():
+    """A survivor's error 50 s after its peer's node went silent is held (k8s >= 1.32 marks it at 50+5 s)."""
+    b = job(status=running_status(), recovery={"maxFailures": 3})
+    failed = pod(b, 0, 1, phase="Failed", ready=False, exit_code=1)
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-28T11:59:00Z"
+    pods = [pod(b, 0, 0), failed, pod(b, 0, 2)]
+    at = NOW + dt.timedelta(seconds=-60 + 56)  # 56 s after the failure, node not yet NotReady
+    plan = reconcile(b, Observed(now=at, pods=tuple(pods), services=(svc(b, 0),), nodes={"n1": NodeView(True)},
+                                 snapshots=SnapshotState()))
+    assert plan.status["restarts"]["failures"] == 0 and plan.status["reason"] == "WorkerEnded"
