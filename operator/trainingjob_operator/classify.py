@@ -270,6 +270,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule(FAILURE, reason=R_OVER_LIMIT, condition=("DisruptionTarget", "TerminationByKubelet"),
          message=OVER_LIMIT_MESSAGE, explain="evicted for its own resource use, not preempted: raise spec.resources"),
     Rule(PREEMPTION, condition=("DisruptionTarget", "*")),
+    Rule(PREEMPTION, condition=(contract.KUEUE_CONDITION_TERMINATION_TARGET, contract.KUEUE_REASON_STOPPED),
+         explain="Kueue stopped the pod group (preempted, or its PodsReady timeout)"),
     Rule(FAILURE, container_reasons=("OOMKilled",),
          explain="the container was killed for exceeding its memory limit (OOMKilled): "
                  "raise spec.resources.limits.memory or use less memory"),
@@ -355,7 +357,7 @@ class Outcome:
         return text
 
 
-def _short(text: str | None, limit: int = 300) -> str:
+def short_text(text: str | None, limit: int = 300) -> str:
     if not text:
         return ""
     text = " ".join(text.split())
@@ -395,7 +397,7 @@ def classify(
         return Outcome(SUCCESS, "Completed", **base)
     if pod.phase == "Failed":
         detail = cm.message if cm else (pod.termination_message or pod.status_message)
-        return Outcome(FAILURE, pod.terminated_reason or "Error", message=_short(detail), **base)
+        return Outcome(FAILURE, pod.terminated_reason or "Error", message=short_text(detail), **base)
     if pod.node and nodes is not None:
         node = nodes.get(pod.node)
         if node is None:
@@ -417,9 +419,9 @@ def _rule_message(rule: Rule, pod: PodView) -> str:
     if rule.trainer_reasons or (rule.exit_codes and contract.EXIT_PREEMPTED_AFTER_SNAPSHOT in rule.exit_codes):
         return f"emergency snapshot {cm.snapshot}" if cm and cm.snapshot else ""
     if rule.condition and rule.condition[0] == "DisruptionTarget" and rule.action == PREEMPTION:
-        return _short(pod.disruption_message)
-    detail = (cm.message if cm else None) or pod.status_message or pod.disruption_message or pod.termination_message
-    return _short("; ".join(t for t in (rule.explain, _short(detail, 200)) if t))
+        return short_text(pod.disruption_message)
+    detail = (cm.message if cm else None) or pod.status_message or pod.disruption_message or pod.messages()
+    return short_text("; ".join(t for t in (rule.explain, short_text(detail, 200)) if t))
 
 
 def node_suspect(pod: PodView, nodes: Mapping[str, NodeView] | None) -> bool:

@@ -24,7 +24,8 @@ from trainingjob_trainer import contract
 
 from . import builders
 from .classify import (
-    FAIL_JOB, FAILURE, PREEMPTION, SUCCESS, TRANSIENT, NodeView, Outcome, PodView, classify, node_suspect, parse_time,
+    FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
+    PodView, classify, node_suspect, parse_time, short_text,
 )
 from .conditions import set_condition
 from .model import JobSpec, SpecError, parse_spec, validate
@@ -55,6 +56,11 @@ R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
 
 R_TRANSIENT = "TransientRestart"
+R_UNSCHEDULABLE = "Unschedulable"
+R_SERVICE_RECREATED = "ServiceRecreated"
+R_SUSPENDED_BY_QUEUE = "SuspendedByKueue"
+R_NODE_NOT_READY = "NodeNotReady"
+R_WORKERS_NOT_READY = "WorkersNotReady"
 
 _CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*")
 RESYNC_SECONDS = 10.0
@@ -270,9 +276,12 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
     # pods of the old one are then deleted like any previous attempt's.
     attempt = c.status["attempt"]
     if c.status.get("gangCreated") or any(_attempt_of(p) == attempt for p in c.obs.pods):
+        if spec.queue_name and c.status.get("gangCreated") and c.old.get("phase") != SUSPENDED:
+            _kueue_preemption(c, attempt)
         c.status["attempt"] = attempt + 1
         c.status["gangCreated"] = False
-    c.status.pop("nextRestartTime", None)
+    # nextRestartTime stays: a resume during a failure backoff waits out the
+    # rest of it (suspend is no way around the backoff).
     c.delete_pods(list(c.obs.pods), "Suspended")
     c.delete_services(keep_attempt=None)
     left = sum(1 for _ in c.obs.pods)
@@ -284,6 +293,19 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
     c.condition("Suspended", True, R_SUSPENDED, "spec.suspend is true")
     c.condition("Ready", False, R_SUSPENDED)
     _workers(c, spec, [])
+
+
+def _kueue_preemption(c: _Ctx, attempt: int) -> None:
+    """A queued job's running gang suspended: Kueue owns ``suspend`` of the jobs it
+    queues (as for batch Jobs), so this is its preemption, counted as one."""
+    restarts = c.status["restarts"]
+    restarts["preemptions"] = restarts.get("preemptions", 0) + 1
+    c.status["lastDisruption"] = {
+        "kind": PREEMPTION, "reason": R_SUSPENDED_BY_QUEUE, "pod": builders.pod_name(c.name, attempt, 0),
+        "attempt": attempt, "at": _iso(c.now),
+        "message": f"attempt {attempt} suspended while queued in Kueue (spec.queueName): counted as a preemption",
+    }
+    c.event("Warning", R_SUSPENDED_BY_QUEUE, c.status["lastDisruption"]["message"])
 
 
 def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
@@ -364,9 +386,8 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
     resume = snap.get("restoredFrom")
 
     present = {PodView.from_pod(p).rank for p in current}
-    svc_name = builders.service_name(c.name, attempt)
-    if not any(s["metadata"]["name"] == svc_name for s in c.obs.services):
-        c.plan.actions.append(Action("create", "Service", svc_name, builders.get_service(c.body, attempt)))
+    if len(present) < spec.nodes:
+        _ensure_service(c, attempt, repair=False)
     for rank in range(spec.nodes):
         if rank not in present:
             pod = builders.get_pod(c.body, spec, attempt=attempt, rank=rank, resume_from=resume)
@@ -420,8 +441,22 @@ def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
     last["accounted"] = True
 
 
+def _ensure_service(c: _Ctx, attempt: int, *, repair: bool) -> None:
+    """The attempt's rendezvous Service exists (``repair``: re-created, with an Event, when deleted)."""
+    svc_name = builders.service_name(c.name, attempt)
+    if any(s["metadata"]["name"] == svc_name and not s["metadata"].get("deletionTimestamp") for s in c.obs.services):
+        return
+    if any(s["metadata"]["name"] == svc_name for s in c.obs.services):
+        c.requeue(1.0)  # still terminating: re-create once it is gone
+        return
+    c.plan.actions.append(Action("create", "Service", svc_name, builders.get_service(c.body, attempt)))
+    if repair:
+        c.event("Warning", R_SERVICE_RECREATED, f"rendezvous Service {svc_name} was deleted; re-created")
+
+
 def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
+    _ensure_service(c, attempt, repair=True)
     views = sorted((PodView.from_pod(p) for p in current), key=lambda v: v.rank)
     _workers(c, spec, views)
     rr = spec.recovery
@@ -447,10 +482,16 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             _end_attempt(c, spec, first, step, views)
             return
     if failed:
+        unscheduled = [v for v in views if v.unschedulable and not v.node]
+        if unscheduled:
+            # The ranks that started gave up waiting for ranks that never got
+            # a node: the cause is scheduling, not the training code.
+            _end_attempt(c, spec, _unschedulable_outcome(unscheduled), step, views)
+            return
         if any(node_suspect(v, c.obs.nodes) for v in views if v.phase not in ("Succeeded", "Failed")):
             # A gang member's node is NotReady: this failure is probably the
             # rendezvous breaking because of it. Wait for the node's fate.
-            c.set_phase(RUNNING, "NodeNotReady", "a worker's node is not Ready; waiting before deciding")
+            c.set_phase(RUNNING, R_NODE_NOT_READY, "a worker's node is not Ready; waiting before deciding")
             c.requeue(2.0)
             return
         wait = _settle_remaining(c, spec, views)
@@ -480,12 +521,79 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         c.set_phase(RUNNING, R_RUNNING, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) running",
                     event_type="Normal" if c.old.get("phase") != RUNNING else None)
         c.condition("Ready", True, R_RUNNING)
-    else:
-        phase = RESTARTING if c.status.get("phase") == RESTARTING else PENDING
-        c.set_phase(phase, R_WAITING_WORKERS, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready")
-        c.condition("Ready", False, R_WAITING_WORKERS)
+    elif not _startup_problem(c, spec, views, step):
+        if c.old.get("phase") == RUNNING:
+            # Never backwards while the gang is judged (a node NotReady marks
+            # its pods unready): the attempt stays Running until it ends.
+            suspect = [v.node for v in views if node_suspect(v, c.obs.nodes)]
+            reason, why = (R_NODE_NOT_READY, f"; node(s) not Ready: {', '.join(sorted(set(map(str, suspect))))}") \
+                if suspect else (R_WORKERS_NOT_READY, "")
+            c.set_phase(RUNNING, reason, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready{why}")
+            c.condition("Ready", False, reason)
+        else:
+            phase = RESTARTING if c.status.get("phase") == RESTARTING else PENDING
+            c.set_phase(phase, R_WAITING_WORKERS, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready")
+            c.condition("Ready", False, R_WAITING_WORKERS)
+    if c.status.get("phase") in TERMINAL or c.status["attempt"] != attempt:
+        return
     _stall_condition(c, spec)
     c.requeue(RESYNC_SECONDS)
+
+
+def _unschedulable_outcome(unscheduled: list[PodView]) -> Outcome:
+    v = unscheduled[0]
+    return Outcome(TRANSIENT, R_UNSCHEDULABLE, v.name, None,
+                   message=f"{len(unscheduled)} pod(s) could not be scheduled: {v.unschedulable}")
+
+
+def _attempt_age(c: _Ctx) -> float:
+    started = parse_time(c.status.get("attemptStartTime"))
+    return (c.now - started).total_seconds() if started else 0.0
+
+
+def _startup_problem(c: _Ctx, spec: JobSpec, views: list[PodView], step: int | None) -> bool:
+    """Report (and past its timeout, act on) why a gang is not all running.
+
+    Containers that cannot start (image pulls, config errors) and pods the
+    scheduler cannot place are surfaced in status and Events on the first
+    reconcile that sees them. A permanent container problem ends the job
+    after ``startupTimeoutSeconds``; a gang not fully scheduled after
+    ``schedulingTimeoutSeconds`` is torn down and retried, uncounted.
+
+    Returns:
+        True when a problem was reported (the caller sets no other phase).
+    """
+    attempt = c.status["attempt"]
+    rr = spec.recovery
+    age = _attempt_age(c)
+    keep = RUNNING if c.old.get("phase") == RUNNING else (RESTARTING if c.status.get("phase") == RESTARTING else PENDING)
+    waiting = [v for v in views if v.waiting_reason in WAITING_REASONS]
+    if waiting:
+        v = waiting[0]
+        msg = f"pod {v.name}: {v.waiting_reason}: {short_text(v.waiting_message)}"
+        if v.waiting_reason in PERMANENT_WAITING_REASONS and age >= rr.startup_timeout_seconds:
+            _fail_job(c, spec, v.waiting_reason,
+                      f"attempt {attempt}: {msg} (not resolved within startupTimeoutSeconds="
+                      f"{rr.startup_timeout_seconds})")
+            return True
+        c.set_phase(keep, v.waiting_reason, msg, event_type="Warning")
+        c.condition("Ready", False, v.waiting_reason, msg)
+        if v.waiting_reason in PERMANENT_WAITING_REASONS:
+            c.requeue(max(1.0, rr.startup_timeout_seconds - age))
+        return True
+    unscheduled = [v for v in views if v.unschedulable and not v.node]
+    if unscheduled:
+        if age >= rr.scheduling_timeout_seconds:
+            _end_attempt(c, spec, _unschedulable_outcome(unscheduled), step, views)
+            return True
+        o = _unschedulable_outcome(unscheduled)
+        msg = (f"attempt {attempt}: {o.message}; the gang is deleted and retried if not all scheduled within "
+               f"schedulingTimeoutSeconds={rr.scheduling_timeout_seconds}")
+        c.set_phase(keep, R_UNSCHEDULABLE, msg, event_type="Warning")
+        c.condition("Ready", False, R_UNSCHEDULABLE, msg)
+        c.requeue(max(1.0, rr.scheduling_timeout_seconds - age))
+        return True
+    return False
 
 
 def _settle_remaining(c: _Ctx, spec: JobSpec, views: list[PodView]) -> float:

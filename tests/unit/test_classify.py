@@ -77,6 +77,10 @@ TABLE = [
      "Preempted by pod"),
     ("disruption_target_taint_manager", pod(phase="Running", conditions=[disruption("DeletionByTaintManager")]),
      PREEMPTION, "DeletionByTaintManager", ""),
+    ("kueue_stopped", pod(phase="Running", conditions=[{
+        "type": "TerminationTarget", "status": "True", "reason": "StoppedByKueue",
+        "message": "Preempted to accommodate a higher priority Workload"}]), PREEMPTION, "StoppedByKueue",
+     "higher priority"),
     ("oomkilled", pod(exit_code=137, term_reason="OOMKilled"), FAILURE, "OOMKilled",
      "exceeding its memory limit"),
     ("pod_reason_shutdown", pod(reason="Terminated", pod_message="Pod was terminated in response to imminent node "

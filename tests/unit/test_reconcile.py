@@ -555,3 +555,136 @@ def test_defect6_default_failure_settle_outlasts_the_node_monitor_grace_period()
     plan = reconcile(b, Observed(now=at, pods=tuple(pods), services=(svc(b, 0),), nodes={"n1": NodeView(True)},
                                  snapshots=SnapshotState()))
     assert plan.status["restarts"]["failures"] == 0 and plan.status["reason"] == "WorkerEnded"
+
+
+def test_defect10_running_job_stays_running_while_a_node_is_judged():
+    b = job(status=running_status(attempt=0, attemptStartTime="2026-11-28T11:50:00Z"))
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=10))}
+    # The node lifecycle controller marked the lost node's pod Ready=False.
+    pods = [pod(b, 0, 0), pod(b, 0, 1, node="n2", ready=False), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["phase"] == "Running" and plan.status["reason"] == "NodeNotReady"
+    assert "n2" in plan.status["message"] and plan.status["workers"]["ready"] == 2
+    assert plan.status["attempt"] == 0 and plan.actions == []
+
+
+def waiting_pod(b, rank, reason, message):
+    p = pod(b, 0, rank, phase="Pending", ready=False)
+    p["status"]["containerStatuses"] = [{"name": contract.CONTAINER_NAME,
+                                         "state": {"waiting": {"reason": reason, "message": message}}}]
+    return p
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                    "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff"])
+def test_defect4_waiting_containers_surface_in_status_and_events_at_once(reason):
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:59:00Z"})
+    pods = [pod(b, 0, 0), waiting_pod(b, 1, reason, f"the {reason} text"), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == reason
+    assert f"pod mnist-0-1: {reason}: the {reason} text" in plan.status["message"]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", reason)]
+
+
+@pytest.mark.parametrize("reason,fails", [("InvalidImageName", True), ("CreateContainerConfigError", True),
+                                          ("ImagePullBackOff", False)])
+def test_defect4_permanent_waiting_reasons_fail_after_startup_timeout(reason, fails):
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:54:00Z"},
+            recovery={"startupTimeoutSeconds": 300})
+    msg = 'couldn\'t find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds'
+    pods = [pod(b, 0, 0), waiting_pod(b, 1, reason, msg), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    if fails:
+        assert plan.status["phase"] == "Failed" and plan.status["reason"] == reason
+        assert msg in plan.status["message"] and "startupTimeoutSeconds=300" in plan.status["message"]
+        assert plan.status["restarts"] == {"preemptions": 0, "failures": 0}
+    else:
+        assert plan.status["phase"] == "Pending" and plan.status["reason"] == reason
+
+
+def unschedulable_pod(b, rank, message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."):
+    p = pod(b, 0, rank, phase="Pending", ready=False, node=None)
+    p["status"]["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": message})
+    return p
+
+
+def test_defect3_unschedulable_gang_reported_then_retried_uncounted_after_timeout():
+    st = {**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:58:00Z"}
+    b = job(status=st, recovery={"schedulingTimeoutSeconds": 300, "backoffSeconds": 10})
+    pods = [pod(b, 0, 0), pod(b, 0, 1), unschedulable_pod(b, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Unschedulable"
+    assert "4 Insufficient nvidia.com/gpu" in plan.status["message"] and plan.actions == []
+    assert [e.reason for e in plan.events] == ["Unschedulable"]
+    assert plan.requeue_after <= 180
+    b["status"]["attemptStartTime"] = "2026-11-28T11:55:00Z"
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["attempt"] == 1 and plan.status["reason"] == "Unschedulable"
+    assert plan.status["nextRestartTime"] == "2026-11-28T12:00:10Z"
+    assert deletes(plan) == ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]
+
+
+def test_defect3_rendezvous_timeout_of_a_partial_gang_is_not_a_failure():
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:58:00Z"})
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=1,
+                message="torch.distributed.DistNetworkError: ... timed out"),
+            pod(b, 0, 1), unschedulable_pod(b, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["lastDisruption"]["reason"] == "Unschedulable"
+
+
+def test_defect3_queue_name_labels_the_attempt_as_a_kueue_pod_group():
+    b = job(queueName="team-a")
+    plan = reconcile(b, obs())
+    pods = [a.body for a in plan.actions if a.kind == "Pod"]
+    assert len(pods) == 3
+    for p in pods:
+        assert p["metadata"]["labels"][contract.KUEUE_LABEL_QUEUE_NAME] == "team-a"
+        assert p["metadata"]["labels"][contract.KUEUE_LABEL_POD_GROUP_NAME] == "mnist-0"
+        assert p["metadata"]["annotations"][contract.KUEUE_ANNOTATION_POD_GROUP_TOTAL_COUNT] == "3"
+    assert contract.KUEUE_LABEL_QUEUE_NAME not in creates_bodies(reconcile(job(), obs()))[0]["metadata"]["labels"]
+
+
+def creates_bodies(plan):
+    return [a.body for a in plan.actions if a.verb == "create" and a.kind == "Pod"]
+
+
+def test_defect3_kueue_suspend_of_a_running_queued_job_is_a_preemption():
+    b = job(status=running_status(), suspend=True, queueName="team-a")
+    plan = reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)]))
+    assert plan.status["phase"] == "Suspended"
+    assert plan.status["restarts"] == {"preemptions": 1, "failures": 0}
+    assert plan.status["lastDisruption"]["reason"] == "SuspendedByKueue"
+    # a user's suspend of an unqueued job is not
+    b2 = job(status=running_status(), suspend=True)
+    assert reconcile(b2, obs([pod(b2, 0, r) for r in range(3)], [svc(b2, 0)])).status["restarts"]["preemptions"] == 0
+
+
+def test_defect9_deleted_rendezvous_service_is_recreated():
+    b = job(status=running_status())
+    plan = reconcile(b, obs([pod(b, 0, r) for r in range(3)], []))
+    assert creates(plan) == ["mnist-0"]
+    assert [e.reason for e in plan.events] == ["ServiceRecreated"]
+    assert reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)])).actions == []
+
+
+def test_defect9_service_selector_includes_the_job_uid():
+    sel = svc(job(), 0)["spec"]["selector"]
+    assert sel[contract.LABEL_JOB_UID] == "uid-1"
+    p = pod(job(), 0, 0)
+    assert all(p["metadata"]["labels"][k] == v for k, v in sel.items())
+
+
+def test_defect15_suspend_and_resume_during_backoff_keeps_the_backoff():
+    b = job(status={**running_status(attempt=1, gangCreated=False), "phase": "Restarting",
+                    "nextRestartTime": "2026-11-28T12:00:30Z"}, suspend=True)
+    plan = reconcile(b, obs([]))
+    b2 = apply(b, plan)
+    b2["spec"]["suspend"] = False
+    plan2 = reconcile(b2, Observed(now=NOW + dt.timedelta(seconds=5), nodes={"n1": NodeView(True)},
+                                   snapshots=SnapshotState()))
+    assert creates(plan2) == [] and plan2.status["reason"] == "BackoffBeforeRestart"
+    assert plan2.requeue_after == pytest.approx(25)
