@@ -27,7 +27,7 @@ from .classify import (
     FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
     PodView, classify, node_suspect, parse_time, short_text,
 )
-from .conditions import set_condition
+from .conditions import get_condition, set_condition
 from .model import JobSpec, SpecError, parse_spec, validate
 
 # Phases
@@ -59,6 +59,8 @@ R_TRANSIENT = "TransientRestart"
 R_UNSCHEDULABLE = "Unschedulable"
 R_SERVICE_RECREATED = "ServiceRecreated"
 R_SUSPENDED_BY_QUEUE = "SuspendedByKueue"
+R_FENCING_STUCK = "FencingStuck"
+R_FENCING_DONE = "PreviousAttemptGone"
 R_NODE_NOT_READY = "NodeNotReady"
 R_WORKERS_NOT_READY = "WorkersNotReady"
 
@@ -232,6 +234,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     if old_pods:
         _fence(c, spec, old_pods)
         return c.plan
+    _fencing_unstuck(c)
     current = [p for p in observed.pods if _attempt_of(p) == attempt]
     if not c.status.get("gangCreated"):
         _create_gang(c, spec, current)
@@ -324,6 +327,7 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
                 last["saveSeconds"] = cm.save_seconds
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
+    _fence_timeout(c, spec, old_pods)
     if c.status.get("phase") != RESTARTING:
         # Keep the decision's reason (Preempted, WorkerFailed) while fencing.
         names = ", ".join(sorted(p["metadata"]["name"] for p in old_pods))
@@ -332,6 +336,44 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
         c.condition("Ready", False, R_FENCING)
     _workers(c, spec, [])
     c.requeue(2.0)
+
+
+def _fence_timeout(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
+    """Escalate fencing that outlasts ``fenceTimeoutSeconds`` past a pod's deletionTimestamp.
+
+    On a NotReady or vanished node no kubelet will finish the deletion:
+    force-delete. On a Ready node the process ignores SIGTERM/SIGKILL or the
+    kubelet is stuck: forcing would let two attempts run at once, so the
+    ``FencingStuck`` condition names the pod and node for a person.
+    """
+    stuck = []
+    forced = {a.name for a in c.plan.actions if a.force}
+    for p in old_pods:
+        deadline = parse_time((p.get("metadata") or {}).get("deletionTimestamp"))
+        if deadline is None or (c.now - deadline).total_seconds() < spec.recovery.fence_timeout_seconds:
+            if deadline is not None:
+                c.requeue(max(1.0, spec.recovery.fence_timeout_seconds - (c.now - deadline).total_seconds()))
+            continue
+        v = PodView.from_pod(p)
+        if v.node and c.obs.nodes is not None and node_suspect(v, c.obs.nodes):
+            if v.name not in forced:
+                c.plan.actions.append(Action("delete", "Pod", v.name, reason="FenceTimeout", force=True))
+            continue
+        stuck.append(f"pod {v.name} on node {v.node or '(none)'}")
+    if stuck:
+        msg = (f"still terminating {spec.recovery.fence_timeout_seconds}s past its deletion deadline on a Ready "
+               f"node: {', '.join(stuck)}; the next attempt waits (check the node's kubelet and the process, "
+               "or force-delete it once it is certainly stopped)")
+        c.condition("FencingStuck", True, R_FENCING_STUCK, msg)
+        if (get_condition(c.old, "FencingStuck") or {}).get("status") != "True":
+            c.event("Warning", R_FENCING_STUCK, msg)
+    else:
+        _fencing_unstuck(c)
+
+
+def _fencing_unstuck(c: _Ctx) -> None:
+    if (get_condition(c.status, "FencingStuck") or {}).get("status") == "True":
+        c.condition("FencingStuck", False, R_FENCING_DONE)
 
 
 def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:

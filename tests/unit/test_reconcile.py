@@ -688,3 +688,30 @@ def test_defect15_suspend_and_resume_during_backoff_keeps_the_backoff():
                                    snapshots=SnapshotState()))
     assert creates(plan2) == [] and plan2.status["reason"] == "BackoffBeforeRestart"
     assert plan2.requeue_after == pytest.approx(25)
+
+
+def test_defect8_fencing_past_its_timeout_forces_on_a_not_ready_node_else_reports_stuck():
+    b = job(status={**running_status(attempt=1, gangCreated=False), "phase": "Restarting"},
+            recovery={"fenceTimeoutSeconds": 60, "nodeNotReadySeconds": 300})
+    stale = "2026-11-28T11:58:30Z"  # 90 s past the deletion deadline
+    on_bad = pod(b, 0, 0, node="n2", deleting=True)
+    on_good = pod(b, 0, 1, node="n1", deleting=True)
+    for p in (on_bad, on_good):
+        p["metadata"]["deletionTimestamp"] = stale
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=20))}
+    plan = reconcile(b, obs([on_bad, on_good], nodes=nodes))
+    assert [a.name for a in plan.actions if a.force] == ["mnist-0-0"]
+    cond = next(c for c in plan.status["conditions"] if c["type"] == "FencingStuck")
+    assert cond["status"] == "True" and "pod mnist-0-1 on node n1" in cond["message"]
+    assert "mnist-0-0" not in cond["message"]
+    assert [e.reason for e in plan.events] == ["FencingStuck"]
+    # within the timeout: nothing forced, nothing stuck
+    fresh = [pod(b, 0, 0, node="n2", deleting=True)]
+    fresh[0]["metadata"]["deletionTimestamp"] = "2026-11-28T11:59:30Z"
+    plan2 = reconcile(b, obs(fresh, nodes=nodes))
+    assert not [a for a in plan2.actions if a.force]
+    assert all(c["type"] != "FencingStuck" for c in plan2.status.get("conditions", []))
+    # once the pods are gone the condition is cleared
+    plan3 = reconcile(apply(b, plan), obs([], nodes=nodes))
+    cond3 = next(c for c in plan3.status["conditions"] if c["type"] == "FencingStuck")
+    assert cond3["status"] == "False"
