@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 
 from trainingjob_trainer import contract
 
+from localcluster import scheduler
 from localcluster.kube import ApiError, Client, Obj
 
 log = logging.getLogger("localcluster.nodeagent")
@@ -85,6 +86,40 @@ class ConfigError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+# ---------------------------------------------------------------------------
+# Images: the process runtime runs no image, but the kubelet's pull errors are real
+# ---------------------------------------------------------------------------
+#: Images under this registry "do not exist": the agent reports ErrImagePull,
+#: then ImagePullBackOff, as a kubelet does for a missing image or tag. (.invalid
+#: is reserved by RFC 2606: no real registry can ever have this name.)
+UNPULLABLE_REGISTRY = "localcluster.invalid/"
+#: Seconds from ErrImagePull to ImagePullBackOff (the kubelet's first back-off is 10 s).
+IMAGE_PULL_BACKOFF_SECONDS = 1.0
+_REF_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF_PATH = re.compile(rf"^{_REF_COMPONENT}(?:/{_REF_COMPONENT})*$")
+_REF_DOMAIN = re.compile(r"^(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])(?:\.(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9]))*(?::[0-9]+)?$")
+_REF_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_REF_DIGEST = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$")
+
+
+def image_reference_valid(image: str) -> bool:
+    """Is ``image`` a valid reference (distribution/reference grammar, as containerd parses it)?"""
+    name, _, digest = image.partition("@")
+    if digest and not _REF_DIGEST.match(digest):
+        return False
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        if not _REF_DOMAIN.match(first):
+            return False
+        name = rest
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+        if not _REF_TAG.match(tag):
+            return False
+    return bool(name) and bool(_REF_PATH.match(name)) and len(name) <= 255
 
 
 def find_nss_wrapper() -> str | None:
@@ -451,6 +486,8 @@ class AgentConfig:
     heartbeat_seconds: float = 5.0
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
     nss_wrapper: str | None = None
+    #: Per node name (or ``"*"``): ``{"capacity": {...}, "labels": {...}, "taints": [...]}``.
+    node_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -471,6 +508,7 @@ class NodeAgent:
         self._binding_supported: bool | None = None
         self._nodes_cache: dict[str, Obj] = {}
         self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
+        self._pull_failed: dict[str, float] = {}  # pod uid -> when its image pull first failed
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
@@ -560,14 +598,23 @@ class NodeAgent:
         self.sync_lost_nodes(pods)
 
     # -------------------------------------------------------------- nodes
-    def _node_status(self, name: str, ready: str, reason: str, message: str) -> Obj:
-        cpu = str(os.cpu_count() or 1)
+    def _node_config(self, name: str) -> Mapping[str, Any]:
+        cfg = self.cfg.node_config
+        return cfg.get(name) or cfg.get("*") or {}
+
+    def _node_resources(self, name: str) -> dict[str, str]:
+        """Capacity (= allocatable): the machine's, unless ``node_config`` says otherwise."""
         try:
             mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024}Ki"
         except (ValueError, OSError):
             mem = "8Gi"
+        resources = {"cpu": str(os.cpu_count() or 1), "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
+        resources.update({k: str(v) for k, v in (self._node_config(name).get("capacity") or {}).items()})
+        return resources
+
+    def _node_status(self, name: str, ready: str, reason: str, message: str) -> Obj:
         now = now_rfc3339()
-        resources = {"cpu": cpu, "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
+        resources = self._node_resources(name)
         return {
             "capacity": resources,
             "allocatable": resources,
@@ -621,9 +668,10 @@ class NodeAgent:
                             "kubernetes.io/os": "linux",
                             "kubernetes.io/arch": "amd64",
                             "node.kubernetes.io/instance-type": "localcluster",
+                            **(self._node_config(name).get("labels") or {}),
                         },
                     },
-                    "spec": {},
+                    "spec": {"taints": list(self._node_config(name).get("taints") or [])} if self._node_config(name).get("taints") else {},
                     "status": self._node_status(name, "True", "KubeletReady", "kubelet is posting ready status"),
                 }
                 try:
@@ -709,11 +757,15 @@ class NodeAgent:
 
     # -------------------------------------------------------------- scheduler
     def schedule(self, pods: list[Obj]) -> None:
+        """kube-scheduler's part: bind each pending pod to a node that passes the filters
+        (:mod:`localcluster.scheduler`), fewest active pods first; else ``PodScheduled=False``."""
+        used: dict[str, dict[str, Any]] = {n: {} for n in self.cfg.nodes}
         load: dict[str, int] = {n: 0 for n in self.cfg.nodes}
         for pod in pods:
             node = (pod.get("spec") or {}).get("nodeName")
             if node in load and (pod.get("status") or {}).get("phase") not in TERMINAL:
                 load[node] += 1
+                scheduler.add_usage(used[node], pod)
         for pod in pods:
             spec, md = pod.get("spec") or {}, pod["metadata"]
             if spec.get("nodeName") or md.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in TERMINAL:
@@ -721,20 +773,19 @@ class NodeAgent:
             sched = spec.get("schedulerName")
             if sched and sched != "default-scheduler":
                 continue
-            selector = spec.get("nodeSelector") or {}
-            candidates = [
-                n for n in self.cfg.nodes
-                if n in self.ready_nodes and n not in self.lost
-                and all(self._node_labels(n).get(k) == v for k, v in selector.items())
-            ]
+            if spec.get("schedulingGates"):
+                self._pod_scheduled_false(pod, "SchedulingGated", "Scheduling is blocked due to non-empty scheduling gates")
+                continue
+            reasons: dict[str, list[str]] = {}
+            for n in self.cfg.nodes:
+                if n in self.lost or n not in self.ready_nodes:
+                    reasons[n] = [f"node(s) had untolerated taint {{{scheduler.TAINT_UNREACHABLE}: }}"]
+                    continue
+                reasons[n] = scheduler.filter_node(pod, self._nodes_cache.get(n) or self._bare_node(n), used[n])
+            candidates = [n for n, why in reasons.items() if not why]
             if not candidates:
-                msg = f"0/{len(self.cfg.nodes)} nodes are available: no Ready node matches the pod's node selector {selector}."
-                try:
-                    self._write_status(pod, lambda p: {"conditions": merge_conditions(
-                        (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", False, "Unschedulable", msg)])},
-                        only_if_changed=True)
-                except ApiError as e:
-                    log.warning("unschedulable %s: %s", md["name"], e)
+                self._pod_scheduled_false(pod, "Unschedulable",
+                                          scheduler.unschedulable_message(len(self.cfg.nodes), reasons.values()))
                 continue
             node = min(candidates, key=lambda n: (load[n], n))
             try:
@@ -743,7 +794,20 @@ class NodeAgent:
                 log.warning("binding %s to %s: %s", md["name"], node, e)
                 continue
             load[node] += 1
+            scheduler.add_usage(used[node], pod)
             spec["nodeName"] = node  # the rest of this tick sees it bound
+
+    def _pod_scheduled_false(self, pod: Obj, reason: str, message: str) -> None:
+        try:
+            self._write_status(pod, lambda p: {"conditions": merge_conditions(
+                (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", False, reason, message)])},
+                only_if_changed=True)
+        except ApiError as e:
+            log.warning("%s %s: %s", reason, pod["metadata"]["name"], e)
+
+    def _bare_node(self, name: str) -> Obj:
+        return {"metadata": {"name": name, "labels": {HOSTNAME_LABEL: name}},
+                "status": {"allocatable": self._node_resources(name)}}
 
     def _node_labels(self, name: str) -> Mapping[str, str]:
         node = self._nodes_cache.get(name) or {}
@@ -901,6 +965,8 @@ class NodeAgent:
         if not ctr.get("command"):
             self._report_config_error(pod, "CreateContainerError", "localcluster cannot run images: the container needs a command")
             return
+        if not self._image_pulled(pod, str(ctr.get("image") or "")):
+            return
         try:
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
@@ -943,6 +1009,25 @@ class NodeAgent:
         self._config_errors.pop(c.uid, None)
         log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
         self._report_running(pod, c)
+
+    def _image_pulled(self, pod: Obj, image: str) -> bool:
+        """The kubelet's image step: False (and a waiting reason reported) when the pull fails."""
+        if not image_reference_valid(image):
+            self._report_config_error(pod, "InvalidImageName", f'Failed to apply default image tag "{image}": '
+                                      f'couldn\'t parse image name "{image}": invalid reference format')
+            return False
+        if not image.startswith(UNPULLABLE_REGISTRY):
+            return True
+        uid = pod["metadata"].get("uid", "")
+        first = self._pull_failed.setdefault(uid, time.monotonic())
+        if time.monotonic() - first < IMAGE_PULL_BACKOFF_SECONDS:
+            ref = image if ":" in image.rsplit("/", 1)[-1] else f"{image}:latest"
+            self._report_config_error(pod, "ErrImagePull", (
+                f'failed to pull and unpack image "{ref}": failed to resolve reference "{ref}": '
+                f"{ref}: not found"))
+        else:
+            self._report_config_error(pod, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+        return False
 
     def _prepare_pod_dir(self, pod_dir: Path, uid: str) -> None:
         uid_file = pod_dir / "uid"
@@ -1062,6 +1147,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
+    ap.add_argument("--node-config", default="{}",
+                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...]}')
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -1071,6 +1158,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pod_eviction_seconds=a.pod_eviction_seconds,
         interval=a.interval,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
+        node_config=json.loads(a.node_config),
     )
 
 
