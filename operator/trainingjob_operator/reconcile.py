@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -683,9 +684,17 @@ def _fail_job(c: _Ctx, spec: JobSpec, reason: str, msg: str) -> None:
     _cleanup_finished(c, spec)
 
 
-def _backoff_until(c: _Ctx, spec: JobSpec, n: int) -> int:
-    """Set ``nextRestartTime`` for the ``n``-th backed-off restart; returns the delay."""
+def _backoff_until(c: _Ctx, spec: JobSpec, n: int, *, jitter: bool = False) -> int:
+    """Set ``nextRestartTime`` for the ``n``-th backed-off restart; returns the delay.
+
+    ``jitter`` adds up to half the delay, fixed per job and attempt (a hash,
+    no clock or random source): two gangs torn down together because they
+    starved each other do not come back in the same second again.
+    """
     delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (max(n, 1) - 1)))
+    if jitter:
+        spread = zlib.crc32(f"{c.uid}/{c.status['attempt']}".encode()) % 1000 / 2000
+        delay = int(delay + max(1, round(delay * spread)))
     # Rounded UP to the second (RFC 3339 in status has second resolution):
     # the backoff is never shorter than promised.
     end = c.now + dt.timedelta(seconds=delay)
@@ -719,7 +728,7 @@ def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: li
         msg = (f"attempt {attempt} failed: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) after {delay}s backoff")
     elif o.kind == TRANSIENT:
-        delay = _backoff_until(c, spec, n)
+        delay = _backoff_until(c, spec, n, jitter=True)
         reason = o.reason if _CAMEL.fullmatch(o.reason) else R_TRANSIENT
         msg = (f"attempt {attempt} could not run: {o.describe()}; attempt {attempt + 1} after {delay}s backoff "
                "(not counted as a failure)")

@@ -507,6 +507,11 @@ def test_defect5_exit84_snapshot_storage_error_fails_the_job_without_retrying():
     assert [e.reason for e in plan.events] == ["SnapshotStorageError"]
 
 
+def backoff_of(plan):
+    from trainingjob_operator.classify import parse_time
+    return (parse_time(plan.status["nextRestartTime"]) - NOW).total_seconds()
+
+
 def test_defect5_kubelet_admission_rejection_restarts_without_counting():
     b = job(status=running_status())
     rejected = pod(b, 0, 1, phase="Failed", ready=False, reason="OutOfnvidia.com/gpu")
@@ -514,7 +519,7 @@ def test_defect5_kubelet_admission_rejection_restarts_without_counting():
     plan = reconcile(b, obs([pod(b, 0, 0), rejected, pod(b, 0, 2)], [svc(b, 0)]))
     assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
     assert plan.status["attempt"] == 1 and plan.status["reason"] == "TransientRestart"
-    assert plan.status["nextRestartTime"] == "2026-11-28T12:00:10Z"  # backed off
+    assert 11 <= backoff_of(plan) <= 15  # backed off: 10 s plus a per-job jitter
     assert plan.status["lastDisruption"]["kind"] == "Transient"
 
 
@@ -622,7 +627,7 @@ def test_defect3_unschedulable_gang_reported_then_retried_uncounted_after_timeou
     plan = reconcile(b, obs(pods, [svc(b, 0)]))
     assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
     assert plan.status["attempt"] == 1 and plan.status["reason"] == "Unschedulable"
-    assert plan.status["nextRestartTime"] == "2026-11-28T12:00:10Z"
+    assert 11 <= backoff_of(plan) <= 15
     assert deletes(plan) == ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]
 
 
@@ -715,3 +720,14 @@ def test_defect8_fencing_past_its_timeout_forces_on_a_not_ready_node_else_report
     plan3 = reconcile(apply(b, plan), obs([], nodes=nodes))
     cond3 = next(c for c in plan3.status["conditions"] if c["type"] == "FencingStuck")
     assert cond3["status"] == "False"
+
+
+def test_defect3_jitter_separates_two_gangs_retried_together():
+    a, b = job(status=running_status()), job(status=running_status())
+    b["metadata"]["uid"] = "uid-2"
+    delays = []
+    for body in (a, b):
+        pods = [pod(body, 0, 0), pod(body, 0, 1), unschedulable_pod(body, 2)]
+        body["status"]["attemptStartTime"] = "2026-11-28T11:50:00Z"
+        delays.append(backoff_of(reconcile(body, obs(pods, [svc(body, 0)]))))
+    assert delays[0] != delays[1]
