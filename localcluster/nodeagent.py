@@ -733,27 +733,42 @@ class NodeAgent:
                 ]
                 self.client.patch("nodes", name, {"spec": {"taints": taints}})
                 lost.unknown_marked = True
+                self._mark_pods_not_ready(name, pods)
             evict_after = self.cfg.pod_eviction_seconds
             if evict_after is not None and lost.unknown_marked and not lost.evicted and now - lost.since >= self.cfg.node_monitor_grace_seconds + evict_after:
-                for pod in pods:
-                    if (pod.get("spec") or {}).get("nodeName") != name:
-                        continue
-                    md = pod["metadata"]
-                    try:
-                        self._write_status(
-                            pod,
-                            lambda p: {
-                                "conditions": merge_conditions(
-                                    (p.get("status") or {}).get("conditions") or [],
-                                    [cond("DisruptionTarget", True, "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")],
-                                )
-                            },
-                        )
-                        self.client.delete("pods", md["name"], md.get("namespace"), grace_period=0)
-                    except ApiError as e:
-                        if e.status != 404:
-                            log.warning("evicting %s: %s", md["name"], e)
+                self._taint_evict(name, pods)
                 lost.evicted = True
+
+    def _pods_on(self, node: str, pods: list[Obj]) -> list[Obj]:
+        return [p for p in pods if (p.get("spec") or {}).get("nodeName") == node
+                and (p.get("status") or {}).get("phase") not in TERMINAL]
+
+    def _mark_pods_not_ready(self, node: str, pods: list[Obj]) -> None:
+        """The node lifecycle controller's MarkPodsNotReady: Ready=False on every pod of the node."""
+        for pod in self._pods_on(node, pods):
+            try:
+                self._write_status(pod, lambda p: {"conditions": merge_conditions(
+                    (p.get("status") or {}).get("conditions") or [], [cond("Ready", False, "NodeNotReady", "Node is not ready")])})
+            except ApiError as e:
+                if e.status != 404:
+                    log.warning("marking %s not ready: %s", pod["metadata"]["name"], e)
+
+    def _taint_evict(self, node: str, pods: list[Obj]) -> None:
+        """The taint manager: DisruptionTarget, then a GRACEFUL delete (the pod's own grace period).
+
+        No kubelet finishes it while the node is lost: the pod stays
+        Terminating until the node comes back or someone force-deletes it.
+        """
+        for pod in self._pods_on(node, pods):
+            md = pod["metadata"]
+            try:
+                self._write_status(pod, lambda p: {"conditions": merge_conditions(
+                    (p.get("status") or {}).get("conditions") or [],
+                    [cond("DisruptionTarget", True, "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")])})
+                self.client.delete("pods", md["name"], md.get("namespace"))
+            except ApiError as e:
+                if e.status != 404:
+                    log.warning("evicting %s: %s", md["name"], e)
 
     # -------------------------------------------------------------- scheduler
     def schedule(self, pods: list[Obj]) -> None:
