@@ -75,6 +75,35 @@ def emergency_step(cluster, namespace: str, job: str, attempt: int) -> int:
     return steps.pop()
 
 
+def printed_steps(cluster, namespace: str, job: str, attempt: int) -> list[int]:
+    return [int(x) for x in re.findall(r"\[example\] step (\d+)/", pod_logs(cluster, namespace, job, attempt))]
+
+
+def wait_past_latest_snapshot(cluster, namespace: str, job: str, *, attempt: int, timeout: float = 120) -> int:
+    """Wait until the gang printed a step past S3's latest complete snapshot, at least
+    3 steps before the next one is due; returns that snapshot's step.
+
+    S3 is read directly (the job's status can lag it), and the printed step
+    comes before that step's save, so ``printed - latest <= EVERY - 3`` means
+    no newer snapshot can be committed for 3 more steps.
+    """
+    from trainingjob_trainer import contract
+    from trainingjob_trainer.store import SnapshotStore
+
+    store = SnapshotStore(contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, job),
+                          storage_options=cluster.s3_storage_options())
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        latest = store.latest_complete()
+        printed = max(printed_steps(cluster, namespace, job, attempt), default=0)
+        last = (latest.step if latest else None, printed)
+        if latest is not None and 0 < printed - latest.step <= EVERY - 3:
+            return latest.step
+        time.sleep(0.05)
+    raise AssertionError(f"the gang never got past its latest snapshot in time (latest, printed) = {last}")
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = torch.load(a), torch.load(b)
     assert wa.keys() == wb.keys() and wa
@@ -169,7 +198,9 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     st = wait_status(kube, namespace, "lost", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
                      timeout=180, what="first snapshot")
     assert latest_step(st) < STEPS - EVERY, "training outran the test"
-    time.sleep(1.0)
+    # The node is lost once the gang is past its latest complete snapshot (so work is lost)
+    # and still well before the next one (so that one cannot commit in between).
+    wait_past_latest_snapshot(cluster, namespace, "lost", attempt=0)
     pod = kube.get("pods", "lost-0-1", namespace=namespace)
     node = pod["spec"]["nodeName"]
     control.lose_node(kube, node)  # SIGKILL, no grace, no emergency snapshot
@@ -183,7 +214,7 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     restored = st["snapshot"]["restoredStep"]
     assert restored % EVERY == 0 and restored >= EVERY  # a periodic snapshot, not an emergency one
     assert start_step(cluster, namespace, "lost", 1) == restored
-    printed = [int(x) for x in re.findall(r"\[example\] step (\d+)/", pod_logs(cluster, namespace, "lost", 0))]
+    printed = printed_steps(cluster, namespace, "lost", 0)
     assert last["step"] >= max(printed) > restored  # the survivors reported how far the gang got
     assert st["lostWork"]["steps"] == last["step"] - restored > 0
     assert_same_weights(weights, reference_weights)
