@@ -262,3 +262,52 @@ def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_
     assert start_step(cluster, namespace, "midsave", 1) == restored_step
     assert st["restarts"] == {"preemptions": 1, "failures": 0}
     assert latest_step(st) == 30
+
+
+@pytest.mark.timeout(900)
+def test_realistic_timing_node_loss_with_real_defaults_is_a_preemption(reference_weights, tmp_path):
+    """Issue 9: a node lost on a cluster with Kubernetes' real timing (node-monitor grace
+    50 s, taint-based eviction 300 s later), and a job with no recovery overrides: the
+    survivors' broken-rendezvous errors must not be counted as a failure."""
+    import shutil
+    import tempfile
+
+    from localcluster.cluster import LocalCluster
+    from trainingjob_operator.model import NODE_MONITOR_GRACE_SECONDS
+
+    state = Path(tempfile.mkdtemp(prefix="lc-real-"))
+    lc = LocalCluster(state, node_monitor_grace_seconds=NODE_MONITOR_GRACE_SECONDS, pod_eviction_seconds=300)
+    try:
+        lc.start()
+        kube = lc.client()
+        ns = "realistic"
+        kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        lc.create_s3_secret(ns)
+        lc.start_operator()
+        weights = tmp_path / "weights.pt"
+        body = example_job("real", ns, lc, weights, sleep=0.3)
+        del body["spec"]["recovery"], body["spec"]["terminationGracePeriodSeconds"]  # the defaults, all of them
+        kube.create(TJ, body, namespace=ns)
+        wait_status(kube, ns, "real", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
+                    timeout=180, what="first snapshot")
+        wait_past_latest_snapshot(lc, ns, "real", attempt=0)
+        node = kube.get("pods", "real-0-1", namespace=ns)["spec"]["nodeName"]
+        control.lose_node(kube, node)
+        phases = []
+
+        def attempt1_running(s: dict) -> bool:
+            phases.append(s.get("phase"))
+            assert s.get("restarts", {}).get("failures", 0) == 0, s
+            return s.get("attempt") == 1 and s.get("phase") == "Running"
+
+        wait_status(kube, ns, "real", attempt1_running, timeout=300, what="attempt 1 running")
+        st = wait_phase(kube, ns, "real", "Succeeded", timeout=300)
+        control.restore_node(kube, node)
+        assert st["restarts"] == {"preemptions": 1, "failures": 0}
+        assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
+        # While the lost node was judged (about 110 s), the job stayed Running: never back to Pending.
+        assert set(phases[: phases.index("Restarting")]) == {"Running"}, phases
+        assert_same_weights(weights, reference_weights)
+    finally:
+        lc.stop()
+        shutil.rmtree(state, ignore_errors=True)
