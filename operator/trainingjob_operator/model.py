@@ -24,6 +24,7 @@ MAX_JOB_NAME_LENGTH = 63 - len("-999999-1023")
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _SHELL_CHARS = re.compile(r"[\s;|&$<>`()]")
 _FORBIDDEN_POD_FIELDS = {
     "restartPolicy": "the operator owns restarts and always uses Never (see spec.recovery)",
@@ -250,6 +251,9 @@ def validate(name: str, spec: JobSpec) -> list[str]:
             errors.append("spec.snapshot.everySteps must be at least 1")
         if s.keep_last < 1:
             errors.append("spec.snapshot.keepLast must be at least 1")
+    if spec.queue_name is not None and not _LABEL_VALUE.match(spec.queue_name):
+        errors.append(f"spec.queueName must be a label value (at most 63 letters, digits, '-', '_', '.'), "
+                      f"got {spec.queue_name!r}")
     r = spec.recovery
     if min(r.max_preemptions, r.max_failures, r.backoff_seconds, r.node_not_ready_seconds) < 0:
         errors.append("spec.recovery values must not be negative")

@@ -210,3 +210,16 @@ def test_defect6_crd_default_failure_settle_equals_the_operators():
     assert defaulted["failureSettleSeconds"] == DEFAULT_FAILURE_SETTLE_SECONDS == parse_spec(
         {"image": "i", "command": ["t"]}).recovery.failure_settle_seconds
     assert DEFAULT_FAILURE_SETTLE_SECONDS > NODE_MONITOR_GRACE_SECONDS + 5  # grace + monitor period
+
+
+def test_defect5_examples_pass_the_crd_schema_and_the_operators_checks():
+    from pathlib import Path
+
+    import yaml
+
+    from trainingjob_operator.model import validate
+    for path in sorted((Path(__file__).parents[2] / "examples").glob("*.yaml")):
+        body = yaml.safe_load(path.read_text())
+        res = _admit(body["spec"])
+        assert not res.errors, (path.name, [e.message for e in res.errors])
+        assert validate(body["metadata"]["name"], parse_spec(res.obj["spec"])) == [], path.name

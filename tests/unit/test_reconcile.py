@@ -731,3 +731,8 @@ def test_defect3_jitter_separates_two_gangs_retried_together():
         body["status"]["attemptStartTime"] = "2026-11-28T11:50:00Z"
         delays.append(backoff_of(reconcile(body, obs(pods, [svc(body, 0)]))))
     assert delays[0] != delays[1]
+
+
+def test_defect3_queue_name_must_be_a_label_value():
+    plan = reconcile(job(queueName="team a"), obs())
+    assert plan.status["phase"] == "Failed" and "spec.queueName" in plan.status["message"]
