@@ -499,7 +499,6 @@ def _ensure_service(c: _Ctx, attempt: int, *, repair: bool) -> None:
 
 def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
-    _ensure_service(c, attempt, repair=True)
     views = sorted((PodView.from_pod(p) for p in current), key=lambda v: v.rank)
     _workers(c, spec, views)
     rr = spec.recovery
@@ -579,6 +578,7 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             c.condition("Ready", False, R_WAITING_WORKERS)
     if c.status.get("phase") in TERMINAL or c.status["attempt"] != attempt:
         return
+    _ensure_service(c, attempt, repair=True)
     _stall_condition(c, spec)
     c.requeue(RESYNC_SECONDS)
 

@@ -736,3 +736,9 @@ def test_defect3_jitter_separates_two_gangs_retried_together():
 def test_defect3_queue_name_must_be_a_label_value():
     plan = reconcile(job(queueName="team a"), obs())
     assert plan.status["phase"] == "Failed" and "spec.queueName" in plan.status["message"]
+
+
+def test_defect9_no_service_is_recreated_for_a_finished_gang():
+    b = job(status=running_status())
+    plan = reconcile(b, obs([pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)], []))
+    assert plan.status["phase"] == "Succeeded" and creates(plan) == []
