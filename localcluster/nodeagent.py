@@ -552,6 +552,8 @@ class NodeAgent:
                 log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"].get("name"), e)
             except Exception:  # noqa: BLE001
                 log.exception("pod %s/%s", pod["metadata"].get("namespace"), pod["metadata"].get("name"))
+        for uid in set(self._pull_failed) - seen:
+            del self._pull_failed[uid]
         # Pods that vanished from the API (force-deleted): stop their processes.
         for uid, c in list(self.containers.items()):
             if uid not in seen:
