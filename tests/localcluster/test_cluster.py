@@ -184,3 +184,36 @@ def test_defect8_lost_node_pods_marked_not_ready_then_evicted_gracefully_and_sta
         kube.wait_for("pods", "witness", "default", timeout=45,
                       predicate=lambda w: (w.get("status") or {}).get("phase") == "Succeeded")
         assert kube.get("pods", "stubborn", "default")["metadata"].get("deletionTimestamp")
+
+
+def test_defect3_node_config_gives_nodes_capacity_labels_and_taints(tmp_path: Path) -> None:
+    from localcluster.kube import condition
+
+    taint = {"key": "dedicated", "value": "training", "effect": "NoSchedule"}
+    lc = LocalCluster(tmp_path / "cfg", nodes=("a", "b"), with_s3=False, node_config={
+        "*": {"capacity": {"nvidia.com/gpu": "2"}},
+        "b": {"capacity": {"nvidia.com/gpu": "4"}, "labels": {"pool": "big"}, "taints": [taint]},
+    })
+    with lc:
+        kube = lc.client()
+        a, b = kube.get("nodes", "a"), kube.get("nodes", "b")
+        assert a["status"]["allocatable"]["nvidia.com/gpu"] == "2" and b["status"]["capacity"]["nvidia.com/gpu"] == "4"
+        assert b["metadata"]["labels"]["pool"] == "big" and b["spec"]["taints"] == [taint]
+
+        def gpu_pod(name: str, gpus: str, **spec: object) -> dict:
+            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"restartPolicy": "Never", **spec, "containers": [{
+                        "name": "main", "image": "ignored", "command": ["python", "-c", "print(1)"],
+                        "resources": {"limits": {"nvidia.com/gpu": gpus}}}]}}
+
+        kube.create("pods", gpu_pod("three", "3"), "default")
+        p = kube.wait_for("pods", "three", "default", timeout=10,
+                          predicate=lambda p: condition(p, "PodScheduled") is not None)
+        assert condition(p, "PodScheduled")["message"] == (
+            "0/2 nodes are available: 1 Insufficient nvidia.com/gpu, "
+            "1 node(s) had untolerated taint {dedicated: training}.")
+        kube.create("pods", gpu_pod("tolerant", "3", nodeSelector={"pool": "big"},
+                                    tolerations=[{"key": "dedicated", "operator": "Exists"}]), "default")
+        p = kube.wait_for("pods", "tolerant", "default", timeout=20,
+                          predicate=lambda p: (p.get("status") or {}).get("phase") == "Succeeded")
+        assert p["spec"]["nodeName"] == "b"
