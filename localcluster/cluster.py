@@ -102,6 +102,9 @@ class LocalCluster:
         with_s3: Start a moto S3 server and create :attr:`bucket`.
         node_monitor_grace_seconds: Lost node -> NotReady after this.
         pod_eviction_seconds: Force-delete a lost node's pods after this (None: never).
+        node_config: Per node name (or ``"*"`` for all): ``{"capacity": {"cpu": "8",
+            "nvidia.com/gpu": "1"}, "labels": {...}, "taints": [...]}``; the
+            scheduler places pods against it (default: the machine's cpu and memory).
         apiserver_command: argv of the API server (default ``python -m
             localcluster.apiserver --state-dir DIR --port 0``, or ``$LOCALCLUSTER_APISERVER_CMD``).
         bucket: The S3 bucket to create.
@@ -118,6 +121,7 @@ class LocalCluster:
         apiserver_command: Sequence[str] | None = None,
         bucket: str = DEFAULT_BUCKET,
         crds_dir: str | os.PathLike[str] = CRDS_DIR,
+        node_config: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
@@ -127,6 +131,7 @@ class LocalCluster:
         self.apiserver_command = list(apiserver_command) if apiserver_command else None
         self.bucket = bucket
         self.crds_dir = Path(crds_dir)
+        self.node_config = dict(node_config or {})
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
@@ -271,6 +276,8 @@ class LocalCluster:
         ]
         if self.pod_eviction_seconds is not None:
             argv += ["--pod-eviction-seconds", str(self.pod_eviction_seconds)]
+        if self.node_config:
+            argv += ["--node-config", json.dumps(self.node_config)]
         log_path = self.state_dir / "nodeagent.log"
         proc = _spawn(argv, log_path)
         self.processes["nodeagent"] = ManagedProcess("nodeagent", proc.pid, log_path, proc)

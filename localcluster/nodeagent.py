@@ -6,9 +6,11 @@ controller) for a few named nodes, running every container as a local process.
 What it does, per tick (woken by a pod watch, at least every ``--interval``):
 
 * registers the Node objects and posts their heartbeat (Ready=True);
-* binds unscheduled pods to a Ready node that matches their ``nodeSelector``
-  (fewest active pods first), via the ``binding`` subresource when the API
-  server has it, else by patching ``spec.nodeName``;
+* binds unscheduled pods to a node that passes kube-scheduler's filters
+  (resources, taints, node selector and affinity: :mod:`localcluster.scheduler`),
+  fewest active pods first, via the ``binding`` subresource when the API
+  server has it, else by patching ``spec.nodeName`` (the scheduler and the
+  node lifecycle controller live in :mod:`localcluster.controlplane`);
 * starts each bound pod's single container as a process (``command`` +
   ``args`` as argv, never a shell, the venv's ``bin`` first on PATH), in its
   own session/process group, with stdout+stderr in
@@ -22,7 +24,7 @@ What it does, per tick (woken by a pod watch, at least every ``--interval``):
 * loses a node whose annotation :data:`LOST_ANNOTATION` is ``"true"``: all its
   processes are SIGKILLed at once, its pods are left as they are in the API
   (Running, as when a kubelet dies) and after ``--node-monitor-grace-seconds``
-  the Node becomes Ready=Unknown (NodeStatusUnknown);
+  the Node becomes Ready=Unknown (NodeStatusUnknown) and its pods Ready=False;
 * keeps ``DIR/hosts`` (an nss_wrapper hosts file) mapping every pod's and
   Service's DNS names to 127.0.0.1; every container runs with
   ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
@@ -50,16 +52,16 @@ from typing import Any, Callable, Mapping
 
 from trainingjob_trainer import contract
 
+from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
+from localcluster.images import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.kube import ApiError, Client, Obj
 
 log = logging.getLogger("localcluster.nodeagent")
 
 #: Set to "true" on a Node (by :func:`localcluster.control.lose_node`) to lose it.
 LOST_ANNOTATION = "localcluster.trainingjob.dev/lost"
-HOSTNAME_LABEL = "kubernetes.io/hostname"
 LOOPBACK = "127.0.0.1"
 LOOPBACK_V4MAPPED = "::ffff:127.0.0.1"
-TERMINAL = ("Succeeded", "Failed")
 #: Written into every pod directory: pid, process start time and pod uid, so
 #: ``LocalCluster.stop`` can make sure no container process outlives the agent.
 PID_FILE = "container.pid"
@@ -72,10 +74,6 @@ NSS_WRAPPER_CANDIDATES = (
 )
 LOG_TAIL_BYTES = 2048
 LOG_TAIL_LINES = 80
-
-
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class ConfigError(Exception):
@@ -402,42 +400,6 @@ def read_termination_message(term_path: Path, log_path: Path, policy: str, exit_
 
 
 # ---------------------------------------------------------------------------
-# Status helpers
-# ---------------------------------------------------------------------------
-def merge_conditions(existing: list[Obj], updates: list[Obj]) -> list[Obj]:
-    """Conditions keyed by type: ``updates`` replace, the others are kept.
-
-    ``lastTransitionTime`` is kept when the status did not change.
-    """
-    out = {c.get("type"): dict(c) for c in existing if c.get("type")}
-    for u in updates:
-        old = out.get(u["type"])
-        new = dict(u)
-        if old and old.get("status") == new.get("status") and old.get("lastTransitionTime"):
-            new["lastTransitionTime"] = old["lastTransitionTime"]
-        new.setdefault("lastTransitionTime", now_rfc3339())
-        out[u["type"]] = {**(old or {}), **new}
-    return list(out.values())
-
-
-def cond(ctype: str, status: bool | str, reason: str | None = None, message: str | None = None) -> Obj:
-    c: Obj = {"type": ctype, "status": status if isinstance(status, str) else ("True" if status else "False")}
-    if reason:
-        c["reason"] = reason
-    if message:
-        c["message"] = message
-    return c
-
-
-@dataclass
-class LostNode:
-    since: float
-    unknown_marked: bool = False
-    evicted: bool = False
-    abandoned: set[str] = field(default_factory=set)  # pod uids whose processes died with the node
-
-
-# ---------------------------------------------------------------------------
 # The agent
 # ---------------------------------------------------------------------------
 @dataclass
@@ -451,9 +413,11 @@ class AgentConfig:
     heartbeat_seconds: float = 5.0
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
     nss_wrapper: str | None = None
+    #: Per node name (or ``"*"``): ``{"capacity": {...}, "labels": {...}, "taints": [...]}``.
+    node_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-class NodeAgent:
+class NodeAgent(ControlPlaneMixin):
     """The kubelet stand-in for ``config.nodes``. Call :meth:`run`; :meth:`stop` ends it."""
 
     def __init__(self, config: AgentConfig, client: Client | None = None) -> None:
@@ -471,6 +435,7 @@ class NodeAgent:
         self._binding_supported: bool | None = None
         self._nodes_cache: dict[str, Obj] = {}
         self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
+        self._pull_failed: dict[str, float] = {}  # pod uid -> when its image pull first failed
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
@@ -547,6 +512,8 @@ class NodeAgent:
                 log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"].get("name"), e)
             except Exception:  # noqa: BLE001
                 log.exception("pod %s/%s", pod["metadata"].get("namespace"), pod["metadata"].get("name"))
+        for uid in set(self._pull_failed) - seen:
+            del self._pull_failed[uid]
         # Pods that vanished from the API (force-deleted): stop their processes.
         for uid, c in list(self.containers.items()):
             if uid not in seen:
@@ -560,14 +527,23 @@ class NodeAgent:
         self.sync_lost_nodes(pods)
 
     # -------------------------------------------------------------- nodes
-    def _node_status(self, name: str, ready: str, reason: str, message: str) -> Obj:
-        cpu = str(os.cpu_count() or 1)
+    def _node_config(self, name: str) -> Mapping[str, Any]:
+        cfg = self.cfg.node_config
+        return cfg.get(name) or cfg.get("*") or {}
+
+    def _node_resources(self, name: str) -> dict[str, str]:
+        """Capacity (= allocatable): the machine's, unless ``node_config`` says otherwise."""
         try:
             mem = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024}Ki"
         except (ValueError, OSError):
             mem = "8Gi"
+        resources = {"cpu": str(os.cpu_count() or 1), "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
+        resources.update({k: str(v) for k, v in (self._node_config(name).get("capacity") or {}).items()})
+        return resources
+
+    def _node_status(self, name: str, ready: str, reason: str, message: str) -> Obj:
         now = now_rfc3339()
-        resources = {"cpu": cpu, "memory": mem, "pods": "110", "ephemeral-storage": "100Gi"}
+        resources = self._node_resources(name)
         return {
             "capacity": resources,
             "allocatable": resources,
@@ -621,9 +597,10 @@ class NodeAgent:
                             "kubernetes.io/os": "linux",
                             "kubernetes.io/arch": "amd64",
                             "node.kubernetes.io/instance-type": "localcluster",
+                            **(self._node_config(name).get("labels") or {}),
                         },
                     },
-                    "spec": {},
+                    "spec": {"taints": list(self._node_config(name).get("taints") or [])} if self._node_config(name).get("taints") else {},
                     "status": self._node_status(name, "True", "KubeletReady", "kubelet is posting ready status"),
                 }
                 try:
@@ -648,131 +625,6 @@ class NodeAgent:
             if lost:
                 self.ready_nodes.discard(name)
         self._nodes_cache = existing
-
-    def lose(self, name: str) -> None:
-        """The node dies: every process of it is SIGKILLed at once; nothing is reported."""
-        log.warning("node %s lost: killing its containers", name)
-        lost = LostNode(since=time.monotonic())
-        self.lost[name] = lost
-        self.ready_nodes.discard(name)
-        victims = [c for c in self.containers.values() if c.node == name]
-        self._kill_and_reap(victims)
-        for c in victims:
-            lost.abandoned.add(c.uid)
-            del self.containers[c.uid]
-
-    def recover(self, node: Obj) -> None:
-        name = node["metadata"]["name"]
-        log.warning("node %s is back", name)
-        del self.lost[name]
-        taints = [t for t in (node.get("spec") or {}).get("taints") or [] if not t.get("key", "").startswith("node.kubernetes.io/unreachable")]
-        self.client.patch("nodes", name, {"spec": {"taints": taints or None}})
-        self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-        self._last_heartbeat[name] = time.monotonic()
-        self.ready_nodes.add(name)
-
-    def sync_lost_nodes(self, pods: list[Obj]) -> None:
-        """The node lifecycle controller's part for lost nodes."""
-        now = time.monotonic()
-        for name, lost in self.lost.items():
-            if not lost.unknown_marked and now - lost.since >= self.cfg.node_monitor_grace_seconds:
-                node = self.client.get("nodes", name)
-                self._patch_node_ready(node, "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.")
-                taints = [t for t in (node.get("spec") or {}).get("taints") or [] if not t.get("key", "").startswith("node.kubernetes.io/unreachable")]
-                taints += [
-                    {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule", "timeAdded": now_rfc3339()},
-                    {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "timeAdded": now_rfc3339()},
-                ]
-                self.client.patch("nodes", name, {"spec": {"taints": taints}})
-                lost.unknown_marked = True
-            evict_after = self.cfg.pod_eviction_seconds
-            if evict_after is not None and lost.unknown_marked and not lost.evicted and now - lost.since >= self.cfg.node_monitor_grace_seconds + evict_after:
-                for pod in pods:
-                    if (pod.get("spec") or {}).get("nodeName") != name:
-                        continue
-                    md = pod["metadata"]
-                    try:
-                        self._write_status(
-                            pod,
-                            lambda p: {
-                                "conditions": merge_conditions(
-                                    (p.get("status") or {}).get("conditions") or [],
-                                    [cond("DisruptionTarget", True, "DeletionByTaintManager", "Taint manager: deleting due to NoExecute taint")],
-                                )
-                            },
-                        )
-                        self.client.delete("pods", md["name"], md.get("namespace"), grace_period=0)
-                    except ApiError as e:
-                        if e.status != 404:
-                            log.warning("evicting %s: %s", md["name"], e)
-                lost.evicted = True
-
-    # -------------------------------------------------------------- scheduler
-    def schedule(self, pods: list[Obj]) -> None:
-        load: dict[str, int] = {n: 0 for n in self.cfg.nodes}
-        for pod in pods:
-            node = (pod.get("spec") or {}).get("nodeName")
-            if node in load and (pod.get("status") or {}).get("phase") not in TERMINAL:
-                load[node] += 1
-        for pod in pods:
-            spec, md = pod.get("spec") or {}, pod["metadata"]
-            if spec.get("nodeName") or md.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in TERMINAL:
-                continue
-            sched = spec.get("schedulerName")
-            if sched and sched != "default-scheduler":
-                continue
-            selector = spec.get("nodeSelector") or {}
-            candidates = [
-                n for n in self.cfg.nodes
-                if n in self.ready_nodes and n not in self.lost
-                and all(self._node_labels(n).get(k) == v for k, v in selector.items())
-            ]
-            if not candidates:
-                msg = f"0/{len(self.cfg.nodes)} nodes are available: no Ready node matches the pod's node selector {selector}."
-                try:
-                    self._write_status(pod, lambda p: {"conditions": merge_conditions(
-                        (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", False, "Unschedulable", msg)])},
-                        only_if_changed=True)
-                except ApiError as e:
-                    log.warning("unschedulable %s: %s", md["name"], e)
-                continue
-            node = min(candidates, key=lambda n: (load[n], n))
-            try:
-                self.bind(pod, node)
-            except ApiError as e:
-                log.warning("binding %s to %s: %s", md["name"], node, e)
-                continue
-            load[node] += 1
-            spec["nodeName"] = node  # the rest of this tick sees it bound
-
-    def _node_labels(self, name: str) -> Mapping[str, str]:
-        node = self._nodes_cache.get(name) or {}
-        return (node.get("metadata") or {}).get("labels") or {HOSTNAME_LABEL: name}
-
-    def bind(self, pod: Obj, node: str) -> None:
-        md = pod["metadata"]
-        ns, name = md.get("namespace", "default"), md["name"]
-        bound = False
-        if self._binding_supported is not False:
-            body = {
-                "apiVersion": "v1",
-                "kind": "Binding",
-                "metadata": {"name": name, "namespace": ns, "uid": md.get("uid")},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-            }
-            try:
-                self.client.create("pods", body, ns, subresource="binding")
-                self._binding_supported = bound = True
-            except ApiError as e:
-                if e.status not in (404, 405, 415, 501):
-                    raise
-                self._binding_supported = False
-        if not bound:
-            self.client.patch("pods", name, {"spec": {"nodeName": node}}, ns)
-        log.info("bound %s/%s to %s", ns, name, node)
-        fresh = self.client.get("pods", name, ns)
-        self._write_status(fresh, lambda p: {"conditions": merge_conditions(
-            (p.get("status") or {}).get("conditions") or [], [cond("PodScheduled", True)])})
 
     # -------------------------------------------------------------- pods
     def _write_status(self, pod: Obj, build: Callable[[Obj], Obj], *, only_if_changed: bool = False) -> Obj | None:
@@ -901,6 +753,8 @@ class NodeAgent:
         if not ctr.get("command"):
             self._report_config_error(pod, "CreateContainerError", "localcluster cannot run images: the container needs a command")
             return
+        if not self._image_pulled(pod, str(ctr.get("image") or "")):
+            return
         try:
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
@@ -943,6 +797,25 @@ class NodeAgent:
         self._config_errors.pop(c.uid, None)
         log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
         self._report_running(pod, c)
+
+    def _image_pulled(self, pod: Obj, image: str) -> bool:
+        """The kubelet's image step: False (and a waiting reason reported) when the pull fails."""
+        if not image_reference_valid(image):
+            self._report_config_error(pod, "InvalidImageName", f'Failed to apply default image tag "{image}": '
+                                      f'couldn\'t parse image name "{image}": invalid reference format')
+            return False
+        if not image.startswith(UNPULLABLE_REGISTRY):
+            return True
+        uid = pod["metadata"].get("uid", "")
+        first = self._pull_failed.setdefault(uid, time.monotonic())
+        if time.monotonic() - first < IMAGE_PULL_BACKOFF_SECONDS:
+            ref = image if ":" in image.rsplit("/", 1)[-1] else f"{image}:latest"
+            self._report_config_error(pod, "ErrImagePull", (
+                f'failed to pull and unpack image "{ref}": failed to resolve reference "{ref}": '
+                f"{ref}: not found"))
+        else:
+            self._report_config_error(pod, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+        return False
 
     def _prepare_pod_dir(self, pod_dir: Path, uid: str) -> None:
         uid_file = pod_dir / "uid"
@@ -1062,6 +935,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
+    ap.add_argument("--node-config", default="{}",
+                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...]}')
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -1071,6 +946,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pod_eviction_seconds=a.pod_eviction_seconds,
         interval=a.interval,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
+        node_config=json.loads(a.node_config),
     )
 
 

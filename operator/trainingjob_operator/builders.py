@@ -74,7 +74,9 @@ def get_service(body: Mapping[str, Any], attempt: int) -> dict[str, Any]:
             # Rank 0 must be resolvable before it is Ready: the others dial it
             # while it is still waiting for them.
             "publishNotReadyAddresses": True,
-            "selector": {contract.LABEL_JOB_NAME: name, contract.LABEL_ATTEMPT: str(attempt)},
+            # The uid too: pods of an earlier job of the same name never match.
+            "selector": {contract.LABEL_JOB_NAME: name, contract.LABEL_JOB_UID: body["metadata"]["uid"],
+                         contract.LABEL_ATTEMPT: str(attempt)},
             "ports": [{"name": "rendezvous", "port": contract.RDZV_PORT, "targetPort": contract.RDZV_PORT}],
         },
     }
@@ -155,6 +157,11 @@ def get_pod(
     labels = dict(tmeta.get("labels") or {})
     labels.update(gang_labels(body, attempt))
     labels[contract.LABEL_NODE_RANK] = str(rank)
+    annotations = dict(tmeta.get("annotations") or {})
+    if spec.queue_name:
+        labels[contract.KUEUE_LABEL_QUEUE_NAME] = spec.queue_name
+        labels[contract.KUEUE_LABEL_POD_GROUP_NAME] = service_name(name, attempt)
+        annotations[contract.KUEUE_ANNOTATION_POD_GROUP_TOTAL_COUNT] = str(spec.nodes)
     container: dict[str, Any] = {
         "name": contract.CONTAINER_NAME,
         "image": spec.image,
@@ -194,7 +201,7 @@ def get_pod(
             "name": pod_name(name, attempt, rank),
             "namespace": ns,
             "labels": labels,
-            "annotations": dict(tmeta.get("annotations") or {}),
+            "annotations": annotations,
             "ownerReferences": [owner_reference(body)],
         },
         "spec": pod_spec,

@@ -16,12 +16,15 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
+from .classify import Rule, rules_from_spec
+
 # Pod names are "<job>-<attempt>-<rank>" and double as hostnames (DNS labels,
 # at most 63 characters): keep room for a 6-digit attempt and a 4-digit rank.
 MAX_JOB_NAME_LENGTH = 63 - len("-999999-1023")
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _SHELL_CHARS = re.compile(r"[\s;|&$<>`()]")
 _FORBIDDEN_POD_FIELDS = {
     "restartPolicy": "the operator owns restarts and always uses Never (see spec.recovery)",
@@ -35,6 +38,17 @@ _FORBIDDEN_POD_FIELDS = {
     "subdomain": "the operator sets it for the rendezvous",
 }
 RESERVED_ENV_PREFIXES = ("TJ_", "PET_")
+
+#: kube-controller-manager's ``--node-monitor-grace-period`` since Kubernetes
+#: 1.32 (40 s before): how long a silent kubelet's node stays Ready.
+NODE_MONITOR_GRACE_SECONDS = 50
+#: ``--node-monitor-period``: how often the node lifecycle controller looks.
+NODE_MONITOR_PERIOD_SECONDS = 5
+#: Slack for the operator's own watch latency and resync.
+NODE_MONITOR_MARGIN_SECONDS = 5
+#: ``failureSettleSeconds`` default: a worker that failed because its peer's
+#: node died is held until that node can have been marked NotReady.
+DEFAULT_FAILURE_SETTLE_SECONDS = NODE_MONITOR_GRACE_SECONDS + NODE_MONITOR_PERIOD_SECONDS + NODE_MONITOR_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,17 @@ class RecoverySpec:
     backoff_seconds: int = 10
     max_backoff_seconds: int = 600
     node_not_ready_seconds: int = 60
-    failure_settle_seconds: int = 45
+    failure_settle_seconds: int = DEFAULT_FAILURE_SETTLE_SECONDS
+    #: A container still waiting (image pull, config error) this long after
+    #: its attempt started ends the job when its reason is permanent.
+    startup_timeout_seconds: int = 300
+    #: A gang not fully scheduled and running this long after its attempt
+    #: started is torn down and retried (not counted as a failure).
+    scheduling_timeout_seconds: int = 300
+    #: How long past a fenced pod's deletionTimestamp (the end of its grace
+    #: period) fencing waits before it escalates.
+    fence_timeout_seconds: int = 60
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,8 @@ class JobSpec:
     clean_pod_policy: str = "Running"
     pod_template: Mapping[str, Any] = field(default_factory=dict)
     suspend: bool = False
+    #: Kueue LocalQueue: the attempt's pods are labelled as one Kueue pod group.
+    queue_name: str | None = None
 
 
 class SpecError(ValueError):
@@ -136,7 +162,11 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
         backoff_seconds=_int(rec, "backoffSeconds", 10),
         max_backoff_seconds=_int(rec, "maxBackoffSeconds", 600),
         node_not_ready_seconds=_int(rec, "nodeNotReadySeconds", 60),
-        failure_settle_seconds=_int(rec, "failureSettleSeconds", 45),
+        failure_settle_seconds=_int(rec, "failureSettleSeconds", DEFAULT_FAILURE_SETTLE_SECONDS),
+        startup_timeout_seconds=_int(rec, "startupTimeoutSeconds", 300),
+        scheduling_timeout_seconds=_int(rec, "schedulingTimeoutSeconds", 300),
+        fence_timeout_seconds=_int(rec, "fenceTimeoutSeconds", 60),
+        rules=_rules(rec.get("rules")),
     )
     env = spec.get("env") or []
     if not isinstance(env, list) or not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) for e in env):
@@ -167,7 +197,19 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
         clean_pod_policy=spec.get("cleanPodPolicy", "Running"),
         pod_template=tmpl,
         suspend=bool(spec.get("suspend", False)),
+        queue_name=spec.get("queueName") or None,
     )
+
+
+def _rules(items: Any) -> tuple[Rule, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise SpecError("spec.recovery.rules must be a list of rules")
+    try:
+        return rules_from_spec(items)
+    except (ValueError, TypeError) as e:
+        raise SpecError(str(e)) from None
 
 
 def validate(name: str, spec: JobSpec) -> list[str]:
@@ -209,6 +251,9 @@ def validate(name: str, spec: JobSpec) -> list[str]:
             errors.append("spec.snapshot.everySteps must be at least 1")
         if s.keep_last < 1:
             errors.append("spec.snapshot.keepLast must be at least 1")
+    if spec.queue_name is not None and not _LABEL_VALUE.match(spec.queue_name):
+        errors.append(f"spec.queueName must be a label value (at most 63 letters, digits, '-', '_', '.'), "
+                      f"got {spec.queue_name!r}")
     r = spec.recovery
     if min(r.max_preemptions, r.max_failures, r.backoff_seconds, r.node_not_ready_seconds) < 0:
         errors.append("spec.recovery values must not be negative")

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
 from . import builders
-from .classify import FAILURE, PREEMPTION, SUCCESS, NodeView, Outcome, PodView, classify, node_suspect, parse_time
-from .conditions import set_condition
+from .classify import (
+    FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
+    PodView, classify, node_suspect, parse_time, short_text,
+)
+from .conditions import get_condition, set_condition
 from .model import JobSpec, SpecError, parse_spec, validate
 
 # Phases
@@ -51,6 +56,16 @@ R_SECRET_MISSING = "CredentialsSecretNotReady"
 R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
 
+R_TRANSIENT = "TransientRestart"
+R_UNSCHEDULABLE = "Unschedulable"
+R_SERVICE_RECREATED = "ServiceRecreated"
+R_SUSPENDED_BY_QUEUE = "SuspendedByKueue"
+R_FENCING_STUCK = "FencingStuck"
+R_FENCING_DONE = "PreviousAttemptGone"
+R_NODE_NOT_READY = "NodeNotReady"
+R_WORKERS_NOT_READY = "WorkersNotReady"
+
+_CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*")
 RESYNC_SECONDS = 10.0
 #: How long a restart waits for an unreadable snapshot folder before starting
 #: the new gang anyway (the trainer then picks the latest complete snapshot).
@@ -220,6 +235,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     if old_pods:
         _fence(c, spec, old_pods)
         return c.plan
+    _fencing_unstuck(c)
     current = [p for p in observed.pods if _attempt_of(p) == attempt]
     if not c.status.get("gangCreated"):
         _create_gang(c, spec, current)
@@ -264,9 +280,12 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
     # pods of the old one are then deleted like any previous attempt's.
     attempt = c.status["attempt"]
     if c.status.get("gangCreated") or any(_attempt_of(p) == attempt for p in c.obs.pods):
+        if spec.queue_name and c.status.get("gangCreated") and c.old.get("phase") != SUSPENDED:
+            _kueue_preemption(c, attempt)
         c.status["attempt"] = attempt + 1
         c.status["gangCreated"] = False
-    c.status.pop("nextRestartTime", None)
+    # nextRestartTime stays: a resume during a failure backoff waits out the
+    # rest of it (suspend is no way around the backoff).
     c.delete_pods(list(c.obs.pods), "Suspended")
     c.delete_services(keep_attempt=None)
     left = sum(1 for _ in c.obs.pods)
@@ -280,6 +299,19 @@ def _suspend(c: _Ctx, spec: JobSpec) -> None:
     _workers(c, spec, [])
 
 
+def _kueue_preemption(c: _Ctx, attempt: int) -> None:
+    """A queued job's running gang suspended: Kueue owns ``suspend`` of the jobs it
+    queues (as for batch Jobs), so this is its preemption, counted as one."""
+    restarts = c.status["restarts"]
+    restarts["preemptions"] = restarts.get("preemptions", 0) + 1
+    c.status["lastDisruption"] = {
+        "kind": PREEMPTION, "reason": R_SUSPENDED_BY_QUEUE, "pod": builders.pod_name(c.name, attempt, 0),
+        "attempt": attempt, "at": _iso(c.now),
+        "message": f"attempt {attempt} suspended while queued in Kueue (spec.queueName): counted as a preemption",
+    }
+    c.event("Warning", R_SUSPENDED_BY_QUEUE, c.status["lastDisruption"]["message"])
+
+
 def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
     # The ended gang's pods report the step they reached as they exit: keep
@@ -288,10 +320,15 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     if last and not last.get("accounted"):
         for p in old_pods:
             cm = PodView.from_pod(p).contract_message
-            if cm and cm.step is not None and _attempt_of(p) == last.get("attempt") and cm.step > last.get("step", -1):
+            if not cm or _attempt_of(p) != last.get("attempt"):
+                continue
+            if cm.step is not None and cm.step > last.get("step", -1):
                 last["step"] = cm.step
+            if cm.save_seconds is not None and cm.save_seconds > last.get("saveSeconds", -1.0):
+                last["saveSeconds"] = cm.save_seconds
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
+    _fence_timeout(c, spec, old_pods)
     if c.status.get("phase") != RESTARTING:
         # Keep the decision's reason (Preempted, WorkerFailed) while fencing.
         names = ", ".join(sorted(p["metadata"]["name"] for p in old_pods))
@@ -302,13 +339,51 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     c.requeue(2.0)
 
 
+def _fence_timeout(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
+    """Escalate fencing that outlasts ``fenceTimeoutSeconds`` past a pod's deletionTimestamp.
+
+    On a NotReady or vanished node no kubelet will finish the deletion:
+    force-delete. On a Ready node the process ignores SIGTERM/SIGKILL or the
+    kubelet is stuck: forcing would let two attempts run at once, so the
+    ``FencingStuck`` condition names the pod and node for a person.
+    """
+    stuck = []
+    forced = {a.name for a in c.plan.actions if a.force}
+    for p in old_pods:
+        deadline = parse_time((p.get("metadata") or {}).get("deletionTimestamp"))
+        if deadline is None or (c.now - deadline).total_seconds() < spec.recovery.fence_timeout_seconds:
+            if deadline is not None:
+                c.requeue(max(1.0, spec.recovery.fence_timeout_seconds - (c.now - deadline).total_seconds()))
+            continue
+        v = PodView.from_pod(p)
+        if v.node and c.obs.nodes is not None and node_suspect(v, c.obs.nodes):
+            if v.name not in forced:
+                c.plan.actions.append(Action("delete", "Pod", v.name, reason="FenceTimeout", force=True))
+            continue
+        stuck.append(f"pod {v.name} on node {v.node or '(none)'}")
+    if stuck:
+        msg = (f"still terminating {spec.recovery.fence_timeout_seconds}s past its deletion deadline on a Ready "
+               f"node: {', '.join(stuck)}; the next attempt waits (check the node's kubelet and the process, "
+               "or force-delete it once it is certainly stopped)")
+        c.condition("FencingStuck", True, R_FENCING_STUCK, msg)
+        if (get_condition(c.old, "FencingStuck") or {}).get("status") != "True":
+            c.event("Warning", R_FENCING_STUCK, msg)
+    else:
+        _fencing_unstuck(c)
+
+
+def _fencing_unstuck(c: _Ctx) -> None:
+    if (get_condition(c.status, "FencingStuck") or {}).get("status") == "True":
+        c.condition("FencingStuck", False, R_FENCING_DONE)
+
+
 def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
     nxt = parse_time(c.status.get("nextRestartTime"))
     if nxt is not None and nxt > c.now:
         wait = (nxt - c.now).total_seconds()
         c.set_phase(RESTARTING, R_BACKOFF,
-                    f"attempt {attempt} starts at {c.status['nextRestartTime']} (failure backoff)")
+                    f"attempt {attempt} starts at {c.status['nextRestartTime']} (backoff)")
         c.requeue(wait)
         return
     if c.obs.secret_problem:
@@ -354,9 +429,8 @@ def _create_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> No
     resume = snap.get("restoredFrom")
 
     present = {PodView.from_pod(p).rank for p in current}
-    svc_name = builders.service_name(c.name, attempt)
-    if not any(s["metadata"]["name"] == svc_name for s in c.obs.services):
-        c.plan.actions.append(Action("create", "Service", svc_name, builders.get_service(c.body, attempt)))
+    if len(present) < spec.nodes:
+        _ensure_service(c, attempt, repair=False)
     for rank in range(spec.nodes):
         if rank not in present:
             pod = builders.get_pod(c.body, spec, attempt=attempt, rank=rank, resume_from=resume)
@@ -410,6 +484,19 @@ def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
     last["accounted"] = True
 
 
+def _ensure_service(c: _Ctx, attempt: int, *, repair: bool) -> None:
+    """The attempt's rendezvous Service exists (``repair``: re-created, with an Event, when deleted)."""
+    svc_name = builders.service_name(c.name, attempt)
+    if any(s["metadata"]["name"] == svc_name and not s["metadata"].get("deletionTimestamp") for s in c.obs.services):
+        return
+    if any(s["metadata"]["name"] == svc_name for s in c.obs.services):
+        c.requeue(1.0)  # still terminating: re-create once it is gone
+        return
+    c.plan.actions.append(Action("create", "Service", svc_name, builders.get_service(c.body, attempt)))
+    if repair:
+        c.event("Warning", R_SERVICE_RECREATED, f"rendezvous Service {svc_name} was deleted; re-created")
+
+
 def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
     views = sorted((PodView.from_pod(p) for p in current), key=lambda v: v.rank)
@@ -417,7 +504,8 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
     rr = spec.recovery
     outcomes: list[Outcome] = []
     for v in views:
-        o = classify(v, nodes=c.obs.nodes, now=c.now, node_not_ready_seconds=rr.node_not_ready_seconds)
+        o = classify(v, nodes=c.obs.nodes, now=c.now, node_not_ready_seconds=rr.node_not_ready_seconds,
+                     rules=rr.rules)
         if o is not None:
             outcomes.append(o)
     present = {v.rank for v in views}
@@ -426,16 +514,26 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
             outcomes.append(Outcome(PREEMPTION, "PodDeleted", builders.pod_name(c.name, attempt, rank), None,
                                     message="the pod disappeared (deleted by someone other than the operator)"))
     steps = [o.step for o in outcomes if o.step is not None]
-    preempted = [o for o in outcomes if o.kind == PREEMPTION]
+    step = max(steps) if steps else None
     failed = [o for o in outcomes if o.kind == FAILURE]
-    if preempted:
-        _end_attempt(c, spec, preempted[0], max(steps) if steps else None, views)
-        return
+    # A cause that restarting cannot fix wins, then a disruption (the others'
+    # errors follow from it), then a transient rejection.
+    for kind in (FAIL_JOB, PREEMPTION, TRANSIENT):
+        first = next((o for o in outcomes if o.kind == kind), None)
+        if first is not None:
+            _end_attempt(c, spec, first, step, views)
+            return
     if failed:
+        unscheduled = [v for v in views if v.unschedulable and not v.node]
+        if unscheduled:
+            # The ranks that started gave up waiting for ranks that never got
+            # a node: the cause is scheduling, not the training code.
+            _end_attempt(c, spec, _unschedulable_outcome(unscheduled), step, views)
+            return
         if any(node_suspect(v, c.obs.nodes) for v in views if v.phase not in ("Succeeded", "Failed")):
             # A gang member's node is NotReady: this failure is probably the
             # rendezvous breaking because of it. Wait for the node's fate.
-            c.set_phase(RUNNING, "NodeNotReady", "a worker's node is not Ready; waiting before deciding")
+            c.set_phase(RUNNING, R_NODE_NOT_READY, "a worker's node is not Ready; waiting before deciding")
             c.requeue(2.0)
             return
         wait = _settle_remaining(c, spec, views)
@@ -449,7 +547,7 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         # The pod that ended first is usually the cause; the others follow it.
         ended = {v.name: v.finished_at or c.now for v in views}
         first = min(failed, key=lambda o: (ended.get(o.pod, c.now), o.pod))
-        _end_attempt(c, spec, first, max(steps) if steps else None, views)
+        _end_attempt(c, spec, first, step, views)
         return
     if len(views) == spec.nodes and all(o.kind == SUCCESS for o in outcomes) and len(outcomes) == spec.nodes:
         c.status["completionTime"] = _iso(c.now)
@@ -465,12 +563,80 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         c.set_phase(RUNNING, R_RUNNING, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) running",
                     event_type="Normal" if c.old.get("phase") != RUNNING else None)
         c.condition("Ready", True, R_RUNNING)
-    else:
-        phase = RESTARTING if c.status.get("phase") == RESTARTING else PENDING
-        c.set_phase(phase, R_WAITING_WORKERS, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready")
-        c.condition("Ready", False, R_WAITING_WORKERS)
+    elif not _startup_problem(c, spec, views, step):
+        if c.old.get("phase") == RUNNING:
+            # Never backwards while the gang is judged (a node NotReady marks
+            # its pods unready): the attempt stays Running until it ends.
+            suspect = [v.node for v in views if node_suspect(v, c.obs.nodes)]
+            reason, why = (R_NODE_NOT_READY, f"; node(s) not Ready: {', '.join(sorted(set(map(str, suspect))))}") \
+                if suspect else (R_WORKERS_NOT_READY, "")
+            c.set_phase(RUNNING, reason, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready{why}")
+            c.condition("Ready", False, reason)
+        else:
+            phase = RESTARTING if c.status.get("phase") == RESTARTING else PENDING
+            c.set_phase(phase, R_WAITING_WORKERS, f"attempt {attempt}: {ready}/{spec.nodes} worker(s) ready")
+            c.condition("Ready", False, R_WAITING_WORKERS)
+    if c.status.get("phase") in TERMINAL or c.status["attempt"] != attempt:
+        return
+    _ensure_service(c, attempt, repair=True)
     _stall_condition(c, spec)
     c.requeue(RESYNC_SECONDS)
+
+
+def _unschedulable_outcome(unscheduled: list[PodView]) -> Outcome:
+    v = unscheduled[0]
+    return Outcome(TRANSIENT, R_UNSCHEDULABLE, v.name, None,
+                   message=f"{len(unscheduled)} pod(s) could not be scheduled: {v.unschedulable}")
+
+
+def _attempt_age(c: _Ctx) -> float:
+    started = parse_time(c.status.get("attemptStartTime"))
+    return (c.now - started).total_seconds() if started else 0.0
+
+
+def _startup_problem(c: _Ctx, spec: JobSpec, views: list[PodView], step: int | None) -> bool:
+    """Report (and past its timeout, act on) why a gang is not all running.
+
+    Containers that cannot start (image pulls, config errors) and pods the
+    scheduler cannot place are surfaced in status and Events on the first
+    reconcile that sees them. A permanent container problem ends the job
+    after ``startupTimeoutSeconds``; a gang not fully scheduled after
+    ``schedulingTimeoutSeconds`` is torn down and retried, uncounted.
+
+    Returns:
+        True when a problem was reported (the caller sets no other phase).
+    """
+    attempt = c.status["attempt"]
+    rr = spec.recovery
+    age = _attempt_age(c)
+    keep = RUNNING if c.old.get("phase") == RUNNING else (RESTARTING if c.status.get("phase") == RESTARTING else PENDING)
+    waiting = [v for v in views if v.waiting_reason in WAITING_REASONS]
+    if waiting:
+        v = waiting[0]
+        msg = f"pod {v.name}: {v.waiting_reason}: {short_text(v.waiting_message)}"
+        if v.waiting_reason in PERMANENT_WAITING_REASONS and age >= rr.startup_timeout_seconds:
+            _fail_job(c, spec, v.waiting_reason,
+                      f"attempt {attempt}: {msg} (not resolved within startupTimeoutSeconds="
+                      f"{rr.startup_timeout_seconds})")
+            return True
+        c.set_phase(keep, v.waiting_reason, msg, event_type="Warning")
+        c.condition("Ready", False, v.waiting_reason, msg)
+        if v.waiting_reason in PERMANENT_WAITING_REASONS:
+            c.requeue(max(1.0, rr.startup_timeout_seconds - age))
+        return True
+    unscheduled = [v for v in views if v.unschedulable and not v.node]
+    if unscheduled:
+        if age >= rr.scheduling_timeout_seconds:
+            _end_attempt(c, spec, _unschedulable_outcome(unscheduled), step, views)
+            return True
+        o = _unschedulable_outcome(unscheduled)
+        msg = (f"attempt {attempt}: {o.message}; the gang is deleted and retried if not all scheduled within "
+               f"schedulingTimeoutSeconds={rr.scheduling_timeout_seconds}")
+        c.set_phase(keep, R_UNSCHEDULABLE, msg, event_type="Warning")
+        c.condition("Ready", False, R_UNSCHEDULABLE, msg)
+        c.requeue(max(1.0, rr.scheduling_timeout_seconds - age))
+        return True
+    return False
 
 
 def _settle_remaining(c: _Ctx, spec: JobSpec, views: list[PodView]) -> float:
@@ -484,55 +650,91 @@ def _settle_remaining(c: _Ctx, spec: JobSpec, views: list[PodView]) -> float:
     return spec.recovery.failure_settle_seconds - (c.now - min(ended)).total_seconds()
 
 
-def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:
-    attempt = c.status["attempt"]
-    restarts = c.status["restarts"]
-    key, budget = ("preemptions", spec.recovery.max_preemptions) if o.kind == PREEMPTION else (
-        "failures", spec.recovery.max_failures)
-    disruption: dict[str, Any] = {
-        "kind": o.kind, "reason": o.reason, "pod": o.pod, "attempt": attempt, "at": _iso(c.now),
+#: Per outcome kind: the restarts counter and the spec's budget (``None``: no budget).
+_BUDGETS = {PREEMPTION: ("preemptions", "max_preemptions"), FAILURE: ("failures", "max_failures"),
+            TRANSIENT: ("transient", None)}
+
+
+def _disruption(c: _Ctx, o: Outcome, step: int | None) -> dict[str, Any]:
+    """``status.lastDisruption`` for outcome ``o`` of the current attempt."""
+    d: dict[str, Any] = {
+        "kind": o.kind, "reason": o.reason, "pod": o.pod, "attempt": c.status["attempt"], "at": _iso(c.now),
         "message": o.describe(),
     }
     if o.node:
-        disruption["node"] = o.node
+        d["node"] = o.node
     if o.exit_code is not None:
-        disruption["exitCode"] = o.exit_code
+        d["exitCode"] = o.exit_code
+    if o.save_seconds is not None:
+        d["saveSeconds"] = o.save_seconds
     if step is not None:
-        disruption["step"] = step
+        d["step"] = step
         started = parse_time(c.status.get("attemptStartTime"))
         restored = (c.status.get("snapshot") or {}).get("restoredStep") or 0
         if started and step > restored:
-            disruption["secondsPerStep"] = round((c.now - started).total_seconds() / (step - restored), 6)
-    c.status["lastDisruption"] = disruption
-    if restarts.get(key, 0) >= budget:
+            d["secondsPerStep"] = round((c.now - started).total_seconds() / (step - restored), 6)
+    return d
+
+
+def _fail_job(c: _Ctx, spec: JobSpec, reason: str, msg: str) -> None:
+    c.status["completionTime"] = _iso(c.now)
+    c.set_phase(FAILED, reason, msg, event_type="Warning")
+    c.condition("Failed", True, reason, msg)
+    c.condition("Ready", False, reason)
+    _cleanup_finished(c, spec)
+
+
+def _backoff_until(c: _Ctx, spec: JobSpec, n: int, *, jitter: bool = False) -> int:
+    """Set ``nextRestartTime`` for the ``n``-th backed-off restart; returns the delay.
+
+    ``jitter`` adds up to half the delay, fixed per job and attempt (a hash,
+    no clock or random source): two gangs torn down together because they
+    starved each other do not come back in the same second again.
+    """
+    delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (max(n, 1) - 1)))
+    if jitter:
+        spread = zlib.crc32(f"{c.uid}/{c.status['attempt']}".encode()) % 1000 / 2000
+        delay = int(delay + max(1, round(delay * spread)))
+    # Rounded UP to the second (RFC 3339 in status has second resolution):
+    # the backoff is never shorter than promised.
+    end = c.now + dt.timedelta(seconds=delay)
+    if end.microsecond:
+        end = end.replace(microsecond=0) + dt.timedelta(seconds=1)
+    c.status["nextRestartTime"] = _iso(end)
+    return delay
+
+
+def _end_attempt(c: _Ctx, spec: JobSpec, o: Outcome, step: int | None, views: list[PodView]) -> None:
+    attempt = c.status["attempt"]
+    restarts = c.status["restarts"]
+    c.status["lastDisruption"] = _disruption(c, o, step)
+    if o.kind == FAIL_JOB:
+        _fail_job(c, spec, o.reason, f"attempt {attempt} ended: {o.describe()}")
+        return
+    key, budget_field = _BUDGETS[o.kind]
+    budget = getattr(spec.recovery, budget_field) if budget_field else None
+    if budget is not None and restarts.get(key, 0) >= budget:
         reason = R_PREEMPTION_BUDGET if o.kind == PREEMPTION else R_FAILURE_BUDGET
         what = "maxPreemptions" if o.kind == PREEMPTION else "maxFailures"
-        msg = f"attempt {attempt} ended: {o.describe()}; {what}={budget} restarts already used"
-        c.status["completionTime"] = _iso(c.now)
-        c.set_phase(FAILED, reason, msg, event_type="Warning")
-        c.condition("Failed", True, reason, msg)
-        c.condition("Ready", False, reason)
-        _cleanup_finished(c, spec)
+        _fail_job(c, spec, reason, f"attempt {attempt} ended: {o.describe()}; {what}={budget} restarts already used")
         return
-    restarts[key] = restarts.get(key, 0) + 1
+    restarts[key] = n = restarts.get(key, 0) + 1
     c.status["attempt"] = attempt + 1
     _workers(c, spec, [])
     c.status["gangCreated"] = False
     if o.kind == FAILURE:
-        n = restarts[key]
-        delay = min(spec.recovery.max_backoff_seconds, spec.recovery.backoff_seconds * (2 ** (n - 1)))
-        # Rounded UP to the second (RFC 3339 in status has second resolution):
-        # the backoff is never shorter than promised.
-        end = c.now + dt.timedelta(seconds=delay)
-        if end.microsecond:
-            end = end.replace(microsecond=0) + dt.timedelta(seconds=1)
-        c.status["nextRestartTime"] = _iso(end)
+        delay = _backoff_until(c, spec, n)
         reason = R_FAILED_RESTART
         msg = (f"attempt {attempt} failed: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) after {delay}s backoff")
+    elif o.kind == TRANSIENT:
+        delay = _backoff_until(c, spec, n, jitter=True)
+        reason = o.reason if _CAMEL.fullmatch(o.reason) else R_TRANSIENT
+        msg = (f"attempt {attempt} could not run: {o.describe()}; attempt {attempt + 1} after {delay}s backoff "
+               "(not counted as a failure)")
     else:
         reason = R_PREEMPTED
-        msg = (f"attempt {attempt} preempted: {o.describe()}; restart {restarts[key]}/{budget} "
+        msg = (f"attempt {attempt} preempted: {o.describe()}; restart {n}/{budget} "
                f"(attempt {attempt + 1}) from the latest snapshot")
     c.set_phase(RESTARTING, reason, msg, event_type="Warning")
     c.condition("Ready", False, reason, msg)

@@ -75,6 +75,35 @@ def emergency_step(cluster, namespace: str, job: str, attempt: int) -> int:
     return steps.pop()
 
 
+def printed_steps(cluster, namespace: str, job: str, attempt: int) -> list[int]:
+    return [int(x) for x in re.findall(r"\[example\] step (\d+)/", pod_logs(cluster, namespace, job, attempt))]
+
+
+def wait_past_latest_snapshot(cluster, namespace: str, job: str, *, attempt: int, timeout: float = 120) -> int:
+    """Wait until the gang printed a step past S3's latest complete snapshot, at least
+    3 steps before the next one is due; returns that snapshot's step.
+
+    S3 is read directly (the job's status can lag it), and the printed step
+    comes before that step's save, so ``printed - latest <= EVERY - 3`` means
+    no newer snapshot can be committed for 3 more steps.
+    """
+    from trainingjob_trainer import contract
+    from trainingjob_trainer.store import SnapshotStore
+
+    store = SnapshotStore(contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, job),
+                          storage_options=cluster.s3_storage_options())
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        latest = store.latest_complete()
+        printed = max(printed_steps(cluster, namespace, job, attempt), default=0)
+        last = (latest.step if latest else None, printed)
+        if latest is not None and 0 < printed - latest.step <= EVERY - 3:
+            return latest.step
+        time.sleep(0.05)
+    raise AssertionError(f"the gang never got past its latest snapshot in time (latest, printed) = {last}")
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = torch.load(a), torch.load(b)
     assert wa.keys() == wb.keys() and wa
@@ -169,7 +198,9 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     st = wait_status(kube, namespace, "lost", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
                      timeout=180, what="first snapshot")
     assert latest_step(st) < STEPS - EVERY, "training outran the test"
-    time.sleep(1.0)
+    # The node is lost once the gang is past its latest complete snapshot (so work is lost)
+    # and still well before the next one (so that one cannot commit in between).
+    wait_past_latest_snapshot(cluster, namespace, "lost", attempt=0)
     pod = kube.get("pods", "lost-0-1", namespace=namespace)
     node = pod["spec"]["nodeName"]
     control.lose_node(kube, node)  # SIGKILL, no grace, no emergency snapshot
@@ -183,7 +214,7 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     restored = st["snapshot"]["restoredStep"]
     assert restored % EVERY == 0 and restored >= EVERY  # a periodic snapshot, not an emergency one
     assert start_step(cluster, namespace, "lost", 1) == restored
-    printed = [int(x) for x in re.findall(r"\[example\] step (\d+)/", pod_logs(cluster, namespace, "lost", 0))]
+    printed = printed_steps(cluster, namespace, "lost", 0)
     assert last["step"] >= max(printed) > restored  # the survivors reported how far the gang got
     assert st["lostWork"]["steps"] == last["step"] - restored > 0
     assert_same_weights(weights, reference_weights)
@@ -231,3 +262,52 @@ def test_rank0_preempted_while_a_snapshot_is_written_never_restores_the_partial_
     assert start_step(cluster, namespace, "midsave", 1) == restored_step
     assert st["restarts"] == {"preemptions": 1, "failures": 0}
     assert latest_step(st) == 30
+
+
+@pytest.mark.timeout(900)
+def test_realistic_timing_node_loss_with_real_defaults_is_a_preemption(reference_weights, tmp_path):
+    """Issue 9: a node lost on a cluster with Kubernetes' real timing (node-monitor grace
+    50 s, taint-based eviction 300 s later), and a job with no recovery overrides: the
+    survivors' broken-rendezvous errors must not be counted as a failure."""
+    import shutil
+    import tempfile
+
+    from localcluster.cluster import LocalCluster
+    from trainingjob_operator.model import NODE_MONITOR_GRACE_SECONDS
+
+    state = Path(tempfile.mkdtemp(prefix="lc-real-"))
+    lc = LocalCluster(state, node_monitor_grace_seconds=NODE_MONITOR_GRACE_SECONDS, pod_eviction_seconds=300)
+    try:
+        lc.start()
+        kube = lc.client()
+        ns = "realistic"
+        kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        lc.create_s3_secret(ns)
+        lc.start_operator()
+        weights = tmp_path / "weights.pt"
+        body = example_job("real", ns, lc, weights, sleep=0.3)
+        del body["spec"]["recovery"], body["spec"]["terminationGracePeriodSeconds"]  # the defaults, all of them
+        kube.create(TJ, body, namespace=ns)
+        wait_status(kube, ns, "real", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
+                    timeout=180, what="first snapshot")
+        wait_past_latest_snapshot(lc, ns, "real", attempt=0)
+        node = kube.get("pods", "real-0-1", namespace=ns)["spec"]["nodeName"]
+        control.lose_node(kube, node)
+        phases = []
+
+        def attempt1_running(s: dict) -> bool:
+            phases.append(s.get("phase"))
+            assert s.get("restarts", {}).get("failures", 0) == 0, s
+            return s.get("attempt") == 1 and s.get("phase") == "Running"
+
+        wait_status(kube, ns, "real", attempt1_running, timeout=300, what="attempt 1 running")
+        st = wait_phase(kube, ns, "real", "Succeeded", timeout=300)
+        control.restore_node(kube, node)
+        assert st["restarts"] == {"preemptions": 1, "failures": 0}
+        assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
+        # While the lost node was judged (about 110 s), the job stayed Running: never back to Pending.
+        assert set(phases[: phases.index("Restarting")]) == {"Running"}, phases
+        assert_same_weights(weights, reference_weights)
+    finally:
+        lc.stop()
+        shutil.rmtree(state, ignore_errors=True)

@@ -133,7 +133,7 @@ def test_agent_without_nss_wrapper_fails_with_install_hint(tmp_path: Path) -> No
     assert "python -m localcluster.tools install" in out.stderr
 
 
-def test_lost_node_pods_are_evicted_after_pod_eviction_seconds(tmp_path: Path) -> None:
+def test_defect8_lost_node_pods_marked_not_ready_then_evicted_gracefully_and_stay_terminating(tmp_path: Path) -> None:
     import threading
 
     from localcluster.cluster import lose_node
@@ -143,7 +143,8 @@ def test_lost_node_pods_are_evicted_after_pod_eviction_seconds(tmp_path: Path) -
                       node_monitor_grace_seconds=0.5, pod_eviction_seconds=0.5)
     with lc:
         kube = lc.client()
-        pod = {**STUBBORN_POD, "spec": {**STUBBORN_POD["spec"], "nodeSelector": {"kubernetes.io/hostname": "a"}}}
+        pod = {**STUBBORN_POD, "spec": {**STUBBORN_POD["spec"], "terminationGracePeriodSeconds": 2,
+                                        "nodeSelector": {"kubernetes.io/hostname": "a"}}}
         kube.create("pods", pod, "default")
         pids = _running_pids(kube, lc.state_dir)
         seen: list[dict] = []
@@ -159,10 +160,60 @@ def test_lost_node_pods_are_evicted_after_pod_eviction_seconds(tmp_path: Path) -
         t.start()
         lose_node(kube, "a")
         wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5, what="the lost node's processes to die")
-        kube.wait_for("pods", "stubborn", "default", predicate=lambda p: p is None, timeout=15)
-        t.join(5)
-        marked = [o for o in seen if (condition(o, "DisruptionTarget") or {}).get("reason") == "DeletionByTaintManager"]
-        assert marked, seen
+        # The taint manager deletes gracefully; no kubelet finishes it: Terminating while the node is lost.
+        p = kube.wait_for("pods", "stubborn", "default",
+                          predicate=lambda p: bool(p and p["metadata"].get("deletionTimestamp")), timeout=15)
+        assert (condition(p, "DisruptionTarget") or {}).get("reason") == "DeletionByTaintManager"
+        assert p["metadata"]["deletionGracePeriodSeconds"] == 2
+        not_ready = [o for o in seen if (condition(o, "Ready") or {}).get("status") == "False"
+                     and not o["metadata"].get("deletionTimestamp")]
+        assert not_ready, "the node lifecycle controller did not mark the pod Ready=False before evicting it"
         node = kube.get("nodes", "a")
         assert (condition(node, "Ready") or {}).get("status") == "Unknown"
         assert {t_["key"] for t_ in node["spec"].get("taints") or []} == {"node.kubernetes.io/unreachable"}
+        # Still Terminating after its deadline: proven once the agent finished a pod on the live node
+        # that ran past that deadline (the agent has ticked since).
+        deadline = p["metadata"]["deletionTimestamp"]
+        code = ("import datetime as d, time\n"
+                f"end = d.datetime.fromisoformat({deadline!r}.replace('Z', '+00:00')) + d.timedelta(seconds=1)\n"
+                "while d.datetime.now(d.timezone.utc) < end: time.sleep(0.1)\n")
+        witness = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "witness", "namespace": "default"},
+                   "spec": {"restartPolicy": "Never", "nodeSelector": {"kubernetes.io/hostname": "b"},
+                            "containers": [{"name": "main", "image": "ignored", "command": ["python", "-c", code]}]}}
+        kube.create("pods", witness, "default")
+        kube.wait_for("pods", "witness", "default", timeout=45,
+                      predicate=lambda w: (w.get("status") or {}).get("phase") == "Succeeded")
+        assert kube.get("pods", "stubborn", "default")["metadata"].get("deletionTimestamp")
+
+
+def test_defect3_node_config_gives_nodes_capacity_labels_and_taints(tmp_path: Path) -> None:
+    from localcluster.kube import condition
+
+    taint = {"key": "dedicated", "value": "training", "effect": "NoSchedule"}
+    lc = LocalCluster(tmp_path / "cfg", nodes=("a", "b"), with_s3=False, node_config={
+        "*": {"capacity": {"nvidia.com/gpu": "2"}},
+        "b": {"capacity": {"nvidia.com/gpu": "4"}, "labels": {"pool": "big"}, "taints": [taint]},
+    })
+    with lc:
+        kube = lc.client()
+        a, b = kube.get("nodes", "a"), kube.get("nodes", "b")
+        assert a["status"]["allocatable"]["nvidia.com/gpu"] == "2" and b["status"]["capacity"]["nvidia.com/gpu"] == "4"
+        assert b["metadata"]["labels"]["pool"] == "big" and b["spec"]["taints"] == [taint]
+
+        def gpu_pod(name: str, gpus: str, **spec: object) -> dict:
+            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"restartPolicy": "Never", **spec, "containers": [{
+                        "name": "main", "image": "ignored", "command": ["python", "-c", "print(1)"],
+                        "resources": {"limits": {"nvidia.com/gpu": gpus}}}]}}
+
+        kube.create("pods", gpu_pod("three", "3"), "default")
+        p = kube.wait_for("pods", "three", "default", timeout=10,
+                          predicate=lambda p: condition(p, "PodScheduled") is not None)
+        assert condition(p, "PodScheduled")["message"] == (
+            "0/2 nodes are available: 1 Insufficient nvidia.com/gpu, "
+            "1 node(s) had untolerated taint {dedicated: training}.")
+        kube.create("pods", gpu_pod("tolerant", "3", nodeSelector={"pool": "big"},
+                                    tolerations=[{"key": "dedicated", "operator": "Exists"}]), "default")
+        p = kube.wait_for("pods", "tolerant", "default", timeout=20,
+                          predicate=lambda p: (p.get("status") or {}).get("phase") == "Succeeded")
+        assert p["spec"]["nodeName"] == "b"

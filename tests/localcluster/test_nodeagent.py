@@ -445,3 +445,46 @@ def test_torchrun_gang_rendezvous_through_pod_dns(cluster: LocalCluster, kube: C
         assert phase(pod) == "Succeeded", pod_log(cluster, namespace, pod["metadata"]["name"])[-3000:]
     # The ranks are assigned by the rendezvous; the message is written by worker rank 0 of each pod.
     assert sorted(terminated(p)["message"] for p in pods) == ["0/2:3.0", "1/2:3.0"]
+
+
+def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
+    for cs in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        return (cs.get("state") or {}).get("waiting") or {}
+    return {}
+
+
+def test_defect4_unpullable_and_invalid_images_report_the_kubelets_waiting_reasons(kube: Client, namespace: str) -> None:
+    from localcluster.images import UNPULLABLE_REGISTRY
+    missing = pod_manifest("missing-image", "print(1)", container={"image": f"{UNPULLABLE_REGISTRY}team/trainer:9"})
+    bad = pod_manifest("bad-image", "print(1)", container={"image": "Team/Trainer:latest"})
+    seen: list[str] = []
+    kube.create("pods", missing, namespace)
+    kube.create("pods", bad, namespace)
+
+    def pulled_then_backoff(p: dict[str, Any] | None) -> bool:
+        reason = _waiting(p).get("reason")
+        if reason and (not seen or seen[-1] != reason):
+            seen.append(reason)
+        return reason == "ImagePullBackOff"
+
+    p = kube.wait_for("pods", "missing-image", namespace, predicate=pulled_then_backoff, timeout=20, interval=0.05)
+    assert seen[0] == "ErrImagePull" and seen[-1] == "ImagePullBackOff"
+    assert phase(p) == "Pending" and f'"{UNPULLABLE_REGISTRY}team/trainer:9"' in _waiting(p)["message"]
+    b = kube.wait_for("pods", "bad-image", namespace, predicate=lambda p: bool(_waiting(p)), timeout=20)
+    assert _waiting(b)["reason"] == "InvalidImageName" and "invalid reference format" in _waiting(b)["message"]
+    assert phase(b) == "Pending"
+
+
+def test_defect3_scheduler_honours_requests_against_node_capacity(kube: Client, namespace: str, cluster: LocalCluster) -> None:
+    gpu = pod_manifest("wants-gpu", "print(1)", container={"resources": {"limits": {"nvidia.com/gpu": "1"}}})
+    kube.create("pods", gpu, namespace)
+    p = kube.wait_for("pods", "wants-gpu", namespace, predicate=lambda p: condition(p, "PodScheduled") is not None,
+                      timeout=10)
+    n = len(cluster.nodes)
+    assert condition(p, "PodScheduled")["status"] == "False"
+    assert condition(p, "PodScheduled")["reason"] == "Unschedulable"
+    assert condition(p, "PodScheduled")["message"] == f"0/{n} nodes are available: {n} Insufficient nvidia.com/gpu."
+    assert not p["spec"].get("nodeName")
+    fits = pod_manifest("fits", "print(1)", container={"resources": {"requests": {"cpu": "10m", "memory": "1Mi"}}})
+    kube.create("pods", fits, namespace)
+    assert wait_phase(kube, namespace, "fits", "Succeeded")["spec"]["nodeName"] in cluster.nodes

@@ -494,3 +494,251 @@ def test_pod_template_is_merged_and_operator_fields_win():
     assert spec["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
     assert spec["hostname"] == p["metadata"]["name"] and spec["subdomain"] == "mnist-0"
+
+
+# ---------------------------------------------------------------- issue 9
+def test_defect5_exit84_snapshot_storage_error_fails_the_job_without_retrying():
+    b = job(status=running_status(), recovery={"maxFailures": 5})
+    pods = [pod(b, 0, r, phase="Failed", ready=False, exit_code=contract.EXIT_SNAPSHOT_CONFIG_ERROR) for r in range(3)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Failed" and plan.status["reason"] == "SnapshotStorageError"
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0} and plan.status["attempt"] == 0
+    assert "spec.snapshot or the credentials Secret" in plan.status["message"]
+    assert [e.reason for e in plan.events] == ["SnapshotStorageError"]
+
+
+def backoff_of(plan):
+    from trainingjob_operator.classify import parse_time
+    return (parse_time(plan.status["nextRestartTime"]) - NOW).total_seconds()
+
+
+def test_defect5_kubelet_admission_rejection_restarts_without_counting():
+    b = job(status=running_status())
+    rejected = pod(b, 0, 1, phase="Failed", ready=False, reason="OutOfnvidia.com/gpu")
+    rejected["status"]["message"] = "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu"
+    plan = reconcile(b, obs([pod(b, 0, 0), rejected, pod(b, 0, 2)], [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["attempt"] == 1 and plan.status["reason"] == "TransientRestart"
+    assert 11 <= backoff_of(plan) <= 15  # backed off: 10 s plus a per-job jitter
+    assert plan.status["lastDisruption"]["kind"] == "Transient"
+
+
+def test_defect5_evicted_over_its_own_limit_is_a_failure_not_a_preemption():
+    b = job(status=running_status())
+    ev = pod(b, 0, 1, phase="Failed", ready=False, reason="Evicted")
+    ev["status"]["message"] = "Pod ephemeral local storage usage exceeds the total limit of containers 1Gi. "
+    plan = reconcile(b, obs([ev, pod(b, 0, 0), pod(b, 0, 2)], [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 1}
+    assert plan.status["lastDisruption"]["reason"] == "EvictedOverLimit"
+
+
+def test_issue8_save_seconds_shown_in_last_disruption():
+    msg = contract.format_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_PREEMPTED, step=40, snapshot="s3://bucket/runs/ml/mnist/epoch_0_train_step_40",
+        save_seconds=2.5))
+    b = job(status=running_status())
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=contract.EXIT_PREEMPTED_AFTER_SNAPSHOT, message=msg),
+            pod(b, 0, 1), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["lastDisruption"]["saveSeconds"] == 2.5
+    # reported by another pod while fencing: the longest save is kept
+    slower = contract.format_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_PREEMPTED, step=40, save_seconds=3.75))
+    fenced = [pod(b, 0, r, phase="Failed", ready=False, exit_code=contract.EXIT_PREEMPTED_AFTER_SNAPSHOT,
+                  message=slower, deleting=True) for r in (1, 2)]
+    plan2 = reconcile(apply(b, plan), obs(fenced, []))
+    assert plan2.status["lastDisruption"]["saveSeconds"] == 3.75
+
+
+def test_defect6_default_failure_settle_outlasts_the_node_monitor_grace_period():
+    """A survivor's error 50 s after its peer's node went silent is held (k8s >= 1.32 marks it at 50+5 s)."""
+    b = job(status=running_status(), recovery={"maxFailures": 3})
+    failed = pod(b, 0, 1, phase="Failed", ready=False, exit_code=1)
+    failed["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-28T11:59:00Z"
+    pods = [pod(b, 0, 0), failed, pod(b, 0, 2)]
+    at = NOW + dt.timedelta(seconds=-60 + 56)  # 56 s after the failure, node not yet NotReady
+    plan = reconcile(b, Observed(now=at, pods=tuple(pods), services=(svc(b, 0),), nodes={"n1": NodeView(True)},
+                                 snapshots=SnapshotState()))
+    assert plan.status["restarts"]["failures"] == 0 and plan.status["reason"] == "WorkerEnded"
+
+
+def test_defect10_running_job_stays_running_while_a_node_is_judged():
+    b = job(status=running_status(attempt=0, attemptStartTime="2026-11-28T11:50:00Z"))
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=10))}
+    # The node lifecycle controller marked the lost node's pod Ready=False.
+    pods = [pod(b, 0, 0), pod(b, 0, 1, node="n2", ready=False), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)], nodes=nodes))
+    assert plan.status["phase"] == "Running" and plan.status["reason"] == "NodeNotReady"
+    assert "n2" in plan.status["message"] and plan.status["workers"]["ready"] == 2
+    assert plan.status["attempt"] == 0 and plan.actions == []
+
+
+def waiting_pod(b, rank, reason, message):
+    p = pod(b, 0, rank, phase="Pending", ready=False)
+    p["status"]["containerStatuses"] = [{"name": contract.CONTAINER_NAME,
+                                         "state": {"waiting": {"reason": reason, "message": message}}}]
+    return p
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                    "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff"])
+def test_defect4_waiting_containers_surface_in_status_and_events_at_once(reason):
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:59:00Z"})
+    pods = [pod(b, 0, 0), waiting_pod(b, 1, reason, f"the {reason} text"), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == reason
+    assert f"pod mnist-0-1: {reason}: the {reason} text" in plan.status["message"]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", reason)]
+
+
+@pytest.mark.parametrize("reason,fails", [("InvalidImageName", True), ("CreateContainerConfigError", True),
+                                          ("ImagePullBackOff", False)])
+def test_defect4_permanent_waiting_reasons_fail_after_startup_timeout(reason, fails):
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:54:00Z"},
+            recovery={"startupTimeoutSeconds": 300})
+    msg = 'couldn\'t find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds'
+    pods = [pod(b, 0, 0), waiting_pod(b, 1, reason, msg), pod(b, 0, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    if fails:
+        assert plan.status["phase"] == "Failed" and plan.status["reason"] == reason
+        assert msg in plan.status["message"] and "startupTimeoutSeconds=300" in plan.status["message"]
+        assert plan.status["restarts"] == {"preemptions": 0, "failures": 0}
+    else:
+        assert plan.status["phase"] == "Pending" and plan.status["reason"] == reason
+
+
+def unschedulable_pod(b, rank, message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."):
+    p = pod(b, 0, rank, phase="Pending", ready=False, node=None)
+    p["status"]["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": message})
+    return p
+
+
+def test_defect3_unschedulable_gang_reported_then_retried_uncounted_after_timeout():
+    st = {**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:58:00Z"}
+    b = job(status=st, recovery={"schedulingTimeoutSeconds": 300, "backoffSeconds": 10})
+    pods = [pod(b, 0, 0), pod(b, 0, 1), unschedulable_pod(b, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["phase"] == "Pending" and plan.status["reason"] == "Unschedulable"
+    assert "4 Insufficient nvidia.com/gpu" in plan.status["message"] and plan.actions == []
+    assert [e.reason for e in plan.events] == ["Unschedulable"]
+    assert plan.requeue_after <= 180
+    b["status"]["attemptStartTime"] = "2026-11-28T11:55:00Z"
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["attempt"] == 1 and plan.status["reason"] == "Unschedulable"
+    assert 11 <= backoff_of(plan) <= 15
+    assert deletes(plan) == ["mnist-0", "mnist-0-0", "mnist-0-1", "mnist-0-2"]
+
+
+def test_defect3_rendezvous_timeout_of_a_partial_gang_is_not_a_failure():
+    b = job(status={**running_status(), "phase": "Pending", "attemptStartTime": "2026-11-28T11:58:00Z"})
+    pods = [pod(b, 0, 0, phase="Failed", ready=False, exit_code=1,
+                message="torch.distributed.DistNetworkError: ... timed out"),
+            pod(b, 0, 1), unschedulable_pod(b, 2)]
+    plan = reconcile(b, obs(pods, [svc(b, 0)]))
+    assert plan.status["restarts"] == {"preemptions": 0, "failures": 0, "transient": 1}
+    assert plan.status["lastDisruption"]["reason"] == "Unschedulable"
+
+
+def test_defect3_queue_name_labels_the_attempt_as_a_kueue_pod_group():
+    b = job(queueName="team-a")
+    plan = reconcile(b, obs())
+    pods = [a.body for a in plan.actions if a.kind == "Pod"]
+    assert len(pods) == 3
+    for p in pods:
+        assert p["metadata"]["labels"][contract.KUEUE_LABEL_QUEUE_NAME] == "team-a"
+        assert p["metadata"]["labels"][contract.KUEUE_LABEL_POD_GROUP_NAME] == "mnist-0"
+        assert p["metadata"]["annotations"][contract.KUEUE_ANNOTATION_POD_GROUP_TOTAL_COUNT] == "3"
+    assert contract.KUEUE_LABEL_QUEUE_NAME not in creates_bodies(reconcile(job(), obs()))[0]["metadata"]["labels"]
+
+
+def creates_bodies(plan):
+    return [a.body for a in plan.actions if a.verb == "create" and a.kind == "Pod"]
+
+
+def test_defect3_kueue_suspend_of_a_running_queued_job_is_a_preemption():
+    b = job(status=running_status(), suspend=True, queueName="team-a")
+    plan = reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)]))
+    assert plan.status["phase"] == "Suspended"
+    assert plan.status["restarts"] == {"preemptions": 1, "failures": 0}
+    assert plan.status["lastDisruption"]["reason"] == "SuspendedByKueue"
+    # a user's suspend of an unqueued job is not
+    b2 = job(status=running_status(), suspend=True)
+    assert reconcile(b2, obs([pod(b2, 0, r) for r in range(3)], [svc(b2, 0)])).status["restarts"]["preemptions"] == 0
+
+
+def test_defect9_deleted_rendezvous_service_is_recreated():
+    b = job(status=running_status())
+    plan = reconcile(b, obs([pod(b, 0, r) for r in range(3)], []))
+    assert creates(plan) == ["mnist-0"]
+    assert [e.reason for e in plan.events] == ["ServiceRecreated"]
+    assert reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)])).actions == []
+
+
+def test_defect9_service_selector_includes_the_job_uid():
+    sel = svc(job(), 0)["spec"]["selector"]
+    assert sel[contract.LABEL_JOB_UID] == "uid-1"
+    p = pod(job(), 0, 0)
+    assert all(p["metadata"]["labels"][k] == v for k, v in sel.items())
+
+
+def test_defect15_suspend_and_resume_during_backoff_keeps_the_backoff():
+    b = job(status={**running_status(attempt=1, gangCreated=False), "phase": "Restarting",
+                    "nextRestartTime": "2026-11-28T12:00:30Z"}, suspend=True)
+    plan = reconcile(b, obs([]))
+    b2 = apply(b, plan)
+    b2["spec"]["suspend"] = False
+    plan2 = reconcile(b2, Observed(now=NOW + dt.timedelta(seconds=5), nodes={"n1": NodeView(True)},
+                                   snapshots=SnapshotState()))
+    assert creates(plan2) == [] and plan2.status["reason"] == "BackoffBeforeRestart"
+    assert plan2.requeue_after == pytest.approx(25)
+
+
+def test_defect8_fencing_past_its_timeout_forces_on_a_not_ready_node_else_reports_stuck():
+    b = job(status={**running_status(attempt=1, gangCreated=False), "phase": "Restarting"},
+            recovery={"fenceTimeoutSeconds": 60, "nodeNotReadySeconds": 300})
+    stale = "2026-11-28T11:58:30Z"  # 90 s past the deletion deadline
+    on_bad = pod(b, 0, 0, node="n2", deleting=True)
+    on_good = pod(b, 0, 1, node="n1", deleting=True)
+    for p in (on_bad, on_good):
+        p["metadata"]["deletionTimestamp"] = stale
+    nodes = {"n1": NodeView(True), "n2": NodeView(False, NOW - dt.timedelta(seconds=20))}
+    plan = reconcile(b, obs([on_bad, on_good], nodes=nodes))
+    assert [a.name for a in plan.actions if a.force] == ["mnist-0-0"]
+    cond = next(c for c in plan.status["conditions"] if c["type"] == "FencingStuck")
+    assert cond["status"] == "True" and "pod mnist-0-1 on node n1" in cond["message"]
+    assert "mnist-0-0" not in cond["message"]
+    assert [e.reason for e in plan.events] == ["FencingStuck"]
+    # within the timeout: nothing forced, nothing stuck
+    fresh = [pod(b, 0, 0, node="n2", deleting=True)]
+    fresh[0]["metadata"]["deletionTimestamp"] = "2026-11-28T11:59:30Z"
+    plan2 = reconcile(b, obs(fresh, nodes=nodes))
+    assert not [a for a in plan2.actions if a.force]
+    assert all(c["type"] != "FencingStuck" for c in plan2.status.get("conditions", []))
+    # once the pods are gone the condition is cleared
+    plan3 = reconcile(apply(b, plan), obs([], nodes=nodes))
+    cond3 = next(c for c in plan3.status["conditions"] if c["type"] == "FencingStuck")
+    assert cond3["status"] == "False"
+
+
+def test_defect3_jitter_separates_two_gangs_retried_together():
+    a, b = job(status=running_status()), job(status=running_status())
+    b["metadata"]["uid"] = "uid-2"
+    delays = []
+    for body in (a, b):
+        pods = [pod(body, 0, 0), pod(body, 0, 1), unschedulable_pod(body, 2)]
+        body["status"]["attemptStartTime"] = "2026-11-28T11:50:00Z"
+        delays.append(backoff_of(reconcile(body, obs(pods, [svc(body, 0)]))))
+    assert delays[0] != delays[1]
+
+
+def test_defect3_queue_name_must_be_a_label_value():
+    plan = reconcile(job(queueName="team a"), obs())
+    assert plan.status["phase"] == "Failed" and "spec.queueName" in plan.status["message"]
+
+
+def test_defect9_no_service_is_recreated_for_a_finished_gang():
+    b = job(status=running_status())
+    plan = reconcile(b, obs([pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)], []))
+    assert plan.status["phase"] == "Succeeded" and creates(plan) == []

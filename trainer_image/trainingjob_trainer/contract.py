@@ -43,6 +43,15 @@ LABEL_NODE_RANK = f"{GROUP}/node-rank"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "trainingjob-operator"
 
+#: Kueue's pod-group integration (set on the pods of an attempt when
+#: ``spec.queueName`` is set): Kueue admits the group whole or not at all.
+KUEUE_LABEL_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+KUEUE_LABEL_POD_GROUP_NAME = "kueue.x-k8s.io/pod-group-name"
+KUEUE_ANNOTATION_POD_GROUP_TOTAL_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+#: The pod condition Kueue sets on the pods it stops (preemption, PodsReady timeout).
+KUEUE_CONDITION_TERMINATION_TARGET = "TerminationTarget"
+KUEUE_REASON_STOPPED = "StoppedByKueue"
+
 #: The name of the container that runs torchrun in every pod.
 CONTAINER_NAME = "trainer"
 
