@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping
 from trainingjob_trainer import contract
 
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
-from localcluster.images import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
+from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.kube import ApiError, Client, Obj
 
 log = logging.getLogger("localcluster.nodeagent")

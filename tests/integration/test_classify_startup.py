@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from localcluster.images import UNPULLABLE_REGISTRY
+from localcluster.imageref import UNPULLABLE_REGISTRY
 
 from .helpers import TJ, events_of, job_manifest, wait_phase, wait_status
 

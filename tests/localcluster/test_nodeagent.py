@@ -454,7 +454,7 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def test_defect4_unpullable_and_invalid_images_report_the_kubelets_waiting_reasons(kube: Client, namespace: str) -> None:
-    from localcluster.images import UNPULLABLE_REGISTRY
+    from localcluster.imageref import UNPULLABLE_REGISTRY
     missing = pod_manifest("missing-image", "print(1)", container={"image": f"{UNPULLABLE_REGISTRY}team/trainer:9"})
     bad = pod_manifest("bad-image", "print(1)", container={"image": "Team/Trainer:latest"})
     seen: list[str] = []
