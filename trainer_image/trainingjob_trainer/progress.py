@@ -127,7 +127,8 @@ class LiveChannel:
         self._acks: list[contract.SnapshotAck] = []
         self._dirty = threading.Event()
         self._stop = threading.Event()
-        self.progress_writes = 0
+        self.progress_writes = 0  # successful writes (for tests and logs)
+        self.polls = 0  # successful request GETs
         self._thread = threading.Thread(target=self._run, name="tj-live", daemon=True)
         self._thread.start()
 
@@ -213,6 +214,7 @@ class LiveChannel:
                 self._served = self._served or (ack.value if ack else None)
             self._ack_read = True
         request = contract.SnapshotRequest.from_json(self._get(contract.SNAPSHOT_REQUEST_OBJECT))
+        self.polls += 1
         with self._lock:
             if request is None or request.value == self._served or request.value in self._claims.values():
                 return
