@@ -254,9 +254,9 @@ class LiveChannel:
             if now >= next_poll and not stopping:
                 self._attempt("reading the snapshot request", self._poll)
                 next_poll = now + self.poll_seconds
-            if now >= next_progress or stopping:
+            if time.monotonic() >= next_progress or stopping:
+                next_progress = time.monotonic() + self.progress_seconds  # from this write's start
                 self._attempt("writing progress", self._write_progress)
-                next_progress = now + self.progress_seconds
             if stopping:
                 return
             self._dirty.wait(max(0.0, min(next_poll, next_progress) - time.monotonic()))
