@@ -406,13 +406,14 @@ class Progress:
             attempt than the current one: a fenced gang's late write).
         step: The last completed global train step.
         epoch: The epoch at that step.
-        start_step: The step this attempt started from (the restored
-            snapshot's step, 0 on a fresh job).
+        start_step: The step this attempt started from (the first
+            boundary's step - 1: the restored snapshot's step, 0 on a fresh
+            job).
         total_steps: The run's total steps when known (TorchTNT ``max_steps``
             or ``max_epochs`` x steps per epoch, or the ``total_steps=``
             keyword), else ``None``.
-        wall_seconds: Seconds since this attempt's trainer started (the
-            snapshotter's creation).
+        wall_seconds: Seconds since this attempt's first step boundary
+            (``first_step_at``).
         steps_per_second: Steps per wall second over the boundaries of the
             last ``window_seconds`` (stalls included); ``None`` before two
             boundaries.
