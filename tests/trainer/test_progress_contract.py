@@ -65,6 +65,18 @@ def test_item1_live_objects_share_the_job_roots_listing_and_are_not_snapshots():
         assert rel < contract.snapshot_dir_name(0, 0)
 
 
+def test_item1_live_entries_come_from_the_snapshot_listing():
+    listing = {
+        contract.PROGRESS_OBJECT: {"size": 300, "etag": "a"},
+        contract.SNAPSHOT_ACK_OBJECT: {"size": 90, "etag": "b"},
+        "epoch_0_train_step_5/" + contract.COMMIT_MARKER: {"size": 10, "etag": "c"},
+        "_tj/other.json": {"size": 1, "etag": "d"},
+    }
+    assert contract.live_entries(listing) == {contract.PROGRESS_OBJECT: {"size": 300, "etag": "a"},
+                                              contract.SNAPSHOT_ACK_OBJECT: {"size": 90, "etag": "b"}}
+    assert contract.live_entries({}) == {}
+
+
 def test_item2_step_rate_over_window():
     r = StepRate(window=10.0)
     assert r.rate() == (None, 0.0)

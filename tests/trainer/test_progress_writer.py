@@ -51,8 +51,8 @@ def test_item2_progress_moves_and_its_fields_match_the_runs_own_timings(s3_env, 
     fs = _fs(s3_env[contract.ENV_S3_ENDPOINT])
     model, opt, app = _app()
     created = time.monotonic()
-    snap = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=app, every_steps=10, total_steps=60,
-                            watch_preemption=False)
+    snap = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=app, every_steps=10, keep_last=2,
+                            total_steps=60, watch_preemption=False)
     seen: list[contract.Progress] = []
     stop = threading.Event()
 
@@ -95,6 +95,10 @@ def test_item2_progress_moves_and_its_fields_match_the_runs_own_timings(s3_env, 
     assert len(set(steps)) >= 3 and steps == sorted(steps) and steps[0] < 60, steps
     walls = [p.wall_seconds for p in seen[:-1]]
     assert all(b - a >= 0.2 * 0.9 for a, b in zip(walls, walls[1:])), walls
+    # Layout: in the job root's one recursive listing, with its ETag; not a snapshot; retention left it alone.
+    live = contract.live_entries(snap.store._find(snap.store._root_path))
+    assert live[contract.PROGRESS_OBJECT]["etag"] and live[contract.PROGRESS_OBJECT]["size"] > 0
+    assert [i.step for i in snap.store.scan()] == [50, 60]
 
 
 def test_item2_s3_outage_for_the_progress_writer_does_not_stop_training(bucket, monkeypatch, caplog):

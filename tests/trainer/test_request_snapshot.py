@@ -122,24 +122,16 @@ def test_item3_served_request_survives_a_restart_and_a_new_value_is_served(s3_en
 def _tnt_worker(rank: int, world: int, port: int, root: str) -> None:
     from torchtnt.framework.state import State
     from torchtnt.framework.train import train as tnt_train
-    from torchtnt.framework.unit import TrainUnit
 
+    from tests.trainer.test_tnt_saver import Unit as PlainUnit
     from trainingjob_trainer.tnt import TorchSnapshotSaver
 
     init_ranks(rank, world, port)
     holder = {}
 
-    class Unit(TrainUnit[torch.Tensor]):
-        def __init__(self) -> None:
-            super().__init__()
-            self.module = tiny_model(0)
-            self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-2)
-
+    class Unit(PlainUnit):
         def train_step(self, state: State, data: torch.Tensor) -> None:
-            loss = self.module(data).pow(2).mean()
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+            super().train_step(state, data)
             if rank == 0 and self.train_progress.num_steps_completed == REQUEST_AT - 1:  # this step is REQUEST_AT
                 _request_and_wait_seen(holder["saver"].snapshotter, root, "tnt-1")
 

@@ -530,3 +530,19 @@ class SnapshotAck:
 def request_is_new(request: SnapshotRequest | None, ack: SnapshotAck | None) -> bool:
     """Whether ``request`` asks for a snapshot that ``ack`` does not record as served."""
     return request is not None and (ack is None or ack.value != request.value)
+
+
+def live_entries(listing: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The ``_tj/`` objects in a recursive listing of the job root.
+
+    Args:
+        listing: Path relative to the job root -> ``{"size", "etag"}`` (the
+            listing the operator makes to find snapshots).
+
+    Returns:
+        ``{PROGRESS_OBJECT: meta, ...}`` for those present; the operator GETs
+        the progress object only when its ``etag`` differs from the last one
+        it read.
+    """
+    names = (PROGRESS_OBJECT, SNAPSHOT_REQUEST_OBJECT, SNAPSHOT_ACK_OBJECT)
+    return {name: listing[name] for name in names if name in listing}
