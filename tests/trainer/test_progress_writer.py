@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+import pytest
 import s3fs
 import torch
 
@@ -101,6 +102,7 @@ def test_item2_progress_moves_and_its_fields_match_the_runs_own_timings(s3_env, 
     assert [i.step for i in snap.store.scan()] == [50, 60]
 
 
+@pytest.mark.slow
 def test_item2_s3_outage_for_the_progress_writer_does_not_stop_training(bucket, monkeypatch, caplog):
     """Its own S3 server: stopped mid-run, training goes on; restarted, the writer catches up."""
     monkeypatch.setenv(contract.ENV_PROGRESS_SECONDS, "0.2")
