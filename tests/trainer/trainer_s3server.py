@@ -57,9 +57,9 @@ class S3Server:
                 self.proc.wait()
 
 
-def start_s3_server() -> S3Server:
-    """Start ``python -m moto.server`` on a free loopback port and wait until it answers."""
-    port = free_port()
+def start_s3_server(*, port: int | None = None) -> S3Server:
+    """Start ``python -m moto.server`` on ``port`` (default: a free loopback port) and wait until it answers."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

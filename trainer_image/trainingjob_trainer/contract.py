@@ -348,3 +348,210 @@ def pick_latest(candidates: Iterable[tuple[str, CommitMarker]]) -> tuple[str, Co
         if best is None or (m.step, m.epoch) > (best[1].step, best[1].epoch):
             best = item
     return best
+
+
+# --------------------------------------------------------------------------
+# Live progress and snapshots on request (issue 12)
+# --------------------------------------------------------------------------
+# Both objects live in the job's snapshot folder, under a ``_tj/`` prefix:
+#
+# * the operator lists the job root recursively (ListObjectsV2, no
+#   delimiter) to find snapshots; ``_tj/...`` keys come back in that same
+#   listing with their size and ETag, so the operator GETs the progress object
+#   only when its ETag changed: no request is added to a pass where nothing
+#   moved, one small GET where it did;
+# * ``_`` (0x5F) sorts before every lower-case letter, so ``_tj/`` keys are on
+#   the FIRST page of that listing however many snapshot objects follow;
+# * ``_tj`` never matches :data:`SNAPSHOT_DIR_RE`: scans, retention and the
+#   fence of a snapshot folder never touch these objects.
+#: Prefix (relative to the job root) of the trainer <-> operator live objects.
+LIVE_PREFIX = "_tj"
+#: Written by global rank 0 every ``TJ_PROGRESS_SECONDS`` (see :class:`Progress`).
+PROGRESS_OBJECT = f"{LIVE_PREFIX}/progress.json"
+#: Written by the operator to ask for a snapshot (see :class:`SnapshotRequest`).
+SNAPSHOT_REQUEST_OBJECT = f"{LIVE_PREFIX}/snapshot-request.json"
+#: Written by global rank 0 when a requested snapshot is committed (see
+#: :class:`SnapshotAck`); it also tells a restarted trainer which request was
+#: served already.
+SNAPSHOT_ACK_OBJECT = f"{LIVE_PREFIX}/snapshot-ack.json"
+PROGRESS_VERSION = 1
+#: Seconds between two progress writes (at most one write per period).
+ENV_PROGRESS_SECONDS = "TJ_PROGRESS_SECONDS"
+DEFAULT_PROGRESS_SECONDS = 15.0
+#: Seconds between two GETs of the snapshot-request object by rank 0.
+ENV_CONTROL_POLL_SECONDS = "TJ_CONTROL_POLL_SECONDS"
+DEFAULT_CONTROL_POLL_SECONDS = 5.0
+#: The steps/s figure is measured over the step boundaries of the last this
+#: many seconds (the figure the operator's ETA divides by).
+PROGRESS_WINDOW_SECONDS = 60.0
+#: The annotation users set to ask for a snapshot (the operator relays its
+#: value into :data:`SNAPSHOT_REQUEST_OBJECT`).
+ANNOTATION_SNAPSHOT_REQUEST = f"{GROUP}/snapshot-request"
+
+
+def live_object_uri(root: str, rel: str) -> str:
+    """Full URI of a ``_tj/`` object (``rel``: one of the ``*_OBJECT`` names) under job root ``root``."""
+    return f"{root.rstrip('/')}/{rel}"
+
+
+def _json_obj(text: str | bytes | None) -> dict[str, Any] | None:
+    try:
+        d = json.loads(text) if text else None
+    except (ValueError, TypeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The content of :data:`PROGRESS_OBJECT` (what the trainer measures).
+
+    Attributes:
+        attempt: The gang attempt that wrote it (the operator ignores a lower
+            attempt than the current one: a fenced gang's late write).
+        step: The last completed global train step.
+        epoch: The epoch at that step.
+        start_step: The step this attempt started from (the first
+            boundary's step - 1: the restored snapshot's step, 0 on a fresh
+            job).
+        total_steps: The run's total steps when known (TorchTNT ``max_steps``
+            or ``max_epochs`` x steps per epoch, or the ``total_steps=``
+            keyword), else ``None``.
+        wall_seconds: Seconds since this attempt's first step boundary
+            (``first_step_at``).
+        steps_per_second: Steps per wall second over the boundaries of the
+            last ``window_seconds`` (stalls included); ``None`` before two
+            boundaries.
+        window_seconds: The window the rate was measured over (may be shorter
+            than :data:`PROGRESS_WINDOW_SECONDS` early in an attempt).
+        stalled_seconds: Seconds this attempt's training thread spent blocked
+            in snapshot code (synchronous saves, the staging part of async
+            ones, waiting for and committing a background save).
+        first_step_at: RFC 3339 time of this attempt's first step boundary.
+        updated_at: RFC 3339 time this object was written.
+    """
+
+    attempt: int
+    step: int
+    epoch: int
+    start_step: int
+    total_steps: int | None
+    wall_seconds: float
+    steps_per_second: float | None
+    window_seconds: float
+    stalled_seconds: float
+    first_step_at: str | None
+    updated_at: str
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": PROGRESS_VERSION, "attempt": self.attempt, "step": self.step, "epoch": self.epoch,
+            "startStep": self.start_step, "totalSteps": self.total_steps, "wallSeconds": self.wall_seconds,
+            "stepsPerSecond": self.steps_per_second, "windowSeconds": self.window_seconds,
+            "stalledSeconds": self.stalled_seconds, "firstStepAt": self.first_step_at, "updatedAt": self.updated_at,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> "Progress | None":
+        """Parse a progress object; ``None`` if absent or malformed."""
+        d = _json_obj(text)
+        if d is None or d.get("version") != PROGRESS_VERSION:
+            return None
+        try:
+            rate = d.get("stepsPerSecond")
+            return cls(
+                attempt=int(d["attempt"]), step=int(d["step"]), epoch=int(d.get("epoch", 0)),
+                start_step=int(d.get("startStep", 0)), total_steps=_opt_int(d.get("totalSteps")),
+                wall_seconds=float(d["wallSeconds"]), steps_per_second=None if rate is None else float(rate),
+                window_seconds=float(d.get("windowSeconds", 0.0)), stalled_seconds=float(d.get("stalledSeconds", 0.0)),
+                first_step_at=d.get("firstStepAt"), updated_at=str(d["updatedAt"]),
+            )
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """The content of :data:`SNAPSHOT_REQUEST_OBJECT`, written by the operator.
+
+    Attributes:
+        value: The annotation's value; any value other than the one last
+            acknowledged asks for one snapshot.
+        requested_at: RFC 3339 time the operator wrote it.
+    """
+
+    value: str
+    requested_at: str
+
+    def to_json(self) -> str:
+        return json.dumps({"value": self.value, "requestedAt": self.requested_at}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> "SnapshotRequest | None":
+        """Parse a request; ``None`` if absent, malformed or with an empty value."""
+        d = _json_obj(text)
+        if d is None or not isinstance(d.get("value"), str) or not d["value"]:
+            return None
+        return cls(value=d["value"], requested_at=str(d.get("requestedAt", "")))
+
+
+@dataclass(frozen=True)
+class SnapshotAck:
+    """The content of :data:`SNAPSHOT_ACK_OBJECT`, written by the trainer's rank 0
+    when the snapshot that served a request is committed (the operator copies
+    it into ``status.snapshot.lastRequest``).
+
+    Attributes:
+        value: The request's value.
+        step: The step of the snapshot that served it.
+        completed_at: RFC 3339 time the snapshot was committed.
+        snapshot: The snapshot folder's URI.
+        attempt: The gang attempt that served it.
+    """
+
+    value: str
+    step: int
+    completed_at: str
+    snapshot: str
+    attempt: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"value": self.value, "step": self.step, "completedAt": self.completed_at,
+                           "snapshot": self.snapshot, "attempt": self.attempt}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> "SnapshotAck | None":
+        """Parse an acknowledgement; ``None`` if absent or malformed."""
+        d = _json_obj(text)
+        if d is None or not isinstance(d.get("value"), str):
+            return None
+        try:
+            return cls(value=d["value"], step=int(d["step"]), completed_at=str(d["completedAt"]),
+                       snapshot=str(d["snapshot"]), attempt=int(d.get("attempt", 0)))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+def request_is_new(request: SnapshotRequest | None, ack: SnapshotAck | None) -> bool:
+    """Whether ``request`` asks for a snapshot that ``ack`` does not record as served."""
+    return request is not None and (ack is None or ack.value != request.value)
+
+
+def live_entries(listing: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The ``_tj/`` objects in a recursive listing of the job root.
+
+    Args:
+        listing: Path relative to the job root -> ``{"size", "etag"}`` (the
+            listing the operator makes to find snapshots).
+
+    Returns:
+        ``{PROGRESS_OBJECT: meta, ...}`` for those present; the operator GETs
+        the progress object only when its ``etag`` differs from the last one
+        it read.
+    """
+    names = (PROGRESS_OBJECT, SNAPSHOT_REQUEST_OBJECT, SNAPSHOT_ACK_OBJECT)
+    return {name: listing[name] for name in names if name in listing}

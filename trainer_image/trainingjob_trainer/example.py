@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         snap = snapshotter_from_env(
             app_state={"train": ModelOptimizerState(model=model, optimizers=[opt]), "rng": RNGState()},
             every_steps=args.every_steps, backend=args.backend, async_save=args.async_save,
+            total_steps=args.steps,
         )
     t0 = time.monotonic()
     start = snap.restore_latest() if snap else 0

@@ -34,6 +34,7 @@ from trainingjob_trainer.preemption import (
     PreemptionWatcher,
     write_termination_message,
 )
+from trainingjob_trainer.progress import LiveMixin, stall_timed
 from trainingjob_trainer.store import SnapshotStore, new_save_id
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class _InFlight:
     handle: PendingWrite | None
 
 
-class Snapshotter(abc.ABC):
+class Snapshotter(LiveMixin, abc.ABC):
     """Frequency, naming, commit, restore choice and retention of snapshots.
 
     Args:
@@ -82,7 +83,9 @@ class Snapshotter(abc.ABC):
         watcher: The SIGTERM watcher; one is installed if ``None`` and
             ``watch_preemption`` is true.
         watch_preemption: Check the in-band preemption flag in
-            :meth:`maybe_save` and take the emergency snapshot.
+            :meth:`maybe_save` and take the emergency snapshot (snapshot
+            requests ride the same flag: off with it).
+        total_steps: The run's total steps, for the progress object.
     """
 
     backend: ClassVar[str] = ""
@@ -101,7 +104,9 @@ class Snapshotter(abc.ABC):
         async_save: bool = False,
         watcher: PreemptionWatcher | None = None,
         watch_preemption: bool = True,
+        total_steps: int | None = None,
     ) -> None:
+        self.total_steps = total_steps
         if every_steps is not None and every_steps <= 0:
             raise ValueError(f"every_steps must be positive, got {every_steps}")
         if keep_last is not None and keep_last <= 0:
@@ -269,7 +274,8 @@ class Snapshotter(abc.ABC):
         local = bool(self.watcher and self.watcher.local_flag)
         pending = self._in_flight is not None and self._in_flight.handle is not None
         not_done = int(pending and not self._in_flight.handle.done())  # type: ignore[union-attr]
-        flag, any_not_done = _dist.all_reduce_max([int(local), not_done], pg=self._flag_pg)
+        flag, any_not_done, self._requested = _dist.all_reduce_max(
+            [int(local), not_done, self._live_request_flag()], pg=self._flag_pg)
         if pending and not any_not_done:
             self._finish_in_flight()
         return bool(flag)
@@ -291,9 +297,10 @@ class Snapshotter(abc.ABC):
             Preempted: After the emergency snapshot is committed (every rank).
         """
         record_progress(step)
+        self._live_boundary(step=step, epoch=epoch)
         if self.watcher is not None and self.preemption_requested():
             self.emergency_save(step=step, epoch=epoch, app_state=app_state)
-        if self.every_steps and step % self.every_steps == 0:
+        if (self.every_steps and step % self.every_steps == 0) or self.request_due():
             return self.save(step=step, epoch=epoch, app_state=app_state)
         return None
 
@@ -317,6 +324,7 @@ class Snapshotter(abc.ABC):
         )
         raise Preempted(step=step, snapshot=uri)
 
+    @stall_timed
     def save(
         self,
         *,
@@ -360,16 +368,19 @@ class Snapshotter(abc.ABC):
                              prepare=prepare)
         self.last_save_stall_s = time.monotonic() - t0
         self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle)
+        self._live_claim(uri)
         if handle is None:
             self._finish_in_flight()
         return uri
 
+    @stall_timed
     def wait(self) -> contract.CommitMarker | None:
         """Finish and commit a background save, if any (collective)."""
         if self._in_flight is not None:
             return self._finish_in_flight()
         return None
 
+    @stall_timed
     def _finish_in_flight(self) -> contract.CommitMarker | None:
         fl = self._in_flight
         assert fl is not None
@@ -400,6 +411,7 @@ class Snapshotter(abc.ABC):
             protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
             self.store.prune(keep_last=self.keep_last, protect=protect)
         marker_json = _dist.broadcast_object(marker_json, pg=self._flag_pg)
+        self._live_finished(fl.uri, marker_json if ok else None)
         if not ok or marker_json is None:
             raise RuntimeError(f"snapshot {fl.uri} failed")
         self.last_marker = contract.CommitMarker.from_json(marker_json)
@@ -413,6 +425,7 @@ class Snapshotter(abc.ABC):
             if self.watcher is not None:
                 self.watcher.uninstall()
         finally:
+            self._live_close(flush=True)
             self._free_kept_buffers()
 
     def abandon(self) -> None:
@@ -432,6 +445,7 @@ class Snapshotter(abc.ABC):
             logger.warning("rank %d: not committing snapshot %s after an error", _dist.rank(self.pg), fl.uri)
         if self.watcher is not None:
             self.watcher.uninstall()
+        self._live_close(flush=False)
         self._free_kept_buffers()
 
     def __enter__(self) -> "Snapshotter":

@@ -41,6 +41,7 @@ from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 
 from trainingjob_trainer import contract
 from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter, snapshotter_from_env
+from trainingjob_trainer.progress import tnt_total_steps
 from trainingjob_trainer.snapshotter import Snapshotter, record_progress
 from trainingjob_trainer.state import OptimizerState, PerRankState, RNGState
 
@@ -119,7 +120,10 @@ class TorchSnapshotSaver(Callback):
         storage_options: s3fs options over the contract env.
         backend: ``torchsnapshot`` or ``dcp`` (``None``: ``$TJ_SNAPSHOT_BACKEND``,
             else ``torchsnapshot``).
-        watch_preemption: Take the coordinated emergency snapshot on SIGTERM.
+        watch_preemption: Take the coordinated emergency snapshot on SIGTERM
+            (and serve snapshot requests, which ride the same flag).
+        total_steps: The run's total train steps for the progress object
+            (``None``: from the loop's ``max_steps``/``max_epochs``).
         save_every_n_eval_epochs: Under ``fit()``, save every N eval epochs
             (the train state, named by its train epoch and step; under
             ``evaluate()`` alone there is no train state and nothing is saved).
@@ -144,6 +148,7 @@ class TorchSnapshotSaver(Callback):
         knob_options: Any = None,  # noqa: ARG002
         backend: Optional[str] = None,
         watch_preemption: bool = True,
+        total_steps: Optional[int] = None,
     ) -> None:
         if best_checkpoint_config is not None:
             raise ValueError("best_checkpoint_config is not supported: snapshot folder names carry no metric")
@@ -165,6 +170,7 @@ class TorchSnapshotSaver(Callback):
             process_group=process_group,
             async_save=async_checkpoint,
             watch_preemption=watch_preemption,
+            total_steps=total_steps,
             **extra,
         )
         self._save_every_n_epochs = save_every_n_epochs
@@ -196,6 +202,10 @@ class TorchSnapshotSaver(Callback):
             if target:
                 unit._tj_restored_from = self._snap.restored_from  # type: ignore[attr-defined]
         self._snap.restored_from = self._snap.restored_from or getattr(unit, "_tj_restored_from", None)
+        ts = state.train_state
+        if self._snap.total_steps is None and ts is not None:
+            self._snap.total_steps = tnt_total_steps(max_steps=ts.max_steps, max_epochs=ts.max_epochs,
+                                                     max_steps_per_epoch=ts.max_steps_per_epoch, dataloader=ts.dataloader)
 
     def _save(self, state: State, unit: TTrainUnit, *, intra_epoch: bool) -> None:
         epoch = unit.train_progress.num_epochs_completed
@@ -221,9 +231,10 @@ class TorchSnapshotSaver(Callback):
     def on_train_step_end(self, state: State, unit: TTrainUnit) -> None:
         step = unit.train_progress.num_steps_completed
         record_progress(step)  # the step reached, for the launcher's termination message
+        self._snap._live_boundary(step=step, epoch=unit.train_progress.num_epochs_completed)
         self._check_preemption(state, unit)
         every = self._snap.every_steps
-        if every and step % every == 0:
+        if (every and step % every == 0) or self._snap.request_due():
             self._save(state, unit, intra_epoch=True)
 
     def on_eval_step_end(self, state: State, unit: Any) -> None:
