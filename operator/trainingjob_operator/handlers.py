@@ -1,10 +1,14 @@
 """Kopf registration: thin handlers around one work queue of job keys.
 
 Kopf's indices are the informer caches (pods, services and nodes the
-operator cares about). Every event, of a TrainingJob, one of its pods or
-services, or a node, only *enqueues* the job's key; a periodic resync
-enqueues every job. Workers take keys one at a time per job (never two
-reconciles of the same job at once), read the job fresh from the API, gather
+operator cares about; pods and Services are listed and watched with a
+server-side label selector, so only the operator's own are ever fetched).
+Every event, of a TrainingJob, one of its pods or services, or a node whose
+readiness changed, only *enqueues* the job's key (the handlers are ``async``:
+they run on the loop that owns the queue); a periodic resync enqueues every
+job, behind the event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
+key to one worker at a time (never two reconciles of the same job at once,
+per-job backoff on errors); a worker reads the job fresh from the API, gathers
 the rest from the caches and S3, call the pure :func:`reconcile`, then write
 the status (only if it changed), post the Events and execute the actions.
 
@@ -33,11 +37,13 @@ from .model import SpecError, parse_spec
 from .conditions import set_condition
 from .reconcile import Event, Observed, Plan, reconcile
 from .snapshots import SnapshotReader, access_from_secret
+from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("trainingjob_operator")
 
 TJ = (contract.GROUP, contract.VERSION, contract.PLURAL)
 OURS = {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+OWNED_SELECTOR = f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}"
 Key = tuple[str, str]
 
 
@@ -72,46 +78,32 @@ class Controller:
         self.kube: Kube | None = None
         self.snapshots = SnapshotReader()
         self.indices: dict[str, Any] = {}
-        self._queue: asyncio.Queue[Key] | None = None
-        self._queued: set[Key] = set()
-        self._active: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self.queue: WorkQueue[Key] | None = None
+        #: The last readiness view of each node: a heartbeat that changes nothing wakes no job.
+        self.node_views: dict[str, NodeView] = {}
         self._secret_values: dict[Key, tuple[str, ...]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
-    def enqueue(self, key: Key, delay: float = 0.0) -> None:
-        """Reconcile ``key`` now, or after ``delay`` s (one pending timer per key: the earliest wins)."""
-        if self._queue is None:
+    def enqueue(self, key: Key, delay: float = 0.0, *, source: str = "event") -> None:
+        """Reconcile ``key`` now, or after ``delay`` s (see :class:`WorkQueue` for the rules)."""
+        if self.queue is None:
             return
+        metrics.count_enqueue(source)
         if delay > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + delay
-            pending = self._timers.get(key)
-            if pending is not None and pending[0] <= deadline:
-                return
-            if pending is not None:
-                pending[1].cancel()
-            self._timers[key] = (deadline, loop.call_at(deadline, self._fire, key))
-            return
-        if key in self._active:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        self.enqueue(key)
+            self.queue.add_after(key, delay)
+        else:
+            self.queue.add(key, resync=source == "resync")
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self.queue = WorkQueue(base_delay=1.0, max_delay=60.0)
         self.kube = Kube()
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._resync()))
 
     async def stop(self) -> None:
+        if self.queue is not None:
+            self.queue.shut_down()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -124,34 +116,36 @@ class Controller:
             idx = self.indices.get("tj_index")
             if idx is not None:
                 for key in list(idx):
-                    self.enqueue(key)
+                    self.enqueue(key, source="resync")
 
     async def _worker(self, n: int) -> None:
-        assert self._queue is not None
+        assert self.queue is not None
         while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            self._active.add(key)
+            try:
+                key = await self.queue.get()
+            except ShutDown:
+                return
             try:
                 delay = await self.reconcile_key(key)
+                self.queue.forget(key)
             except asyncio.CancelledError:
                 raise
             except ApiError as e:
                 # The job or its namespace went away mid-reconcile (404), or the
                 # API refused a write (409, 403...): an expected race, not a bug.
-                # Its next event (or this retry) sees the new state.
+                # Its next event (or this retry, with per-job backoff) sees the new state.
                 log.warning("reconcile of %s/%s stopped: %s", *key, e)
-                delay = None if e.status == 404 else 5.0
+                if e.status != 404:
+                    self.queue.add_rate_limited(key)
+                delay = None
             except Exception:  # one job's trouble must never stop the others
                 log.exception("reconcile of %s/%s failed; retrying", *key)
-                delay = 5.0
+                self.queue.add_rate_limited(key)
+                delay = None
             finally:
-                self._active.discard(key)
-            if key in self._dirty:
-                self._dirty.discard(key)
-                self.enqueue(key)
+                self.queue.done(key)
             if delay is not None:
-                self.enqueue(key, delay)
+                self.enqueue(key, delay, source="requeue")
 
     # -- one reconcile -----------------------------------------------------
     async def reconcile_key(self, key: Key) -> float | None:
@@ -163,6 +157,8 @@ class Controller:
                 "GET", f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}/{name}")
         except ApiError as e:
             if e.status == 404:
+                if self.queue is not None:
+                    self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
                 metrics.forget_job(namespace, name)
                 return None
@@ -308,6 +304,11 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # the resources at startup.
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
+    # Server-side selectors (Kopf's ``labels=`` filters in the client, after
+    # the whole cluster's pods were listed): only the operator's own pods and
+    # Services are listed, watched and cached.
+    for resource in ("pods", "services"):
+        settings.watching.label_selectors["v1", resource] = OWNED_SELECTOR
     settings.networking.request_timeout = 60
     await CONTROLLER.start()
 
@@ -327,31 +328,60 @@ def pod_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any]
     return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
 
 
+@kopf.index("pods", labels=OURS)
+def pod_node_index(namespace: str, labels: Mapping[str, str], spec: Mapping[str, Any], **_: Any) -> dict[str, Key]:
+    """node name -> the jobs with a pod there: a node event finds its jobs without a scan."""
+    node = spec.get("nodeName")
+    return {node: (namespace, labels.get(contract.LABEL_JOB_NAME, ""))} if node else {}
+
+
 @kopf.index("services", labels=OURS)
 def svc_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict[Key, Any]:
     return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
 
 
 def _remember(kwargs: Mapping[str, Any]) -> None:
-    for k in ("tj_index", "pod_index", "svc_index", "node_index"):
+    for k in ("tj_index", "pod_index", "svc_index", "node_index", "pod_node_index"):
         if k in kwargs:
             CONTROLLER.indices[k] = kwargs[k]
 
 
+# Event handlers are async: they run on the loop that owns the queue and the
+# indices (a plain ``def`` would run in Kopf's thread pool).
 @kopf.on.event(*TJ)
-def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
+async def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
     _remember(kwargs)
     CONTROLLER.enqueue((namespace, name))
 
 
 @kopf.on.event("pods", labels=OURS, id="_on_pod")
 @kopf.on.event("services", labels=OURS, id="_on_service")
-def _on_child(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+async def _on_child(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
     """A pod or Service of a gang changed: reconcile its job."""
     _remember(kwargs)
     job = labels.get(contract.LABEL_JOB_NAME)
     if job:
         CONTROLLER.enqueue((namespace, job))
+
+
+def on_node_event(name: str, view: NodeView | None) -> list[Key]:
+    """A node changed (``view`` None: deleted): the jobs to wake, those with a pod on it.
+
+    Heartbeats that leave the node's readiness as it was wake nothing.
+    """
+    if view is not None and CONTROLLER.node_views.get(name) == view:
+        return []
+    if view is None:
+        CONTROLLER.node_views.pop(name, None)
+    else:
+        CONTROLLER.node_views[name] = view
+    idx = CONTROLLER.indices.get("pod_node_index")
+    if idx is None or name not in idx:
+        return []
+    keys = sorted(set(idx[name]))
+    for key in keys:
+        CONTROLLER.enqueue(key, source="node")
+    return keys
 
 
 def register_node_watch() -> None:
@@ -362,11 +392,6 @@ def register_node_watch() -> None:
         return {name: NodeView.from_node(body)}
 
     @kopf.on.event("nodes", id="_on_node")
-    def _on_node(name: str, **kwargs: Any) -> None:
+    async def _on_node(name: str, body: Mapping[str, Any], type: str | None, **kwargs: Any) -> None:
         _remember(kwargs)
-        pods = CONTROLLER.indices.get("pod_index")
-        if pods is None:
-            return
-        for key in list(pods):
-            if any((p.get("spec") or {}).get("nodeName") == name for p in pods[key]):
-                CONTROLLER.enqueue(key)
+        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body))

@@ -27,6 +27,8 @@ LOST_STEPS = Gauge("trainingjob_lost_work_steps", "Train steps redone because of
 RECONCILE_SECONDS = Histogram("trainingjob_reconcile_duration_seconds", "Duration of one reconcile pass",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 EVENTS = Counter("trainingjob_events_total", "Events posted by the operator, by reason", ["reason"])
+ENQUEUES = Counter("trainingjob_operator_enqueues_total",
+                   "Job keys added to the work queue, by source (event, node, resync, requeue)", ["source"])
 
 _phase_of: dict[tuple[str, str], str] = {}
 _seen_restarts: dict[tuple[str, str], tuple[int, int]] = {}
@@ -39,6 +41,10 @@ def serve(port: int) -> None:
 
 def count_event(reason: str) -> None:
     EVENTS.labels(reason=reason).inc()
+
+
+def count_enqueue(source: str) -> None:
+    ENQUEUES.labels(source=source).inc()
 
 
 def _refresh_phases() -> None:
