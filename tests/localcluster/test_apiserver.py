@@ -555,3 +555,31 @@ def test_bad_requests_get_status_bodies(api: Api) -> None:
     status, body = api.call('GET', f'{CM}?labelSelector=a%20in%20(')
     assert status == 400
     assert api.ok('GET', '/version')['major'] == '1'  # still serving
+
+
+def test_client_watch_reads_chunks_not_single_bytes(api: Api, monkeypatch) -> None:
+    """Issue 9 defect 1 / issue 10: ``Client.watch`` read the stream one byte per call."""
+    import requests
+
+    from localcluster.kube import Client, split_lines
+
+    assert list(split_lines([b'{"a"', b':1}\n{"b":2}\n', b'', b'{"c":3}'])) == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    rv = api.ok('GET', CM)['metadata']['resourceVersion']
+    for i in range(20):
+        api.ok('POST', CM, {'metadata': {'name': f'chunk-{i}', 'labels': {'chunky': 'yes'}}, 'data': {'k': 'v' * 200}})
+    reads = []
+    original = requests.models.Response.iter_content
+
+    def counting(self, chunk_size=1, decode_unicode=False):
+        for chunk in original(self, chunk_size=chunk_size, decode_unicode=decode_unicode):
+            reads.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(requests.models.Response, 'iter_content', counting)
+    client = Client(api.url)
+    got = [(t, o['metadata']['name']) for t, o in client.watch(
+        'configmaps', 'default', label_selector='chunky=yes', resource_version=rv, timeout=1)]
+    assert got == [('ADDED', f'chunk-{i}') for i in range(20)]
+    total = sum(reads)
+    assert total > 20 * 200
+    assert len(reads) <= 40, f'{len(reads)} reads for {total} bytes: the stream is read byte by byte'
