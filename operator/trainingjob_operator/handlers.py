@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 
@@ -33,6 +33,7 @@ from trainingjob_trainer import contract
 from . import metrics
 from .classify import NodeView
 from .kube import ApiError, Kube
+from .leader import LeaderElector
 from .model import SpecError, parse_spec
 from .conditions import set_condition
 from .reconcile import Event, Observed, Plan, reconcile
@@ -79,6 +80,10 @@ class Controller:
         self.snapshots = SnapshotReader()
         self.indices: dict[str, Any] = {}
         self.queue: WorkQueue[Key] | None = None
+        #: Set when more than one replica may run: workers start only while leading.
+        self.elector: LeaderElector | None = None
+        #: Set (by :meth:`start`'s caller) to stop the operator when the lease is lost.
+        self.on_lost_lease: Callable[[], None] | None = None
         #: The last readiness view of each node: a heartbeat that changes nothing wakes no job.
         self.node_views: dict[str, NodeView] = {}
         self._secret_values: dict[Key, tuple[str, ...]] = {}
@@ -96,10 +101,28 @@ class Controller:
             self.queue.add(key, resync=source == "resync")
 
     async def start(self) -> None:
-        self.queue = WorkQueue(base_delay=1.0, max_delay=60.0)
-        self.kube = Kube()
-        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
-        self._tasks.append(asyncio.create_task(self._resync()))
+        """Start the resync; the workers at once, or once this replica leads (see :mod:`.leader`)."""
+        self.queue = WorkQueue(base_delay=0.25, max_delay=60.0)
+        ua = "trainingjob-operator/0.1" + (f" ({self.elector.config.identity})" if self.elector else "")
+        self.kube = Kube(user_agent=ua)
+        self._tasks = [asyncio.create_task(self._resync())]
+        if self.elector is None:
+            await self._start_workers()
+        else:
+            self.elector.kube = self.kube
+            self._tasks.append(asyncio.create_task(self._lead()))
+
+    async def _start_workers(self) -> None:
+        self._tasks += [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+
+    async def _lead(self) -> None:
+        assert self.elector is not None
+        await self.elector.run(on_started_leading=self._start_workers)
+        # Leadership lost: stop writing at once; the process exits and restarts as a follower.
+        if self.queue is not None:
+            self.queue.shut_down()
+        if self.on_lost_lease is not None:
+            self.on_lost_lease()
 
     async def stop(self) -> None:
         if self.queue is not None:
@@ -107,6 +130,8 @@ class Controller:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.elector is not None:
+            await self.elector.release()
         if self.kube:
             await self.kube.close()
 
@@ -231,7 +256,10 @@ class Controller:
         patch = status_patch(body.get("status"), plan.status)
         if patch:
             # Status first: the decision is recorded before the world changes.
-            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch)
+            # Conditional on the resourceVersion reconcile read: a 409 (another
+            # writer, a stale cache) re-reads and re-runs, nothing is executed.
+            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
+                                         resource_version=meta.get("resourceVersion"))
         now_iso = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         for ev in plan.events:
             log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)

@@ -91,8 +91,9 @@ def _plural_path(kind: str) -> tuple[str, str]:
 class Kube:
     """The operator's API client (one per process)."""
 
-    def __init__(self, config: _Config | None = None) -> None:
+    def __init__(self, config: _Config | None = None, *, user_agent: str = "trainingjob-operator/0.1") -> None:
         self._config = config or load_config()
+        self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._token_cache: tuple[float, str] | None = None
 
@@ -115,7 +116,7 @@ class Kube:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=30),
-                headers={"User-Agent": "trainingjob-operator/0.1"},
+                headers={"User-Agent": self._user_agent},
             )
         headers = {"Accept": "application/json"}
         token = self._token()
@@ -174,10 +175,14 @@ class Kube:
             raise
 
     async def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str,
-                           status_patch: Mapping[str, Any]) -> dict[str, Any]:
+                           status_patch: Mapping[str, Any], *, resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the status; with ``resource_version``, only if the object is still at it (else 409)."""
+        body: dict[str, Any] = {"status": status_patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self.request(
             "PATCH", f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status",
-            body={"status": status_patch}, content_type="application/merge-patch+json")
+            body=body, content_type="application/merge-patch+json")
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
                          now_iso: str) -> None:
