@@ -52,6 +52,41 @@ def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(body[k]) for k in body}
 
 
+#: Final pod states kept per job (a gang of 8 nodes over two attempts needs 16).
+MAX_FINISHED_PER_JOB = 64
+
+
+def _attempt_label(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(contract.LABEL_ATTEMPT))
+    except (TypeError, ValueError):
+        return -1
+
+
+def final_pod_view(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A slim copy of a pod whose trainer container has terminated, else ``None``.
+
+    Only what reconcile reads of a finished pod: name, labels, node, phase and
+    reason, conditions, and the container's terminated state (exit code,
+    reason, termination message, finishedAt).
+    """
+    status = body.get("status") or {}
+    term = None
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == contract.CONTAINER_NAME and (cs.get("state") or {}).get("terminated"):
+            term = cs
+    if term is None:
+        return None
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"name": meta.get("name", ""), "labels": dict(meta.get("labels") or {})},
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
+        "status": {"phase": status.get("phase"), "reason": status.get("reason"),
+                   "conditions": copy.deepcopy(status.get("conditions") or []),
+                   "containerStatuses": [copy.deepcopy(term)]},
+    }
+
+
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """JSON merge patch turning status ``old`` into ``new`` (``{}`` if equal)."""
     old = {k: v for k, v in (old or {}).items() if k != "kopf"}
@@ -87,6 +122,9 @@ class Controller:
         #: The last readiness view of each node: a heartbeat that changes nothing wakes no job.
         self.node_views: dict[str, NodeView] = {}
         self._secret_values: dict[Key, tuple[str, ...]] = {}
+        #: Final states of the job's pods, taken from watch events as they arrive (the
+        #: kubelet deletes a pod milliseconds after writing it): job -> pod name -> slim pod.
+        self.finished: dict[Key, dict[str, dict[str, Any]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
@@ -172,6 +210,25 @@ class Controller:
             if delay is not None:
                 self.enqueue(key, delay, source="requeue")
 
+    def note_pod(self, key: Key, body: Mapping[str, Any]) -> None:
+        """Keep a pod's final container state (bounded per job) once the watch shows it terminated."""
+        final = final_pod_view(body)
+        if final is None:
+            return
+        kept = self.finished.setdefault(key, {})
+        kept.pop(final["metadata"]["name"], None)
+        kept[final["metadata"]["name"]] = final
+        while len(kept) > MAX_FINISHED_PER_JOB:
+            kept.pop(next(iter(kept)))
+
+    def finished_pods(self, key: Key, uid: str | None, attempt: int) -> tuple[dict[str, Any], ...]:
+        """The kept final states of this job (this uid), of the current and the previous attempt."""
+        kept = self.finished.get(key) or {}
+        for name in [n for n, p in kept.items() if _attempt_label(p) < attempt - 1]:
+            del kept[name]
+        return tuple(p for p in kept.values()
+                     if ((p["metadata"].get("labels") or {}).get(contract.LABEL_JOB_UID) == uid))
+
     # -- one reconcile -----------------------------------------------------
     async def reconcile_key(self, key: Key) -> float | None:
         assert self.kube is not None
@@ -182,6 +239,7 @@ class Controller:
                 "GET", f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}/{name}")
         except ApiError as e:
             if e.status == 404:
+                self.finished.pop(key, None)
                 if self.queue is not None:
                     self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
@@ -233,8 +291,10 @@ class Controller:
             # gang's emergency snapshot was committed just before its pods exited.
             fresh = not (body.get("status") or {}).get("gangCreated")
             snapshots = await self.snapshots.observe(body, spec, access, force=fresh)
+        attempt = int((body.get("status") or {}).get("attempt") or 0)
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
-                        snapshots=snapshots, secret_problem=secret_problem)
+                        snapshots=snapshots, secret_problem=secret_problem,
+                        finished_pods=self.finished_pods(key, uid, attempt))
 
     def redact(self, key: Key, value: Any) -> Any:
         """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
@@ -384,11 +444,14 @@ async def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
 
 @kopf.on.event("pods", labels=OURS, id="_on_pod")
 @kopf.on.event("services", labels=OURS, id="_on_service")
-async def _on_child(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
-    """A pod or Service of a gang changed: reconcile its job."""
+async def _on_child(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], resource: Any,
+                    **kwargs: Any) -> None:
+    """A pod or Service of a gang changed: keep a pod's final state, reconcile its job."""
     _remember(kwargs)
     job = labels.get(contract.LABEL_JOB_NAME)
     if job:
+        if resource.plural == "pods":
+            CONTROLLER.note_pod((namespace, job), body)
         CONTROLLER.enqueue((namespace, job))
 
 

@@ -81,6 +81,9 @@ class Observed:
     snapshots: SnapshotState | None = None
     #: ``None`` when the credentials Secret is fine (or not used), else why not.
     secret_problem: str | None = None
+    #: Final states of this job's pods (current and previous attempt) as the watch
+    #: showed them, also of pods deleted since: the step each rank reached.
+    finished_pods: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -284,12 +287,7 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
     # The ended gang's pods report the step they reached as they exit: keep
     # the highest for the lost-work accounting of the next gang.
-    last = c.status.get("lastDisruption")
-    if last and not last.get("accounted"):
-        for p in old_pods:
-            cm = PodView.from_pod(p).contract_message
-            if cm and cm.step is not None and _attempt_of(p) == last.get("attempt") and cm.step > last.get("step", -1):
-                last["step"] = cm.step
+    _note_reached_step(c, old_pods)
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
     if c.status.get("phase") != RESTARTING:
@@ -388,7 +386,23 @@ def _resume_point(c: _Ctx, spec: JobSpec, attempt: int) -> tuple[str | None, int
     return None, None
 
 
+def _note_reached_step(c: _Ctx, pods: list[Mapping[str, Any]]) -> None:
+    """Record in ``lastDisruption.step`` the highest step the ended gang's pods reported as they exited.
+
+    Read from the pods still cached and from the final states kept from the
+    watch (the kubelet deletes a pod right after writing its final status).
+    """
+    last = c.status.get("lastDisruption")
+    if not last or last.get("accounted"):
+        return
+    for p in [*pods, *c.obs.finished_pods]:
+        cm = PodView.from_pod(p).contract_message
+        if cm and cm.step is not None and _attempt_of(p) == last.get("attempt") and cm.step > last.get("step", -1):
+            last["step"] = cm.step
+
+
 def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
+    _note_reached_step(c, [])
     last = c.status.get("lastDisruption") or {}
     if last.get("kind") != PREEMPTION or last.get("accounted"):
         return
