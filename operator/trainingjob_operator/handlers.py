@@ -35,8 +35,7 @@ from .classify import NodeView
 from .kube import ApiError, Kube
 from .leader import LeaderElector
 from .model import SpecError, parse_spec
-from .conditions import set_condition
-from .reconcile import Event, Observed, Plan, reconcile
+from .reconcile import CreateError, Event, Observed, Plan, reconcile
 from .snapshots import SnapshotReader, access_from_secret
 from .workqueue import ShutDown, WorkQueue
 
@@ -125,6 +124,8 @@ class Controller:
         #: Final states of the job's pods, taken from watch events as they arrive (the
         #: kubelet deletes a pod milliseconds after writing it): job -> pod name -> slim pod.
         self.finished: dict[Key, dict[str, dict[str, Any]]] = {}
+        #: The last create the API server refused, per job: an input of the next reconcile.
+        self.create_errors: dict[Key, CreateError] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
@@ -240,6 +241,7 @@ class Controller:
         except ApiError as e:
             if e.status == 404:
                 self.finished.pop(key, None)
+                self.create_errors.pop(key, None)
                 if self.queue is not None:
                     self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
@@ -294,7 +296,8 @@ class Controller:
         attempt = int((body.get("status") or {}).get("attempt") or 0)
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem,
-                        finished_pods=self.finished_pods(key, uid, attempt))
+                        finished_pods=self.finished_pods(key, uid, attempt),
+                        create_error=self.create_errors.get(key))
 
     def redact(self, key: Key, value: Any) -> Any:
         """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
@@ -307,34 +310,47 @@ class Controller:
         return json.loads(text)
 
     async def execute(self, body: Mapping[str, Any], plan: Plan, now: dt.datetime) -> None:
+        """Post the plan's Events, write its status, then change the world.
+
+        Events go first, and are idempotent (see :meth:`Kube.post_event`): an
+        operator killed after its status write has already posted them, and
+        one killed before re-decides the same thing and finds them posted.
+        Status next, conditional on the resourceVersion reconcile read (a 409
+        re-reads and re-runs; nothing is executed). Then creates and deletes;
+        a refused create is kept as an input of the next reconcile, which
+        decides what it means (InvalidSpec, or a Warning and a retry).
+        """
         assert self.kube is not None
         meta = body["metadata"]
         ns, name = meta["namespace"], meta["name"]
         key = (ns, name)
         plan.status = self.redact(key, plan.status)
         plan.events = [Event(e.type, e.reason, self.redact(key, e.message)) for e in plan.events]
-        patch = status_patch(body.get("status"), plan.status)
-        if patch:
-            # Status first: the decision is recorded before the world changes.
-            # Conditional on the resourceVersion reconcile read: a 409 (another
-            # writer, a stale cache) re-reads and re-runs, nothing is executed.
-            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
-                                         resource_version=meta.get("resourceVersion"))
         now_iso = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         for ev in plan.events:
-            log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)
-            metrics.count_event(ev.reason)
             try:
-                await self.kube.post_event(body, ev.type, ev.reason, ev.message, now_iso)
+                if await self.kube.post_event(body, ev.type, ev.reason, ev.message, now_iso) != "exists":
+                    log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)
+                    metrics.count_event(ev.reason)
             except ApiError as e:
                 log.warning("could not post event %s for %s/%s: %s", ev.reason, ns, name, e)
+        patch = status_patch(body.get("status"), plan.status)
+        if patch:
+            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
+                                         resource_version=meta.get("resourceVersion"))
+        if not any(a.verb == "create" for a in plan.actions):
+            self.create_errors.pop(key, None)
         for a in plan.actions:
             if a.verb == "create":
                 try:
                     created = await self.kube.create(a.kind, ns, a.body or {})
                 except ApiError as e:
-                    await self._create_rejected(body, a.kind, a.name, e, now_iso)
-                    return
+                    detail = f"the API server rejected {a.kind} {a.name}: {e.status} {e.reason}: {e.message}"
+                    self.create_errors[key] = CreateError(
+                        kind=a.kind, name=a.name, status=e.status, message=self.redact(key, detail)[:900],
+                        attempt=int(plan.status.get("attempt") or 0))
+                    raise
+                self.create_errors.pop(key, None)
                 if created:
                     log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
             elif a.verb == "delete":
@@ -342,34 +358,6 @@ class Controller:
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
-
-
-    async def _create_rejected(self, body: Mapping[str, Any], kind: str, obj: str, e: ApiError, now_iso: str) -> None:
-        """The API server refused a pod/Service built from the spec.
-
-        400/422 (an invalid podTemplate field, a bad quantity...) will never
-        succeed: the job is Failed with reason InvalidSpec. Anything else
-        (403 from a quota, a webhook...) may pass later: a Warning Event, and
-        the worker retries with backoff.
-        """
-        assert self.kube is not None
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
-        detail = self.redact(key, f"the API server rejected {kind} {obj}: {e.status} {e.reason}: {e.message}")[:900]
-        if e.status in (400, 422):
-            status = dict(body.get("status") or {})
-            status.pop("kopf", None)
-            new = {**status, "phase": "Failed", "reason": "InvalidSpec", "message": f"invalid spec: {detail}",
-                   "completionTime": now_iso}
-            set_condition(new, "Failed", True, "InvalidSpec", detail, now=now_iso,
-                          generation=meta.get("generation"))
-            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, key[0], key[1],
-                                         status_patch(status, new))
-            await self.kube.post_event(body, "Warning", "InvalidSpec", detail, now_iso)
-            log.warning("%s/%s InvalidSpec: %s", *key, detail)
-            return
-        await self.kube.post_event(body, "Warning", "CreateFailed", detail, now_iso)
-        raise e
 
 
 CONTROLLER = Controller()

@@ -10,6 +10,7 @@ Creates treat 409 AlreadyExists as success and deletes treat 404 as success.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import ssl
@@ -22,6 +23,8 @@ import aiohttp
 import yaml
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Events whose count this process can bump (LRU): client-go's correlator keeps 4096.
+MAX_REMEMBERED_EVENTS = 4096
 
 
 class ApiError(Exception):
@@ -96,6 +99,7 @@ class Kube:
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._token_cache: tuple[float, str] | None = None
+        self._events: dict[str, tuple[int, str]] = {}  # Event name -> (count, resourceVersion it came from)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -185,18 +189,49 @@ class Kube:
             body=body, content_type="application/merge-patch+json")
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
-                         now_iso: str) -> None:
+                         now_iso: str) -> str:
+        """Record an Event, aggregated and idempotent; returns "created", "counted" or "exists".
+
+        Like client-go's EventCorrelator: the same (object uid, type, reason,
+        message) again bumps ``count`` and ``lastTimestamp`` of the one Event
+        instead of adding another (a quota 403 retried every few seconds is one
+        Event with a count). The Event's name is derived from that key, so a
+        post repeated for the same decision (the operator re-ran it after a
+        conflict, or a new process re-posts what a killed one may have posted)
+        finds it already there (409) and changes nothing. A repeat is counted
+        only when it comes from a newer read of the object (its resourceVersion).
+        """
         meta = involved["metadata"]
+        ns = meta["namespace"]
+        message = message[:1024]
+        digest = hashlib.sha256("\0".join((meta.get("uid") or "", type_, reason, message)).encode()).hexdigest()
+        name = f"{meta['name'][:200]}.{digest[:16]}"
+        rv = str(meta.get("resourceVersion") or "")
+        seen = self._events.get(name)
+        if seen is not None:
+            count, seen_rv = seen
+            if rv and seen_rv == rv:
+                return "exists"  # the same decision, posted again: idempotent
+            try:
+                await self.request("PATCH", f"/api/v1/namespaces/{ns}/events/{name}",
+                                   body={"count": count + 1, "lastTimestamp": now_iso},
+                                   content_type="application/merge-patch+json")
+                self._remember_event(name, count + 1, rv)
+                return "counted"
+            except ApiError as e:
+                if e.status != 404:  # 404: the Event expired (TTL): record it anew
+                    raise
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": ns},
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
-                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                "name": meta["name"], "namespace": ns, "uid": meta.get("uid"),
+                "resourceVersion": rv or None,
             },
             "reason": reason,
-            "message": message[:1024],
+            "message": message,
             "type": type_,
             "source": {"component": "trainingjob-operator"},
             "reportingComponent": "trainingjob-operator",
@@ -205,4 +240,18 @@ class Kube:
             "lastTimestamp": now_iso,
             "count": 1,
         }
-        await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{ns}/events", body=event)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            self._remember_event(name, 1, rv)
+            return "exists"
+        self._remember_event(name, 1, rv)
+        return "created"
+
+    def _remember_event(self, name: str, count: int, rv: str) -> None:
+        self._events.pop(name, None)
+        self._events[name] = (count, rv)
+        while len(self._events) > MAX_REMEMBERED_EVENTS:
+            self._events.pop(next(iter(self._events)))

@@ -50,6 +50,7 @@ R_RESUMED = "Resumed"
 R_SECRET_MISSING = "CredentialsSecretNotReady"
 R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
+R_CREATE_FAILED = "CreateFailed"
 
 RESYNC_SECONDS = 10.0
 #: How long a restart waits for an unreadable snapshot folder before starting
@@ -71,6 +72,19 @@ class SnapshotState:
 
 
 @dataclass(frozen=True)
+class CreateError:
+    """The API server refused a pod or Service the last plan asked for."""
+
+    kind: str
+    name: str
+    status: int
+    #: ``the API server rejected Pod x: 422 Invalid: ...`` (credentials masked).
+    message: str
+    #: The attempt the refused object belonged to.
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Observed:
     """The world as the handlers saw it, for one job."""
 
@@ -84,6 +98,8 @@ class Observed:
     #: Final states of this job's pods (current and previous attempt) as the watch
     #: showed them, also of pods deleted since: the step each rank reached.
     finished_pods: tuple[Mapping[str, Any], ...] = ()
+    #: The API server's refusal of the last create, if it has not succeeded since.
+    create_error: CreateError | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +227,8 @@ def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     if c.status.get("phase") in TERMINAL:
         _cleanup_finished(c, spec)
         return c.plan
+    if _create_refused(c, observed.create_error):
+        return c.plan
     if spec.suspend:
         _suspend(c, spec)
         return c.plan
@@ -242,6 +260,19 @@ def _terminal_invalid(c: _Ctx, errors: list[str]) -> None:
     c.condition("Failed", True, R_INVALID_SPEC, msg)
     c.condition("Ready", False, R_INVALID_SPEC)
     c.delete_pods([p for p in c.obs.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], "InvalidSpec")
+
+
+def _create_refused(c: _Ctx, err: CreateError | None) -> bool:
+    """A refused create: 400/422 will never pass (InvalidSpec, the job ends); anything
+    else (a quota's 403, a webhook) may: a Warning, and the plan retries the create
+    (the work queue backs off). True when the job ended."""
+    if err is None or err.attempt != c.status["attempt"]:
+        return False
+    if err.status in (400, 422):
+        _terminal_invalid(c, [err.message])
+        return True
+    c.event("Warning", R_CREATE_FAILED, err.message)
+    return False
 
 
 def _workers(c: _Ctx, spec: JobSpec, views: list[PodView]) -> None:

@@ -101,7 +101,9 @@ and by each namespace's Role (namespaces mode).
   verbs: ["get"]
 # Events: every decision (GangCreated, Preempted, WorkerFailed, ...) is
 # recorded as an Event on the TrainingJob; Kopf posts its own warnings too.
+# patch: a repeated Event (a quota refusal retried) is aggregated, count and
+# lastTimestamp of the one Event move, as client-go's recorder does.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- end }}
