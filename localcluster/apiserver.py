@@ -670,7 +670,10 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
                 obj.pop('status', None)
             obj, warnings = self._validate_cr(rt, obj, None, route, query, None)
             meta = obj['metadata']
+        obj, warnings = self._decode_builtin(rt, route, obj, query, warnings)
+        meta = obj['metadata']
         self._prepare_create(rt, obj)
+        self._validate_builtin(rt, obj)
         meta['uid'] = str(uuid.uuid4())
         meta['creationTimestamp'] = now_rfc3339()
         if rt.crd is not None or rt.plural == 'customresourcedefinitions':
@@ -813,9 +816,11 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         errors = self._validate_meta(rt, new)
         if errors:
             raise invalid(rt, name, errors)
+        warnings: dict = {}
+        if sub is None:
+            new, warnings = self._decode_builtin(rt, route, new, query, warnings)
         if (rt.group, rt.plural) == ('', 'pods') and sub is None:
             self._check_pod_update(rt, old, new)
-        warnings: dict = {}
         if rt.crd is not None:
             new, warnings = self._validate_cr(rt, new, old, route, query,
                                               True if sub == 'status' else False if rt.has_status else None)

@@ -143,10 +143,13 @@ class Kube:
 
     # -- verbs the operator uses (and only these: the chart's RBAC grants exactly them) --
     async def create(self, kind: str, namespace: str, body: Mapping[str, Any]) -> bool:
-        """Create; ``False`` if it already existed (409 is success)."""
+        """Create with ``fieldValidation=Strict``; ``False`` if it already existed (409 is success)."""
         prefix, plural = _plural_path(kind)
         try:
-            await self.request("POST", f"{prefix}/namespaces/{namespace}/{plural}", body=body)
+            # Strict: a field the API server does not know (a typo, or a field
+            # at the wrong level in podTemplate) is refused (400), never dropped.
+            await self.request("POST", f"{prefix}/namespaces/{namespace}/{plural}", body=body,
+                               params={"fieldValidation": "Strict"})
             return True
         except ApiError as e:
             if e.status == 409:

@@ -583,3 +583,41 @@ def test_client_watch_reads_chunks_not_single_bytes(api: Api, monkeypatch) -> No
     total = sum(reads)
     assert total > 20 * 200
     assert len(reads) <= 40, f'{len(reads)} reads for {total} bytes: the stream is read byte by byte'
+
+
+def test_builtin_pods_decoded_and_validated_like_the_real_server(api: Api) -> None:
+    """Issue 9 defect 14: unknown pod fields, types, quantities, ranges, required fields."""
+    bad = pod('strict-0')
+    bad['spec']['securityContext'] = {'privileged': True, 'runAsUser': 1000}
+    status, got = api.call('POST', f'{PODS}?fieldValidation=Strict', bad)
+    assert status == 400 and got['reason'] == 'BadRequest', got
+    assert got['message'] == ('Pod in version "v1" cannot be handled as a Pod: strict decoding error: '
+                              'unknown field "spec.securityContext.privileged"')
+    # Without Strict the field is dropped, with a warning (fieldValidation=Warn is the default).
+    req = urllib.request.Request(api.url + PODS, data=json.dumps(bad).encode(), method='POST',
+                                 headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        created = json.loads(resp.read())
+        assert 'unknown field \\"spec.securityContext.privileged\\"' in resp.headers.get('Warning', '')
+    assert created['spec']['securityContext'] == {'runAsUser': 1000}
+    api.ok('DELETE', f'{PODS}/strict-0')
+
+    def refused(name: str, edit, code: int, text: str) -> None:
+        body = pod(name)
+        edit(body['spec'])
+        status, got = api.call('POST', f'{PODS}?fieldValidation=Strict', body)
+        assert status == code and text in got['message'], (name, status, got)
+
+    refused('q-bad', lambda s: s['containers'][0].update(resources={'limits': {'cpu': 'lots'}}), 400,
+            'quantities must match the regular expression')
+    refused('t-bad', lambda s: s.update(securityContext={'runAsUser': 'root'}), 400,
+            'cannot unmarshal string into Go struct field PodSecurityContext.spec.securityContext.runAsUser '
+            'of type int64')
+    refused('r-bad', lambda s: s.update(securityContext={'runAsUser': -1}), 422,
+            'Pod "r-bad" is invalid: spec.securityContext.runAsUser: Invalid value: -1: must be between 0 and '
+            '2147483647, inclusive')
+    refused('i-bad', lambda s: s['containers'][0].pop('image'), 422, 'spec.containers[0].image: Required value')
+    refused('l-bad', lambda s: s['containers'][0].update(resources={'limits': {'cpu': '1'}, 'requests': {'cpu': '2'}}),
+            422, 'must be less than or equal to cpu limit')
+    refused('c-bad', lambda s: s.update(containers=[]), 422, 'spec.containers: Required value')
+    refused('u-bad', lambda s: s['containers'][0].update(bogus=1), 400, 'unknown field "spec.containers[0].bogus"')
