@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import copy
 import json
 import logging
@@ -45,6 +46,7 @@ import kmock
 
 from localcluster import apiserver_openapi as openapi
 from localcluster import apiserver_patch as patching
+from localcluster import apiserver_rbac as rbac
 from localcluster import apiserver_select as selecting
 from localcluster import apiserver_tables as tables
 from localcluster import crdschema
@@ -60,6 +62,8 @@ GIT_VERSION = {'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0-localcluster'
                'compiler': 'gc', 'platform': 'linux/amd64'}
 
 GENERATE_CHARS = 'bcdfghjklmnpqrstvwxz2456789'
+#: The authenticated user of the request being served (each request is its own task).
+CURRENT_USER: contextvars.ContextVar[rbac.User] = contextvars.ContextVar('user', default=rbac.ADMIN)
 WATCH_BOOKMARK_SECONDS = 15.0
 
 
@@ -164,9 +168,17 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
     _log_file: Any = attrs.field(default=None, init=False)
     _tasks: set = attrs.field(factory=set, init=False)
     _ip_counter: int = attrs.field(default=10, init=False)
+    #: Admission plugins switched on (``OwnerReferencesPermissionEnforcement``).
+    admission_plugins: frozenset = attrs.field(factory=frozenset, converter=frozenset)
+    authorizer: rbac.Authorizer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        for rt in rbac.rbac_types():
+            self.store.types[(rt.group, rt.plural)] = rt
+        self.store.types[('', 'serviceaccounts')].subresources['token'] = ['create']
+        rbac.bootstrap(self.store)
+        self.authorizer = rbac.Authorizer(self.store)
         now = now_rfc3339()
         ns_type = self.store.types[('', 'namespaces')]
         for name in ('default', 'kube-system', 'kube-public', 'kube-node-lease'):
@@ -243,8 +255,12 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         }
         if route is not None and route.plural == 'namespaces' and route.name and route.namespace is None:
             entry['namespace'] = None
+        entry['user'] = None
         try:
             try:
+                user = self.authorizer.authenticate(raw.headers.get('Authorization'))
+                CURRENT_USER.set(user)
+                entry['user'] = user.name
                 body = await raw.read()
                 response = await self._dispatch(raw, route, query, body, entry)
             except ApiError as e:
@@ -270,6 +286,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
     async def _dispatch(self, raw: aiohttp.web.BaseRequest, route: Route | None, query: dict, body: bytes,
                         entry: dict) -> aiohttp.web.StreamResponse:
         path = raw.path.rstrip('/') or '/'
+        self._authorize(raw, route, entry)
         if raw.method == 'GET' and route is None:
             if path == '/version':
                 return _json_response(GIT_VERSION)
@@ -331,6 +348,8 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
 
         data = self._parse_body(raw, body, allow_empty=verb in ('delete', 'deletecollection'))
         dry_run = query.get('dryRun') == 'All'
+        if verb == 'create' and route.subresource == 'token' and rt.plural == 'serviceaccounts':
+            return _json_response(self._token_request(route, data), 201)
         if verb == 'create':
             if route.subresource == 'binding' or (rt.plural == 'bindings'):
                 return _json_response(self._bind(route, data), 201)
@@ -353,6 +372,33 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         if verb == 'deletecollection':
             return _json_response(self._delete_collection(rt, route, data or {}, query, dry_run))
         raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
+
+    # ================================================================= authn/authz
+
+    def _authorize(self, raw: aiohttp.web.BaseRequest, route: Route | None, entry: dict) -> None:
+        """RBAC: 403 with the real wording unless a binding allows the request (see apiserver_rbac)."""
+        user = CURRENT_USER.get()
+        if route is None or route.plural is None:
+            req = rbac.Request(raw.method.lower(), path=raw.path)
+        else:
+            req = rbac.Request(entry['verb'], route.group, route.plural, route.subresource,
+                               route.namespace, route.name)
+        self.authorizer.check(user, req)
+
+    def _check_owner_references(self, rt: ResourceType, obj: dict, old: dict | None) -> None:
+        if rbac.OWNER_REFERENCES_PLUGIN in self.admission_plugins:
+            rbac.check_owner_references(self.authorizer, CURRENT_USER.get(), self.store, rt, obj, old)
+
+    def _token_request(self, route: Route, data: Any) -> dict:
+        sa = self.store.get(self.store.types[('', 'serviceaccounts')], route.namespace, route.name or '')
+        if sa is None:
+            raise not_found(self.store.types[('', 'serviceaccounts')], route.name or '')
+        seconds = int(((data or {}).get('spec') or {}).get('expirationSeconds') or 3600)
+        return {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'TokenRequest',
+                'metadata': {'name': route.name, 'namespace': route.namespace},
+                'spec': {'audiences': [], 'expirationSeconds': seconds},
+                'status': {'token': self.authorizer.issue_token(route.namespace or '', route.name or ''),
+                           'expirationTimestamp': now_rfc3339(seconds)}}
 
     # ================================================================= discovery
 
@@ -672,6 +718,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
             meta = obj['metadata']
         obj, warnings = self._decode_builtin(rt, route, obj, query, warnings)
         meta = obj['metadata']
+        self._check_owner_references(rt, obj, None)
         self._prepare_create(rt, obj)
         self._validate_builtin(rt, obj)
         meta['uid'] = str(uuid.uuid4())
@@ -819,6 +866,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         warnings: dict = {}
         if sub is None:
             new, warnings = self._decode_builtin(rt, route, new, query, warnings)
+            self._check_owner_references(rt, new, old)
         if (rt.group, rt.plural) == ('', 'pods') and sub is None:
             self._check_pod_update(rt, old, new)
         if rt.crd is not None:
@@ -861,11 +909,12 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
 
 # ===================================================================== helpers & CLI
 
-def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -> None:
+def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default', token: str | None = None) -> None:
+    """A kubeconfig for ``url``: the loopback admin, or the identity of ``token`` (a TokenRequest's)."""
     config = {
         'apiVersion': 'v1', 'kind': 'Config',
         'clusters': [{'name': 'localcluster', 'cluster': {'server': url}}],
-        'users': [{'name': 'localcluster', 'user': {}}],
+        'users': [{'name': 'localcluster', 'user': {'token': token} if token else {}}],
         'contexts': [{'name': 'localcluster', 'context': {'cluster': 'localcluster', 'user': 'localcluster',
                                                           'namespace': namespace}}],
         'current-context': 'localcluster',
@@ -877,9 +926,9 @@ def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -
 
 
 async def serve(state_dir: pathlib.Path, host: str = '127.0.0.1', port: int = 0,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, admission_plugins: frozenset = frozenset()) -> None:
     """Serve until ``stop`` is set, or until SIGTERM/SIGINT when ``stop`` is None."""
-    api = APIServer(state_dir=state_dir, host=host, port=port)
+    api = APIServer(state_dir=state_dir, host=host, port=port, admission_plugins=admission_plugins)
     await api.start()
     log.info('API server serving at %s', api.url)
     if stop is None:
@@ -896,9 +945,10 @@ async def serve(state_dir: pathlib.Path, host: str = '127.0.0.1', port: int = 0,
 class ThreadedServer:
     """An in-process server on its own thread and loop (for tests and scripts)."""
 
-    def __init__(self, state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1', port: int = 0) -> None:
+    def __init__(self, state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1', port: int = 0,
+                 admission_plugins: frozenset = frozenset()) -> None:
         self.loop = asyncio.new_event_loop()
-        self.api = APIServer(state_dir=state_dir, host=host, port=port)
+        self.api = APIServer(state_dir=state_dir, host=host, port=port, admission_plugins=admission_plugins)
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name='localcluster-apiserver')
@@ -930,8 +980,8 @@ class ThreadedServer:
 
 
 def start_in_thread(state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1',
-                    port: int = 0) -> ThreadedServer:
-    server = ThreadedServer(state_dir, host, port)
+                    port: int = 0, admission_plugins: frozenset = frozenset()) -> ThreadedServer:
+    server = ThreadedServer(state_dir, host, port, admission_plugins)
     server.start()
     return server
 
@@ -943,9 +993,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--host', default='127.0.0.1')
     parser.add_argument('--port', default=0, type=int)
     parser.add_argument('--log-level', default='WARNING')
+    parser.add_argument('--enable-admission-plugins', default=os.environ.get('LOCALCLUSTER_ADMISSION_PLUGINS', ''),
+                        help='comma-separated: OwnerReferencesPermissionEnforcement')
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format='%(asctime)s %(name)s %(levelname)s %(message)s')
-    asyncio.run(serve(args.state_dir, args.host, args.port))
+    plugins = frozenset(p.strip() for p in args.enable_admission_plugins.split(',') if p.strip())
+    asyncio.run(serve(args.state_dir, args.host, args.port, admission_plugins=plugins))
 
 
 if __name__ == '__main__':
