@@ -69,6 +69,10 @@ RESOURCES: dict[str, Resource] = {
         Resource("coordination.k8s.io/v1", "leases"),
         Resource("policy/v1", "poddisruptionbudgets"),
         Resource("trainingjob.dev/v1alpha1", "trainingjobs"),
+        Resource("rbac.authorization.k8s.io/v1", "roles"),
+        Resource("rbac.authorization.k8s.io/v1", "rolebindings"),
+        Resource("rbac.authorization.k8s.io/v1", "clusterroles", namespaced=False),
+        Resource("rbac.authorization.k8s.io/v1", "clusterrolebindings", namespaced=False),
     )
 }
 

@@ -99,7 +99,7 @@ class Kube:
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._token_cache: tuple[float, str] | None = None
-        self._events: dict[str, tuple[int, str]] = {}  # Event name -> (count, resourceVersion it came from)
+        self._events: dict[str, int] = {}  # Event name -> the count this process last wrote
 
     async def close(self) -> None:
         if self._session is not None:
@@ -196,30 +196,24 @@ class Kube:
         """Record an Event, aggregated and idempotent; returns "created", "counted" or "exists".
 
         Like client-go's EventCorrelator: the same (object uid, type, reason,
-        message) again bumps ``count`` and ``lastTimestamp`` of the one Event
-        instead of adding another (a quota 403 retried every few seconds is one
-        Event with a count). The Event's name is derived from that key, so a
-        post repeated for the same decision (the operator re-ran it after a
-        conflict, or a new process re-posts what a killed one may have posted)
-        finds it already there (409) and changes nothing. A repeat is counted
-        only when it comes from a newer read of the object (its resourceVersion).
+        message) again from this process bumps ``count`` and ``lastTimestamp``
+        of the one Event instead of adding another (a quota 403 retried every
+        few seconds is one Event with a count). The Event's name is derived
+        from that key, so a new operator process re-posting what a killed one
+        had already posted finds it there (409) and changes nothing.
         """
         meta = involved["metadata"]
         ns = meta["namespace"]
         message = message[:1024]
         digest = hashlib.sha256("\0".join((meta.get("uid") or "", type_, reason, message)).encode()).hexdigest()
         name = f"{meta['name'][:200]}.{digest[:16]}"
-        rv = str(meta.get("resourceVersion") or "")
-        seen = self._events.get(name)
-        if seen is not None:
-            count, seen_rv = seen
-            if rv and seen_rv == rv:
-                return "exists"  # the same decision, posted again: idempotent
+        count = self._events.get(name)
+        if count is not None:
             try:
                 await self.request("PATCH", f"/api/v1/namespaces/{ns}/events/{name}",
                                    body={"count": count + 1, "lastTimestamp": now_iso},
                                    content_type="application/merge-patch+json")
-                self._remember_event(name, count + 1, rv)
+                self._remember_event(name, count + 1)
                 return "counted"
             except ApiError as e:
                 if e.status != 404:  # 404: the Event expired (TTL): record it anew
@@ -231,7 +225,6 @@ class Kube:
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
                 "name": meta["name"], "namespace": ns, "uid": meta.get("uid"),
-                "resourceVersion": rv or None,
             },
             "reason": reason,
             "message": message,
@@ -248,13 +241,13 @@ class Kube:
         except ApiError as e:
             if e.status != 409:
                 raise
-            self._remember_event(name, 1, rv)
+            self._remember_event(name, 1)
             return "exists"
-        self._remember_event(name, 1, rv)
+        self._remember_event(name, 1)
         return "created"
 
-    def _remember_event(self, name: str, count: int, rv: str) -> None:
+    def _remember_event(self, name: str, count: int) -> None:
         self._events.pop(name, None)
-        self._events[name] = (count, rv)
+        self._events[name] = count
         while len(self._events) > MAX_REMEMBERED_EVENTS:
             self._events.pop(next(iter(self._events)))

@@ -293,10 +293,11 @@ def _rules(role: Mapping[str, Any]) -> dict[tuple[str, str], list[str]]:
 NAMESPACED_RULES = {
     ("trainingjob.dev", "trainingjobs"): ["get", "list", "watch"],
     ("trainingjob.dev", "trainingjobs/status"): ["patch"],
+    ("trainingjob.dev", "trainingjobs/finalizers"): ["update"],  # defect 7: blockOwnerDeletion
     ("", "pods"): ["create", "delete", "list", "watch"],
     ("", "services"): ["create", "delete", "list", "watch"],
     ("", "secrets"): ["get"],
-    ("", "events"): ["create"],
+    ("", "events"): ["create", "patch"],  # patch: repeated Events are aggregated
 }
 
 
