@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve Prometheus metrics on this port (0: off)")
     p.add_argument("--health-port", type=int, default=int(env("TJ_OPERATOR_HEALTH_PORT", "0")),
                    help="serve Kopf's liveness endpoint http://0.0.0.0:PORT/healthz (0: off)")
+    p.add_argument("--ready-port", type=int, default=int(env("TJ_OPERATOR_READY_PORT", "0")),
+                   help="serve readiness http://0.0.0.0:PORT/readyz (0: off): the API server answers")
     p.add_argument("--resync-seconds", type=float, default=float(env("TJ_OPERATOR_RESYNC_SECONDS", "10")))
     p.add_argument("--workers", type=int, default=int(env("TJ_OPERATOR_WORKERS", "4")))
     p.add_argument("--leader-elect", action="store_true",
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if clusterwide:
         handlers.register_node_watch()
     metrics.serve(args.metrics_port)
+    metrics.serve_readiness(args.ready_port, handlers.CONTROLLER.ready)
     kopf.run(
         standalone=True,
         clusterwide=clusterwide,

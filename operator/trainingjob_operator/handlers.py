@@ -144,6 +144,10 @@ class Controller:
         self.queue = WorkQueue(base_delay=0.25, max_delay=60.0)
         ua = "trainingjob-operator/0.1" + (f" ({self.elector.config.identity})" if self.elector else "")
         self.kube = Kube(user_agent=ua)
+        try:
+            await self.kube.request("GET", "/version")
+        except (ApiError, OSError, asyncio.TimeoutError) as e:
+            log.warning("API server not answering yet: %s", e)
         self._tasks = [asyncio.create_task(self._resync())]
         if self.elector is None:
             await self._start_workers()
@@ -174,9 +178,26 @@ class Controller:
         if self.kube:
             await self.kube.close()
 
+    def ready(self) -> bool:
+        """Readiness (``/readyz``): started, and the API server answered within the last three resyncs.
+
+        Not Kopf's liveness (``/healthz``: the loop is alive): a replica that
+        cannot reach the API server is alive but not ready. A follower (leader
+        election) is ready: it is a warm standby.
+        """
+        if self.queue is None or self.kube is None or self.kube.last_answer is None:
+            return False
+        return time.monotonic() - self.kube.last_answer < max(30.0, 3 * self.resync_seconds)
+
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.resync_seconds)
+            if self.kube is not None and (self.kube.last_answer is None
+                                          or time.monotonic() - self.kube.last_answer > self.resync_seconds):
+                try:  # idle: one cheap request keeps readiness true while the API server answers
+                    await self.kube.request("GET", "/version")
+                except (ApiError, OSError, asyncio.TimeoutError) as e:
+                    log.warning("API server not answering: %s", e)
             idx = self.indices.get("tj_index")
             if idx is not None:
                 for key in list(idx):

@@ -100,6 +100,8 @@ class Kube:
         self._session: aiohttp.ClientSession | None = None
         self._token_cache: tuple[float, str] | None = None
         self._events: dict[str, int] = {}  # Event name -> the count this process last wrote
+        #: time.monotonic() of the last answer from the API server (any status): readiness.
+        self.last_answer: float | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -133,6 +135,7 @@ class Kube:
         async with self._session.request(method, self._config.server + path, data=data, headers=headers,
                                          params=params, ssl=self._config.ssl_context) as resp:
             text = await resp.text()
+            self.last_answer = time.monotonic()
             try:
                 payload = json.loads(text) if text else {}
             except ValueError:

@@ -6,7 +6,9 @@ Served on ``--metrics-port`` (0 disables). Per-job gauges carry the labels
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import http.server
+import threading
+from typing import Any, Callable, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -37,6 +39,31 @@ _seen_restarts: dict[tuple[str, str], tuple[int, int]] = {}
 def serve(port: int) -> None:
     if port:
         start_http_server(port)
+
+
+def serve_readiness(port: int, ready: Callable[[], bool]) -> None:
+    """``GET /readyz`` on ``port``: 200 ``ok`` when ``ready()``, else 503 (0: off). A daemon thread."""
+    if not port:
+        return
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/readyz":
+                self.send_error(404)
+                return
+            ok = ready()
+            body = b"ok\n" if ok else b"not ready\n"
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # probes every few seconds: not logged
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="readyz", daemon=True).start()
 
 
 def count_event(reason: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from localcluster import control
-from localcluster.kube import ApiError, wait_until
+from localcluster.kube import ApiError, Resource, wait_until
 
 from tests.chart.render import RELEASE, RELEASE_NAMESPACE, operator_grants, render
 
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 
 SA = f"{RELEASE}-trainingjob-operator"
 OPERATOR_AGENTS = ("trainingjob-operator/", "kopf/")
-DISCOVERY = re.compile(r"^/(api|api/v1|apis|apis/[a-z0-9.-]+(/v[0-9a-z]+)?)/?$")
+DISCOVERY = re.compile(r"^/(version|api|api/v1|apis|apis/[a-z0-9.-]+(/v[0-9a-z]+)?)/?$")
 
 #: Granted, and needed, without a request of their own in a job's normal life:
 #: events patch (a repeated Event: test_rbac_denied_create_is_reported_and_retried)
@@ -234,3 +234,37 @@ def test_rbac_denied_create_is_reported_and_retried(cluster, kube, namespace, st
     assert denied and {(e["verb"], e["resource"]) for e in denied} == {("create", "pods")}
     assert any(e["verb"] == "patch" and e["resource"] == "events" and e["status"] == 200 for e in requests)
     kube.delete(TJ, "denied", namespace=namespace)
+
+
+def _user_client(kube, cluster, namespace: str, name: str, cluster_role: str):
+    from localcluster.kube import Client
+
+    kube.create("serviceaccounts", {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+                namespace=namespace)
+    kube.create(Resource("rbac.authorization.k8s.io/v1", "rolebindings"), {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}, namespace=namespace)
+    got = kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", body={"spec": {}})
+    return Client(cluster.api_url, token=got["status"]["token"])
+
+
+@pytest.mark.timeout(60)
+def test_chart_user_roles_let_a_namespace_admin_create_trainingjobs(cluster, kube, namespace, tmp_path):
+    """The chart's user ClusterRoles are aggregated into admin/edit/view by an API server that enforces RBAC."""
+    with install_rbac(kube, render({}, tmp_dir=tmp_path), RELEASE_NAMESPACE):
+        admin = _user_client(kube, cluster, namespace, "alice", "admin")
+        viewer = _user_client(kube, cluster, namespace, "victor", "view")
+        admin.create(TJ, job_manifest("mine", namespace, CODE, nodes=1, suspend=True), namespace=namespace)
+        admin.patch(TJ, "mine", {"spec": {"suspend": True}}, namespace=namespace)
+        assert [j["metadata"]["name"] for j in viewer.list(TJ, namespace=namespace)] == ["mine"]
+        with pytest.raises(ApiError) as err:
+            viewer.delete(TJ, "mine", namespace=namespace)
+        assert err.value.status == 403 and "cannot delete resource" in str(err.value)
+        with pytest.raises(ApiError) as err:  # the status is the operator's
+            admin.patch(TJ, "mine", {"status": {"phase": "Succeeded"}}, namespace=namespace, subresource="status")
+        assert err.value.status == 403
+        with pytest.raises(ApiError) as err:  # admin of this namespace only
+            admin.list(TJ, namespace="default")
+        assert err.value.status == 403
+        admin.delete(TJ, "mine", namespace=namespace)
