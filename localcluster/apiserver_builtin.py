@@ -89,7 +89,7 @@ class _Decoder:
                 return value
             if name == 'io.k8s.apimachinery.pkg.util.intstr.IntOrString':
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-                    raise self.fail(f'json: cannot unmarshal {_json_type(value)} into Go struct field '
+                    raise self.fail(f'json: cannot unmarshal {crdschema.json_type(value)} into Go struct field '
                                     f'{struct}.{path} of type intstr.IntOrString')
                 return value
             target = _definitions().get(name, {})
@@ -98,8 +98,8 @@ class _Decoder:
             return value
         types = schema.get('type')
         types = [types] if isinstance(types, str) else [t for t in (types or []) if t != 'null']
-        if types and _json_type(value) not in types and not (_json_type(value) == 'integer' and 'number' in types):
-            raise self.fail(f'json: cannot unmarshal {_json_type(value)} into Go struct field {struct}.{path} '
+        if types and crdschema.json_type(value) not in types and not (crdschema.json_type(value) == 'integer' and 'number' in types):
+            raise self.fail(f'json: cannot unmarshal {crdschema.json_type(value)} into Go struct field {struct}.{path} '
                             f'of type {_GO_TYPES.get(types[0], types[0])}')
         if isinstance(value, list):
             items = schema.get('items') or {}
@@ -120,22 +120,6 @@ class _Decoder:
                     out[k] = v
             return out
         return value
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return 'boolean'
-    if isinstance(value, int):
-        return 'integer'
-    if isinstance(value, float):
-        return 'number'
-    if isinstance(value, str):
-        return 'string'
-    if isinstance(value, list):
-        return 'array'
-    if isinstance(value, dict):
-        return 'object'
-    return 'null'
 
 
 def decode(key: tuple[str, str], kind: str, version: str, obj: dict, field_validation: str) -> tuple[dict, dict]:
