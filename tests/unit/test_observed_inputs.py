@@ -51,3 +51,25 @@ def test_defect13_step_read_from_kept_final_states_of_deleted_pods():
     assert plan.status["lastDisruption"]["step"] == 7
     assert plan.status["lostWork"]["steps"] == 7
     assert creates(plan, "Pod") == ["mnist-1-0", "mnist-1-1", "mnist-1-2"]
+
+
+def test_defect13_final_states_are_kept_bounded_and_per_attempt():
+    from trainingjob_operator import handlers
+
+    ctl = handlers.Controller()
+    body = job(status={"attempt": 0})
+    key = ("ml", "mnist")
+    running = pod(body, 0, 0)
+    ctl.note_pod(key, running)
+    assert ctl.finished == {}  # not terminated: nothing kept
+    for attempt in range(3):
+        for rank in range(3):
+            ctl.note_pod(key, pod(body, attempt, rank, phase="Failed", ready=False, exit_code=83, message="x"))
+    kept = ctl.finished_pods(key, "uid-1", attempt=2)
+    assert sorted(p["metadata"]["name"] for p in kept) == [f"mnist-{a}-{r}" for a in (1, 2) for r in range(3)]
+    assert ctl.finished_pods(key, "another-uid", attempt=2) == ()  # a re-created job of the same name
+    slim = kept[0]
+    assert set(slim) == {"metadata", "spec", "status"} and "env" not in str(slim)
+    for i in range(handlers.MAX_FINISHED_PER_JOB + 10):
+        ctl.note_pod(key, pod(body, 2, i, phase="Failed", ready=False, exit_code=1))
+    assert len(ctl.finished[key]) == handlers.MAX_FINISHED_PER_JOB
