@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import contextvars
 import copy
 import json
 import logging
@@ -62,8 +61,6 @@ GIT_VERSION = {'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0-localcluster'
                'compiler': 'gc', 'platform': 'linux/amd64'}
 
 GENERATE_CHARS = 'bcdfghjklmnpqrstvwxz2456789'
-#: The authenticated user of the request being served (each request is its own task).
-CURRENT_USER: contextvars.ContextVar[rbac.User] = contextvars.ContextVar('user', default=rbac.ADMIN)
 WATCH_BOOKMARK_SECONDS = 15.0
 
 
@@ -156,7 +153,7 @@ def _strip_meta_for_compare(obj: dict) -> dict:
 
 
 @attrs.define(kw_only=True)
-class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
+class APIServer(KindsMixin, LifecycleMixin, rbac.AuthMixin, kmock.KubernetesEmulator):
     """The stand-in kube-apiserver. Use ``async with APIServer(...) as api`` or :meth:`serve_forever`."""
 
     state_dir: pathlib.Path | None = attrs.field(default=None, converter=lambda p: pathlib.Path(p) if p else None)
@@ -174,11 +171,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        for rt in rbac.rbac_types():
-            self.store.types[(rt.group, rt.plural)] = rt
-        self.store.types[('', 'serviceaccounts')].subresources['token'] = ['create']
-        rbac.bootstrap(self.store)
-        self.authorizer = rbac.Authorizer(self.store)
+        self._init_auth()
         now = now_rfc3339()
         ns_type = self.store.types[('', 'namespaces')]
         for name in ('default', 'kube-system', 'kube-public', 'kube-node-lease'):
@@ -259,7 +252,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         try:
             try:
                 user = self.authorizer.authenticate(raw.headers.get('Authorization'))
-                CURRENT_USER.set(user)
+                rbac.CURRENT_USER.set(user)
                 entry['user'] = user.name
                 body = await raw.read()
                 response = await self._dispatch(raw, route, query, body, entry)
@@ -372,33 +365,6 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         if verb == 'deletecollection':
             return _json_response(self._delete_collection(rt, route, data or {}, query, dry_run))
         raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
-
-    # ================================================================= authn/authz
-
-    def _authorize(self, raw: aiohttp.web.BaseRequest, route: Route | None, entry: dict) -> None:
-        """RBAC: 403 with the real wording unless a binding allows the request (see apiserver_rbac)."""
-        user = CURRENT_USER.get()
-        if route is None or route.plural is None:
-            req = rbac.Request(raw.method.lower(), path=raw.path)
-        else:
-            req = rbac.Request(entry['verb'], route.group, route.plural, route.subresource,
-                               route.namespace, route.name)
-        self.authorizer.check(user, req)
-
-    def _check_owner_references(self, rt: ResourceType, obj: dict, old: dict | None) -> None:
-        if rbac.OWNER_REFERENCES_PLUGIN in self.admission_plugins:
-            rbac.check_owner_references(self.authorizer, CURRENT_USER.get(), self.store, rt, obj, old)
-
-    def _token_request(self, route: Route, data: Any) -> dict:
-        sa = self.store.get(self.store.types[('', 'serviceaccounts')], route.namespace, route.name or '')
-        if sa is None:
-            raise not_found(self.store.types[('', 'serviceaccounts')], route.name or '')
-        seconds = int(((data or {}).get('spec') or {}).get('expirationSeconds') or 3600)
-        return {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'TokenRequest',
-                'metadata': {'name': route.name, 'namespace': route.namespace},
-                'spec': {'audiences': [], 'expirationSeconds': seconds},
-                'status': {'token': self.authorizer.issue_token(route.namespace or '', route.name or ''),
-                           'expirationTimestamp': now_rfc3339(seconds)}}
 
     # ================================================================= discovery
 

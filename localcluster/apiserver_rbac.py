@@ -29,12 +29,13 @@ the namespace "ns"``.
 """
 from __future__ import annotations
 
+import contextvars
 import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from localcluster.apiserver_errors import ApiError
+from localcluster.apiserver_errors import ApiError, not_found
 from localcluster.apiserver_store import ResourceType, Store, now_rfc3339
 
 RBAC_GROUP = 'rbac.authorization.k8s.io'
@@ -52,6 +53,8 @@ class User:
 
 
 ADMIN = User('localcluster-admin', (MASTERS, AUTHENTICATED))
+#: The authenticated user of the request being served (each request is its own task).
+CURRENT_USER: contextvars.ContextVar[User] = contextvars.ContextVar('user', default=ADMIN)
 
 
 @dataclass(frozen=True)
@@ -249,3 +252,42 @@ def check_owner_references(auth: Authorizer, user: User, store: Store, rt: Resou
                            f'on: User "{user.name}" cannot update resource "{owner.plural}/finalizers" in API group '
                            f'"{owner.group}" {scope}', {'name': meta.get('name', ''), 'group': rt.group,
                                                          'kind': rt.plural})
+
+
+class AuthMixin:
+    """The API server's side of it (a mixin of :class:`localcluster.apiserver.APIServer`)."""
+
+    store: Store
+    admission_plugins: frozenset
+    authorizer: Authorizer
+
+    def _init_auth(self) -> None:
+        for rt in rbac_types():
+            self.store.types[(rt.group, rt.plural)] = rt
+        self.store.types[('', 'serviceaccounts')].subresources['token'] = ['create']
+        bootstrap(self.store)
+        self.authorizer = Authorizer(self.store)
+
+    def _authorize(self, raw: Any, route: Any, entry: dict) -> None:
+        """RBAC: 403 with the real wording unless a binding allows the request."""
+        if route is None or route.plural is None:
+            req = Request(raw.method.lower(), path=raw.path)
+        else:
+            req = Request(entry['verb'], route.group, route.plural, route.subresource, route.namespace, route.name)
+        self.authorizer.check(CURRENT_USER.get(), req)
+
+    def _check_owner_references(self, rt: ResourceType, obj: dict, old: dict | None) -> None:
+        if OWNER_REFERENCES_PLUGIN in self.admission_plugins:
+            check_owner_references(self.authorizer, CURRENT_USER.get(), self.store, rt, obj, old)
+
+    def _token_request(self, route: Any, data: Any) -> dict:
+        """TokenRequest: a bearer token for the ServiceAccount (it must exist)."""
+        sa_type = self.store.types[('', 'serviceaccounts')]
+        if self.store.get(sa_type, route.namespace, route.name or '') is None:
+            raise not_found(sa_type, route.name or '')
+        seconds = int(((data or {}).get('spec') or {}).get('expirationSeconds') or 3600)
+        return {'apiVersion': 'authentication.k8s.io/v1', 'kind': 'TokenRequest',
+                'metadata': {'name': route.name, 'namespace': route.namespace},
+                'spec': {'audiences': [], 'expirationSeconds': seconds},
+                'status': {'token': self.authorizer.issue_token(route.namespace or '', route.name or ''),
+                           'expirationTimestamp': now_rfc3339(seconds)}}
