@@ -12,7 +12,7 @@ rules are enough for what it exercises.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import pytest
 
@@ -34,15 +34,11 @@ def chart_identity_kubeconfig(cluster, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def start_operator(cluster, chart_identity_kubeconfig) -> Iterator[Callable[..., ManagedProcess]]:
-    started: list[str] = []
+def start_operator(start_operator, chart_identity_kubeconfig) -> Callable[..., ManagedProcess]:
+    """The shared fixture (tests/conftest.py), with the chart's identity unless ``command`` is given."""
 
-    def start(extra_args: Sequence[str] = (), *, name: str = "operator", **kw: object) -> ManagedProcess:
+    def start(extra_args: Sequence[str] = (), **kw: object) -> ManagedProcess:
         kw.setdefault("command", operator_command(chart_identity_kubeconfig))
-        proc = cluster.start_operator(extra_args, name=name, **kw)  # type: ignore[arg-type]
-        started.append(name)
-        return proc
+        return start_operator(extra_args, **kw)
 
-    yield start
-    for name in started:
-        cluster.stop_operator(name)
+    return start
