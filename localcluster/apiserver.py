@@ -45,6 +45,7 @@ import kmock
 
 from localcluster import apiserver_openapi as openapi
 from localcluster import apiserver_patch as patching
+from localcluster import apiserver_rbac as rbac
 from localcluster import apiserver_select as selecting
 from localcluster import apiserver_tables as tables
 from localcluster import crdschema
@@ -152,7 +153,7 @@ def _strip_meta_for_compare(obj: dict) -> dict:
 
 
 @attrs.define(kw_only=True)
-class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
+class APIServer(KindsMixin, LifecycleMixin, rbac.AuthMixin, kmock.KubernetesEmulator):
     """The stand-in kube-apiserver. Use ``async with APIServer(...) as api`` or :meth:`serve_forever`."""
 
     state_dir: pathlib.Path | None = attrs.field(default=None, converter=lambda p: pathlib.Path(p) if p else None)
@@ -164,9 +165,13 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
     _log_file: Any = attrs.field(default=None, init=False)
     _tasks: set = attrs.field(factory=set, init=False)
     _ip_counter: int = attrs.field(default=10, init=False)
+    #: Admission plugins switched on (``OwnerReferencesPermissionEnforcement``).
+    admission_plugins: frozenset = attrs.field(factory=frozenset, converter=frozenset)
+    authorizer: rbac.Authorizer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._init_auth()
         now = now_rfc3339()
         ns_type = self.store.types[('', 'namespaces')]
         for name in ('default', 'kube-system', 'kube-public', 'kube-node-lease'):
@@ -243,8 +248,12 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         }
         if route is not None and route.plural == 'namespaces' and route.name and route.namespace is None:
             entry['namespace'] = None
+        entry['user'] = None
         try:
             try:
+                user = self.authorizer.authenticate(raw.headers.get('Authorization'))
+                rbac.CURRENT_USER.set(user)
+                entry['user'] = user.name
                 body = await raw.read()
                 response = await self._dispatch(raw, route, query, body, entry)
             except ApiError as e:
@@ -270,6 +279,7 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
     async def _dispatch(self, raw: aiohttp.web.BaseRequest, route: Route | None, query: dict, body: bytes,
                         entry: dict) -> aiohttp.web.StreamResponse:
         path = raw.path.rstrip('/') or '/'
+        self._authorize(raw, route, entry)
         if raw.method == 'GET' and route is None:
             if path == '/version':
                 return _json_response(GIT_VERSION)
@@ -331,6 +341,8 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
 
         data = self._parse_body(raw, body, allow_empty=verb in ('delete', 'deletecollection'))
         dry_run = query.get('dryRun') == 'All'
+        if verb == 'create' and route.subresource == 'token' and rt.plural == 'serviceaccounts':
+            return _json_response(self._token_request(route, data), 201)
         if verb == 'create':
             if route.subresource == 'binding' or (rt.plural == 'bindings'):
                 return _json_response(self._bind(route, data), 201)
@@ -670,7 +682,11 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
                 obj.pop('status', None)
             obj, warnings = self._validate_cr(rt, obj, None, route, query, None)
             meta = obj['metadata']
+        obj, warnings = self._decode_builtin(rt, route, obj, query, warnings)
+        meta = obj['metadata']
+        self._check_owner_references(rt, obj, None)
         self._prepare_create(rt, obj)
+        self._validate_builtin(rt, obj)
         meta['uid'] = str(uuid.uuid4())
         meta['creationTimestamp'] = now_rfc3339()
         if rt.crd is not None or rt.plural == 'customresourcedefinitions':
@@ -813,9 +829,12 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
         errors = self._validate_meta(rt, new)
         if errors:
             raise invalid(rt, name, errors)
+        warnings: dict = {}
+        if sub is None:
+            new, warnings = self._decode_builtin(rt, route, new, query, warnings)
+            self._check_owner_references(rt, new, old)
         if (rt.group, rt.plural) == ('', 'pods') and sub is None:
             self._check_pod_update(rt, old, new)
-        warnings: dict = {}
         if rt.crd is not None:
             new, warnings = self._validate_cr(rt, new, old, route, query,
                                               True if sub == 'status' else False if rt.has_status else None)
@@ -856,11 +875,12 @@ class APIServer(KindsMixin, LifecycleMixin, kmock.KubernetesEmulator):
 
 # ===================================================================== helpers & CLI
 
-def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -> None:
+def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default', token: str | None = None) -> None:
+    """A kubeconfig for ``url``: the loopback admin, or the identity of ``token`` (a TokenRequest's)."""
     config = {
         'apiVersion': 'v1', 'kind': 'Config',
         'clusters': [{'name': 'localcluster', 'cluster': {'server': url}}],
-        'users': [{'name': 'localcluster', 'user': {}}],
+        'users': [{'name': 'localcluster', 'user': {'token': token} if token else {}}],
         'contexts': [{'name': 'localcluster', 'context': {'cluster': 'localcluster', 'user': 'localcluster',
                                                           'namespace': namespace}}],
         'current-context': 'localcluster',
@@ -872,9 +892,9 @@ def write_kubeconfig(path: pathlib.Path, url: str, namespace: str = 'default') -
 
 
 async def serve(state_dir: pathlib.Path, host: str = '127.0.0.1', port: int = 0,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, admission_plugins: frozenset = frozenset()) -> None:
     """Serve until ``stop`` is set, or until SIGTERM/SIGINT when ``stop`` is None."""
-    api = APIServer(state_dir=state_dir, host=host, port=port)
+    api = APIServer(state_dir=state_dir, host=host, port=port, admission_plugins=admission_plugins)
     await api.start()
     log.info('API server serving at %s', api.url)
     if stop is None:
@@ -891,9 +911,10 @@ async def serve(state_dir: pathlib.Path, host: str = '127.0.0.1', port: int = 0,
 class ThreadedServer:
     """An in-process server on its own thread and loop (for tests and scripts)."""
 
-    def __init__(self, state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1', port: int = 0) -> None:
+    def __init__(self, state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1', port: int = 0,
+                 admission_plugins: frozenset = frozenset()) -> None:
         self.loop = asyncio.new_event_loop()
-        self.api = APIServer(state_dir=state_dir, host=host, port=port)
+        self.api = APIServer(state_dir=state_dir, host=host, port=port, admission_plugins=admission_plugins)
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name='localcluster-apiserver')
@@ -925,8 +946,8 @@ class ThreadedServer:
 
 
 def start_in_thread(state_dir: str | pathlib.Path | None = None, host: str = '127.0.0.1',
-                    port: int = 0) -> ThreadedServer:
-    server = ThreadedServer(state_dir, host, port)
+                    port: int = 0, admission_plugins: frozenset = frozenset()) -> ThreadedServer:
+    server = ThreadedServer(state_dir, host, port, admission_plugins)
     server.start()
     return server
 
@@ -938,9 +959,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--host', default='127.0.0.1')
     parser.add_argument('--port', default=0, type=int)
     parser.add_argument('--log-level', default='WARNING')
+    parser.add_argument('--enable-admission-plugins', default=os.environ.get('LOCALCLUSTER_ADMISSION_PLUGINS', ''),
+                        help='comma-separated: OwnerReferencesPermissionEnforcement')
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format='%(asctime)s %(name)s %(levelname)s %(message)s')
-    asyncio.run(serve(args.state_dir, args.host, args.port))
+    plugins = frozenset(p.strip() for p in args.enable_admission_plugins.split(',') if p.strip())
+    asyncio.run(serve(args.state_dir, args.host, args.port, admission_plugins=plugins))
 
 
 if __name__ == '__main__':

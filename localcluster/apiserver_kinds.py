@@ -10,6 +10,7 @@ import copy
 import re
 from typing import Any
 
+from localcluster import apiserver_builtin as builtin
 from localcluster import crdschema
 from localcluster.apiserver_errors import invalid
 from localcluster.apiserver_store import ResourceType, now_rfc3339, type_from_crd
@@ -65,6 +66,21 @@ class KindsMixin:
                                                        ref.get(f, ''), f'{f.lower()} must not be empty'
                                                        if f != 'uid' else 'uid must not be empty'))
         return errors
+
+    def _decode_builtin(self, rt: ResourceType, route: Any, obj: dict, query: dict,
+                        warnings: dict) -> tuple[dict, dict]:
+        """Pods and Services decoded like Go structs: type errors, quantities, unknown fields (fieldValidation)."""
+        key = (rt.group, rt.plural)
+        if key not in builtin.KINDS:
+            return obj, warnings
+        obj, more = builtin.decode(key, rt.kind, route.version, obj, query.get('fieldValidation', ''))
+        return obj, {**warnings, **more}
+
+    def _validate_builtin(self, rt: ResourceType, obj: dict) -> None:
+        if (rt.group, rt.plural) == ('', 'pods'):
+            errors = builtin.validate_pod_spec(obj.get('spec') or {})
+            if errors:
+                raise invalid(rt, (obj.get('metadata') or {}).get('name', ''), errors)
 
     def _prepare_create(self, rt: ResourceType, obj: dict) -> None:
         key = (rt.group, rt.plural)

@@ -86,6 +86,7 @@ def builtin_types() -> list[ResourceType]:
         ResourceType('', 'nodes', 'Node', 'node', False, ['v1'], ['no'], subresources=dict(_STATUS)),
         ResourceType('', 'events', 'Event', 'event', True, ['v1'], ['ev']),
         ResourceType('events.k8s.io', 'events', 'Event', 'event', True, ['v1'], ['ev']),
+        ResourceType('coordination.k8s.io', 'leases', 'Lease', 'lease', True, ['v1']),
         ResourceType('apiextensions.k8s.io', 'customresourcedefinitions', 'CustomResourceDefinition',
                      'customresourcedefinition', False, ['v1'], ['crd', 'crds'], ['api-extensions'],
                      subresources=dict(_STATUS)),

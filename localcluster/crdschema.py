@@ -253,6 +253,10 @@ def _json_type(value: Any) -> str:
     return 'object'
 
 
+#: The JSON type name of a decoded value (``integer`` for 2.0 too), shared with apiserver_builtin.
+json_type = _json_type
+
+
 def _type_ok(value: Any, schema: dict) -> bool:
     t = schema.get('type')
     if schema.get('x-kubernetes-int-or-string'):

@@ -1,10 +1,14 @@
 """Kopf registration: thin handlers around one work queue of job keys.
 
 Kopf's indices are the informer caches (pods, services and nodes the
-operator cares about). Every event, of a TrainingJob, one of its pods or
-services, or a node, only *enqueues* the job's key; a periodic resync
-enqueues every job. Workers take keys one at a time per job (never two
-reconciles of the same job at once), read the job fresh from the API, gather
+operator cares about; pods and Services are listed and watched with a
+server-side label selector, so only the operator's own are ever fetched).
+Every event, of a TrainingJob, one of its pods or services, or a node whose
+readiness changed, only *enqueues* the job's key (the handlers are ``async``:
+they run on the loop that owns the queue); a periodic resync enqueues every
+job, behind the event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
+key to one worker at a time (never two reconciles of the same job at once,
+per-job backoff on errors); a worker reads the job fresh from the API, gathers
 the rest from the caches and S3, call the pure :func:`reconcile`, then write
 the status (only if it changed), post the Events and execute the actions.
 
@@ -20,7 +24,7 @@ import datetime as dt
 import json
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import kopf
 
@@ -29,20 +33,57 @@ from trainingjob_trainer import contract
 from . import metrics
 from .classify import NodeView
 from .kube import ApiError, Kube
+from .leader import LeaderElector
 from .model import SpecError, parse_spec
-from .conditions import set_condition
-from .reconcile import Event, Observed, Plan, reconcile
+from .reconcile import CreateError, Event, Observed, Plan, reconcile
 from .snapshots import SnapshotReader, access_from_secret
+from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("trainingjob_operator")
 
 TJ = (contract.GROUP, contract.VERSION, contract.PLURAL)
 OURS = {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+OWNED_SELECTOR = f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}"
 Key = tuple[str, str]
 
 
 def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(body[k]) for k in body}
+
+
+#: Final pod states kept per job (a gang of 8 nodes over two attempts needs 16).
+MAX_FINISHED_PER_JOB = 64
+
+
+def _attempt_label(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(contract.LABEL_ATTEMPT))
+    except (TypeError, ValueError):
+        return -1
+
+
+def final_pod_view(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A slim copy of a pod whose trainer container has terminated, else ``None``.
+
+    Only what reconcile reads of a finished pod: name, labels, node, phase and
+    reason, conditions, and the container's terminated state (exit code,
+    reason, termination message, finishedAt).
+    """
+    status = body.get("status") or {}
+    term = None
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == contract.CONTAINER_NAME and (cs.get("state") or {}).get("terminated"):
+            term = cs
+    if term is None:
+        return None
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"name": meta.get("name", ""), "labels": dict(meta.get("labels") or {})},
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
+        "status": {"phase": status.get("phase"), "reason": status.get("reason"),
+                   "conditions": copy.deepcopy(status.get("conditions") or []),
+                   "containerStatuses": [copy.deepcopy(term)]},
+    }
 
 
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,86 +113,143 @@ class Controller:
         self.kube: Kube | None = None
         self.snapshots = SnapshotReader()
         self.indices: dict[str, Any] = {}
-        self._queue: asyncio.Queue[Key] | None = None
-        self._queued: set[Key] = set()
-        self._active: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self.queue: WorkQueue[Key] | None = None
+        #: Set when more than one replica may run: workers start only while leading.
+        self.elector: LeaderElector | None = None
+        #: Set (by :meth:`start`'s caller) to stop the operator when the lease is lost.
+        self.on_lost_lease: Callable[[], None] | None = None
+        #: The last readiness view of each node: a heartbeat that changes nothing wakes no job.
+        self.node_views: dict[str, NodeView] = {}
         self._secret_values: dict[Key, tuple[str, ...]] = {}
+        #: Final states of the job's pods, taken from watch events as they arrive (the
+        #: kubelet deletes a pod milliseconds after writing it): job -> pod name -> slim pod.
+        self.finished: dict[Key, dict[str, dict[str, Any]]] = {}
+        #: The last create the API server refused, per job: an input of the next reconcile.
+        self.create_errors: dict[Key, CreateError] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
-    def enqueue(self, key: Key, delay: float = 0.0) -> None:
-        """Reconcile ``key`` now, or after ``delay`` s (one pending timer per key: the earliest wins)."""
-        if self._queue is None:
+    def enqueue(self, key: Key, delay: float = 0.0, *, source: str = "event") -> None:
+        """Reconcile ``key`` now, or after ``delay`` s (see :class:`WorkQueue` for the rules)."""
+        if self.queue is None:
             return
+        metrics.count_enqueue(source)
         if delay > 0:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + delay
-            pending = self._timers.get(key)
-            if pending is not None and pending[0] <= deadline:
-                return
-            if pending is not None:
-                pending[1].cancel()
-            self._timers[key] = (deadline, loop.call_at(deadline, self._fire, key))
-            return
-        if key in self._active:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        self.enqueue(key)
+            self.queue.add_after(key, delay)
+        else:
+            self.queue.add(key, resync=source == "resync")
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self.kube = Kube()
-        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
-        self._tasks.append(asyncio.create_task(self._resync()))
+        """Start the resync; the workers at once, or once this replica leads (see :mod:`.leader`)."""
+        self.queue = WorkQueue(base_delay=0.25, max_delay=60.0)
+        ua = "trainingjob-operator/0.1" + (f" ({self.elector.config.identity})" if self.elector else "")
+        self.kube = Kube(user_agent=ua)
+        try:
+            await self.kube.request("GET", "/version")
+        except (ApiError, OSError, asyncio.TimeoutError) as e:
+            log.warning("API server not answering yet: %s", e)
+        self._tasks = [asyncio.create_task(self._resync())]
+        if self.elector is None:
+            await self._start_workers()
+        else:
+            self.elector.kube = self.kube
+            self._tasks.append(asyncio.create_task(self._lead()))
+
+    async def _start_workers(self) -> None:
+        self._tasks += [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+
+    async def _lead(self) -> None:
+        assert self.elector is not None
+        await self.elector.run(on_started_leading=self._start_workers)
+        # Leadership lost: stop writing at once; the process exits and restarts as a follower.
+        if self.queue is not None:
+            self.queue.shut_down()
+        if self.on_lost_lease is not None:
+            self.on_lost_lease()
 
     async def stop(self) -> None:
+        if self.queue is not None:
+            self.queue.shut_down()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.elector is not None:
+            await self.elector.release()
         if self.kube:
             await self.kube.close()
+
+    def ready(self) -> bool:
+        """Readiness (``/readyz``): started, and the API server answered within the last three resyncs.
+
+        Not Kopf's liveness (``/healthz``: the loop is alive): a replica that
+        cannot reach the API server is alive but not ready. A follower (leader
+        election) is ready: it is a warm standby.
+        """
+        if self.queue is None or self.kube is None or self.kube.last_answer is None:
+            return False
+        return time.monotonic() - self.kube.last_answer < max(30.0, 3 * self.resync_seconds)
 
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.resync_seconds)
+            if self.kube is not None and (self.kube.last_answer is None
+                                          or time.monotonic() - self.kube.last_answer > self.resync_seconds):
+                try:  # idle: one cheap request keeps readiness true while the API server answers
+                    await self.kube.request("GET", "/version")
+                except (ApiError, OSError, asyncio.TimeoutError) as e:
+                    log.warning("API server not answering: %s", e)
             idx = self.indices.get("tj_index")
             if idx is not None:
                 for key in list(idx):
-                    self.enqueue(key)
+                    self.enqueue(key, source="resync")
 
     async def _worker(self, n: int) -> None:
-        assert self._queue is not None
+        assert self.queue is not None
         while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            self._active.add(key)
+            try:
+                key = await self.queue.get()
+            except ShutDown:
+                return
             try:
                 delay = await self.reconcile_key(key)
+                self.queue.forget(key)
             except asyncio.CancelledError:
                 raise
             except ApiError as e:
                 # The job or its namespace went away mid-reconcile (404), or the
                 # API refused a write (409, 403...): an expected race, not a bug.
-                # Its next event (or this retry) sees the new state.
+                # Its next event (or this retry, with per-job backoff) sees the new state.
                 log.warning("reconcile of %s/%s stopped: %s", *key, e)
-                delay = None if e.status == 404 else 5.0
+                if e.status != 404:
+                    self.queue.add_rate_limited(key)
+                delay = None
             except Exception:  # one job's trouble must never stop the others
                 log.exception("reconcile of %s/%s failed; retrying", *key)
-                delay = 5.0
+                self.queue.add_rate_limited(key)
+                delay = None
             finally:
-                self._active.discard(key)
-            if key in self._dirty:
-                self._dirty.discard(key)
-                self.enqueue(key)
+                self.queue.done(key)
             if delay is not None:
-                self.enqueue(key, delay)
+                self.enqueue(key, delay, source="requeue")
+
+    def note_pod(self, key: Key, body: Mapping[str, Any]) -> None:
+        """Keep a pod's final container state (bounded per job) once the watch shows it terminated."""
+        final = final_pod_view(body)
+        if final is None:
+            return
+        kept = self.finished.setdefault(key, {})
+        kept.pop(final["metadata"]["name"], None)
+        kept[final["metadata"]["name"]] = final
+        while len(kept) > MAX_FINISHED_PER_JOB:
+            kept.pop(next(iter(kept)))
+
+    def finished_pods(self, key: Key, uid: str | None, attempt: int) -> tuple[dict[str, Any], ...]:
+        """The kept final states of this job (this uid), of the current and the previous attempt."""
+        kept = self.finished.get(key) or {}
+        for name in [n for n, p in kept.items() if _attempt_label(p) < attempt - 1]:
+            del kept[name]
+        return tuple(p for p in kept.values()
+                     if ((p["metadata"].get("labels") or {}).get(contract.LABEL_JOB_UID) == uid))
 
     # -- one reconcile -----------------------------------------------------
     async def reconcile_key(self, key: Key) -> float | None:
@@ -163,6 +261,10 @@ class Controller:
                 "GET", f"/apis/{contract.GROUP}/{contract.VERSION}/namespaces/{namespace}/{contract.PLURAL}/{name}")
         except ApiError as e:
             if e.status == 404:
+                self.finished.pop(key, None)
+                self.create_errors.pop(key, None)
+                if self.queue is not None:
+                    self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
                 metrics.forget_job(namespace, name)
                 return None
@@ -212,8 +314,11 @@ class Controller:
             # gang's emergency snapshot was committed just before its pods exited.
             fresh = not (body.get("status") or {}).get("gangCreated")
             snapshots = await self.snapshots.observe(body, spec, access, force=fresh)
+        attempt = int((body.get("status") or {}).get("attempt") or 0)
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
-                        snapshots=snapshots, secret_problem=secret_problem)
+                        snapshots=snapshots, secret_problem=secret_problem,
+                        finished_pods=self.finished_pods(key, uid, attempt),
+                        create_error=self.create_errors.get(key))
 
     def redact(self, key: Key, value: Any) -> Any:
         """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
@@ -226,31 +331,47 @@ class Controller:
         return json.loads(text)
 
     async def execute(self, body: Mapping[str, Any], plan: Plan, now: dt.datetime) -> None:
+        """Post the plan's Events, write its status, then change the world.
+
+        Events go first, and are idempotent (see :meth:`Kube.post_event`): an
+        operator killed after its status write has already posted them, and
+        one killed before re-decides the same thing and finds them posted.
+        Status next, conditional on the resourceVersion reconcile read (a 409
+        re-reads and re-runs; nothing is executed). Then creates and deletes;
+        a refused create is kept as an input of the next reconcile, which
+        decides what it means (InvalidSpec, or a Warning and a retry).
+        """
         assert self.kube is not None
         meta = body["metadata"]
         ns, name = meta["namespace"], meta["name"]
         key = (ns, name)
         plan.status = self.redact(key, plan.status)
         plan.events = [Event(e.type, e.reason, self.redact(key, e.message)) for e in plan.events]
-        patch = status_patch(body.get("status"), plan.status)
-        if patch:
-            # Status first: the decision is recorded before the world changes.
-            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch)
         now_iso = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         for ev in plan.events:
-            log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)
-            metrics.count_event(ev.reason)
             try:
-                await self.kube.post_event(body, ev.type, ev.reason, ev.message, now_iso)
+                if await self.kube.post_event(body, ev.type, ev.reason, ev.message, now_iso) != "exists":
+                    log.info("%s/%s %s %s: %s", ns, name, ev.type, ev.reason, ev.message)
+                    metrics.count_event(ev.reason)
             except ApiError as e:
                 log.warning("could not post event %s for %s/%s: %s", ev.reason, ns, name, e)
+        patch = status_patch(body.get("status"), plan.status)
+        if patch:
+            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
+                                         resource_version=meta.get("resourceVersion"))
+        if not any(a.verb == "create" for a in plan.actions):
+            self.create_errors.pop(key, None)
         for a in plan.actions:
             if a.verb == "create":
                 try:
                     created = await self.kube.create(a.kind, ns, a.body or {})
                 except ApiError as e:
-                    await self._create_rejected(body, a.kind, a.name, e, now_iso)
-                    return
+                    detail = f"the API server rejected {a.kind} {a.name}: {e.status} {e.reason}: {e.message}"
+                    self.create_errors[key] = CreateError(
+                        kind=a.kind, name=a.name, status=e.status, message=self.redact(key, detail)[:900],
+                        attempt=int(plan.status.get("attempt") or 0))
+                    raise
+                self.create_errors.pop(key, None)
                 if created:
                     log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
             elif a.verb == "delete":
@@ -258,34 +379,6 @@ class Controller:
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
-
-
-    async def _create_rejected(self, body: Mapping[str, Any], kind: str, obj: str, e: ApiError, now_iso: str) -> None:
-        """The API server refused a pod/Service built from the spec.
-
-        400/422 (an invalid podTemplate field, a bad quantity...) will never
-        succeed: the job is Failed with reason InvalidSpec. Anything else
-        (403 from a quota, a webhook...) may pass later: a Warning Event, and
-        the worker retries with backoff.
-        """
-        assert self.kube is not None
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
-        detail = self.redact(key, f"the API server rejected {kind} {obj}: {e.status} {e.reason}: {e.message}")[:900]
-        if e.status in (400, 422):
-            status = dict(body.get("status") or {})
-            status.pop("kopf", None)
-            new = {**status, "phase": "Failed", "reason": "InvalidSpec", "message": f"invalid spec: {detail}",
-                   "completionTime": now_iso}
-            set_condition(new, "Failed", True, "InvalidSpec", detail, now=now_iso,
-                          generation=meta.get("generation"))
-            await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, key[0], key[1],
-                                         status_patch(status, new))
-            await self.kube.post_event(body, "Warning", "InvalidSpec", detail, now_iso)
-            log.warning("%s/%s InvalidSpec: %s", *key, detail)
-            return
-        await self.kube.post_event(body, "Warning", "CreateFailed", detail, now_iso)
-        raise e
 
 
 CONTROLLER = Controller()
@@ -308,6 +401,11 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # the resources at startup.
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
+    # Server-side selectors (Kopf's ``labels=`` filters in the client, after
+    # the whole cluster's pods were listed): only the operator's own pods and
+    # Services are listed, watched and cached.
+    for resource in ("pods", "services"):
+        settings.watching.label_selectors["v1", resource] = OWNED_SELECTOR
     settings.networking.request_timeout = 60
     await CONTROLLER.start()
 
@@ -327,31 +425,63 @@ def pod_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any]
     return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
 
 
+@kopf.index("pods", labels=OURS)
+def pod_node_index(namespace: str, labels: Mapping[str, str], spec: Mapping[str, Any], **_: Any) -> dict[str, Key]:
+    """node name -> the jobs with a pod there: a node event finds its jobs without a scan."""
+    node = spec.get("nodeName")
+    return {node: (namespace, labels.get(contract.LABEL_JOB_NAME, ""))} if node else {}
+
+
 @kopf.index("services", labels=OURS)
 def svc_index(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict[Key, Any]:
     return {(namespace, labels.get(contract.LABEL_JOB_NAME, "")): _copy(body)}
 
 
 def _remember(kwargs: Mapping[str, Any]) -> None:
-    for k in ("tj_index", "pod_index", "svc_index", "node_index"):
+    for k in ("tj_index", "pod_index", "svc_index", "node_index", "pod_node_index"):
         if k in kwargs:
             CONTROLLER.indices[k] = kwargs[k]
 
 
+# Event handlers are async: they run on the loop that owns the queue and the
+# indices (a plain ``def`` would run in Kopf's thread pool).
 @kopf.on.event(*TJ)
-def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
+async def _on_job(namespace: str, name: str, **kwargs: Any) -> None:
     _remember(kwargs)
     CONTROLLER.enqueue((namespace, name))
 
 
 @kopf.on.event("pods", labels=OURS, id="_on_pod")
 @kopf.on.event("services", labels=OURS, id="_on_service")
-def _on_child(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
-    """A pod or Service of a gang changed: reconcile its job."""
+async def _on_child(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], resource: Any,
+                    **kwargs: Any) -> None:
+    """A pod or Service of a gang changed: keep a pod's final state, reconcile its job."""
     _remember(kwargs)
     job = labels.get(contract.LABEL_JOB_NAME)
     if job:
+        if resource.plural == "pods":
+            CONTROLLER.note_pod((namespace, job), body)
         CONTROLLER.enqueue((namespace, job))
+
+
+def on_node_event(name: str, view: NodeView | None) -> list[Key]:
+    """A node changed (``view`` None: deleted): the jobs to wake, those with a pod on it.
+
+    Heartbeats that leave the node's readiness as it was wake nothing.
+    """
+    if view is not None and CONTROLLER.node_views.get(name) == view:
+        return []
+    if view is None:
+        CONTROLLER.node_views.pop(name, None)
+    else:
+        CONTROLLER.node_views[name] = view
+    idx = CONTROLLER.indices.get("pod_node_index")
+    if idx is None or name not in idx:
+        return []
+    keys = sorted(set(idx[name]))
+    for key in keys:
+        CONTROLLER.enqueue(key, source="node")
+    return keys
 
 
 def register_node_watch() -> None:
@@ -362,11 +492,6 @@ def register_node_watch() -> None:
         return {name: NodeView.from_node(body)}
 
     @kopf.on.event("nodes", id="_on_node")
-    def _on_node(name: str, **kwargs: Any) -> None:
+    async def _on_node(name: str, body: Mapping[str, Any], type: str | None, **kwargs: Any) -> None:
         _remember(kwargs)
-        pods = CONTROLLER.indices.get("pod_index")
-        if pods is None:
-            return
-        for key in list(pods):
-            if any((p.get("spec") or {}).get("nodeName") == name for p in pods[key]):
-                CONTROLLER.enqueue(key)
+        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body))

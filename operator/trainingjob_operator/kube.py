@@ -10,6 +10,7 @@ Creates treat 409 AlreadyExists as success and deletes treat 404 as success.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import ssl
@@ -22,6 +23,8 @@ import aiohttp
 import yaml
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: Events whose count this process can bump (LRU): client-go's correlator keeps 4096.
+MAX_REMEMBERED_EVENTS = 4096
 
 
 class ApiError(Exception):
@@ -91,10 +94,14 @@ def _plural_path(kind: str) -> tuple[str, str]:
 class Kube:
     """The operator's API client (one per process)."""
 
-    def __init__(self, config: _Config | None = None) -> None:
+    def __init__(self, config: _Config | None = None, *, user_agent: str = "trainingjob-operator/0.1") -> None:
         self._config = config or load_config()
+        self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._token_cache: tuple[float, str] | None = None
+        self._events: dict[str, int] = {}  # Event name -> the count this process last wrote
+        #: time.monotonic() of the last answer from the API server (any status): readiness.
+        self.last_answer: float | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -115,7 +122,7 @@ class Kube:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=30),
-                headers={"User-Agent": "trainingjob-operator/0.1"},
+                headers={"User-Agent": self._user_agent},
             )
         headers = {"Accept": "application/json"}
         token = self._token()
@@ -128,6 +135,7 @@ class Kube:
         async with self._session.request(method, self._config.server + path, data=data, headers=headers,
                                          params=params, ssl=self._config.ssl_context) as resp:
             text = await resp.text()
+            self.last_answer = time.monotonic()
             try:
                 payload = json.loads(text) if text else {}
             except ValueError:
@@ -138,10 +146,13 @@ class Kube:
 
     # -- verbs the operator uses (and only these: the chart's RBAC grants exactly them) --
     async def create(self, kind: str, namespace: str, body: Mapping[str, Any]) -> bool:
-        """Create; ``False`` if it already existed (409 is success)."""
+        """Create with ``fieldValidation=Strict``; ``False`` if it already existed (409 is success)."""
         prefix, plural = _plural_path(kind)
         try:
-            await self.request("POST", f"{prefix}/namespaces/{namespace}/{plural}", body=body)
+            # Strict: a field the API server does not know (a typo, or a field
+            # at the wrong level in podTemplate) is refused (400), never dropped.
+            await self.request("POST", f"{prefix}/namespaces/{namespace}/{plural}", body=body,
+                               params={"fieldValidation": "Strict"})
             return True
         except ApiError as e:
             if e.status == 409:
@@ -174,24 +185,52 @@ class Kube:
             raise
 
     async def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str,
-                           status_patch: Mapping[str, Any]) -> dict[str, Any]:
+                           status_patch: Mapping[str, Any], *, resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the status; with ``resource_version``, only if the object is still at it (else 409)."""
+        body: dict[str, Any] = {"status": status_patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self.request(
             "PATCH", f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}/status",
-            body={"status": status_patch}, content_type="application/merge-patch+json")
+            body=body, content_type="application/merge-patch+json")
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
-                         now_iso: str) -> None:
+                         now_iso: str) -> str:
+        """Record an Event, aggregated and idempotent; returns "created", "counted" or "exists".
+
+        Like client-go's EventCorrelator: the same (object uid, type, reason,
+        message) again from this process bumps ``count`` and ``lastTimestamp``
+        of the one Event instead of adding another (a quota 403 retried every
+        few seconds is one Event with a count). The Event's name is derived
+        from that key, so a new operator process re-posting what a killed one
+        had already posted finds it there (409) and changes nothing.
+        """
         meta = involved["metadata"]
+        ns = meta["namespace"]
+        message = message[:1024]
+        digest = hashlib.sha256("\0".join((meta.get("uid") or "", type_, reason, message)).encode()).hexdigest()
+        name = f"{meta['name'][:200]}.{digest[:16]}"
+        count = self._events.get(name)
+        if count is not None:
+            try:
+                await self.request("PATCH", f"/api/v1/namespaces/{ns}/events/{name}",
+                                   body={"count": count + 1, "lastTimestamp": now_iso},
+                                   content_type="application/merge-patch+json")
+                self._remember_event(name, count + 1)
+                return "counted"
+            except ApiError as e:
+                if e.status != 404:  # 404: the Event expired (TTL): record it anew
+                    raise
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": ns},
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
-                "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid"),
+                "name": meta["name"], "namespace": ns, "uid": meta.get("uid"),
             },
             "reason": reason,
-            "message": message[:1024],
+            "message": message,
             "type": type_,
             "source": {"component": "trainingjob-operator"},
             "reportingComponent": "trainingjob-operator",
@@ -200,4 +239,18 @@ class Kube:
             "lastTimestamp": now_iso,
             "count": 1,
         }
-        await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{ns}/events", body=event)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            self._remember_event(name, 1)
+            return "exists"
+        self._remember_event(name, 1)
+        return "created"
+
+    def _remember_event(self, name: str, count: int) -> None:
+        self._events.pop(name, None)
+        self._events[name] = count
+        while len(self._events) > MAX_REMEMBERED_EVENTS:
+            self._events.pop(next(iter(self._events)))

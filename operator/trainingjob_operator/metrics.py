@@ -6,7 +6,9 @@ Served on ``--metrics-port`` (0 disables). Per-job gauges carry the labels
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import http.server
+import threading
+from typing import Any, Callable, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -27,6 +29,8 @@ LOST_STEPS = Gauge("trainingjob_lost_work_steps", "Train steps redone because of
 RECONCILE_SECONDS = Histogram("trainingjob_reconcile_duration_seconds", "Duration of one reconcile pass",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 EVENTS = Counter("trainingjob_events_total", "Events posted by the operator, by reason", ["reason"])
+ENQUEUES = Counter("trainingjob_operator_enqueues_total",
+                   "Job keys added to the work queue, by source (event, node, resync, requeue)", ["source"])
 
 _phase_of: dict[tuple[str, str], str] = {}
 _seen_restarts: dict[tuple[str, str], tuple[int, int]] = {}
@@ -37,8 +41,37 @@ def serve(port: int) -> None:
         start_http_server(port)
 
 
+def serve_readiness(port: int, ready: Callable[[], bool]) -> None:
+    """``GET /readyz`` on ``port``: 200 ``ok`` when ``ready()``, else 503 (0: off). A daemon thread."""
+    if not port:
+        return
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != "/readyz":
+                self.send_error(404)
+                return
+            ok = ready()
+            body = b"ok\n" if ok else b"not ready\n"
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # probes every few seconds: not logged
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="readyz", daemon=True).start()
+
+
 def count_event(reason: str) -> None:
     EVENTS.labels(reason=reason).inc()
+
+
+def count_enqueue(source: str) -> None:
+    ENQUEUES.labels(source=source).inc()
 
 
 def _refresh_phases() -> None:

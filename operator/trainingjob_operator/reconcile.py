@@ -55,6 +55,7 @@ R_RESUMED = "Resumed"
 R_SECRET_MISSING = "CredentialsSecretNotReady"
 R_SNAPSHOT_STALLED = "NoNewSnapshot"
 R_SNAPSHOT_OK = "SnapshotsCurrent"
+R_CREATE_FAILED = "CreateFailed"
 
 R_TRANSIENT = "TransientRestart"
 R_UNSCHEDULABLE = "Unschedulable"
@@ -86,6 +87,19 @@ class SnapshotState:
 
 
 @dataclass(frozen=True)
+class CreateError:
+    """The API server refused a pod or Service the last plan asked for."""
+
+    kind: str
+    name: str
+    status: int
+    #: ``the API server rejected Pod x: 422 Invalid: ...`` (credentials masked).
+    message: str
+    #: The attempt the refused object belonged to.
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Observed:
     """The world as the handlers saw it, for one job."""
 
@@ -96,6 +110,11 @@ class Observed:
     snapshots: SnapshotState | None = None
     #: ``None`` when the credentials Secret is fine (or not used), else why not.
     secret_problem: str | None = None
+    #: Final states of this job's pods (current and previous attempt) as the watch
+    #: showed them, also of pods deleted since: the step each rank reached.
+    finished_pods: tuple[Mapping[str, Any], ...] = ()
+    #: The API server's refusal of the last create, if it has not succeeded since.
+    create_error: CreateError | None = None
 
 
 @dataclass(frozen=True)
@@ -223,6 +242,8 @@ def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     if c.status.get("phase") in TERMINAL:
         _cleanup_finished(c, spec)
         return c.plan
+    if _create_refused(c, observed.create_error):
+        return c.plan
     if spec.suspend:
         _suspend(c, spec)
         return c.plan
@@ -255,6 +276,19 @@ def _terminal_invalid(c: _Ctx, errors: list[str]) -> None:
     c.condition("Failed", True, R_INVALID_SPEC, msg)
     c.condition("Ready", False, R_INVALID_SPEC)
     c.delete_pods([p for p in c.obs.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")], "InvalidSpec")
+
+
+def _create_refused(c: _Ctx, err: CreateError | None) -> bool:
+    """A refused create: 400/422 will never pass (InvalidSpec, the job ends); anything
+    else (a quota's 403, a webhook) may: a Warning, and the plan retries the create
+    (the work queue backs off). True when the job ended."""
+    if err is None or err.attempt != c.status["attempt"]:
+        return False
+    if err.status in (400, 422):
+        _terminal_invalid(c, [err.message])
+        return True
+    c.event("Warning", R_CREATE_FAILED, err.message)
+    return False
 
 
 def _workers(c: _Ctx, spec: JobSpec, views: list[PodView]) -> None:
@@ -316,16 +350,7 @@ def _fence(c: _Ctx, spec: JobSpec, old_pods: list[Mapping[str, Any]]) -> None:
     attempt = c.status["attempt"]
     # The ended gang's pods report the step they reached as they exit: keep
     # the highest for the lost-work accounting of the next gang.
-    last = c.status.get("lastDisruption")
-    if last and not last.get("accounted"):
-        for p in old_pods:
-            cm = PodView.from_pod(p).contract_message
-            if not cm or _attempt_of(p) != last.get("attempt"):
-                continue
-            if cm.step is not None and cm.step > last.get("step", -1):
-                last["step"] = cm.step
-            if cm.save_seconds is not None and cm.save_seconds > last.get("saveSeconds", -1.0):
-                last["saveSeconds"] = cm.save_seconds
+    _note_reached_step(c, old_pods)
     c.delete_pods(old_pods, "Fenced", lost_after=spec.recovery.node_not_ready_seconds)
     c.delete_services(keep_attempt=attempt)
     _fence_timeout(c, spec, old_pods)
@@ -462,7 +487,27 @@ def _resume_point(c: _Ctx, spec: JobSpec, attempt: int) -> tuple[str | None, int
     return None, None
 
 
+def _note_reached_step(c: _Ctx, pods: list[Mapping[str, Any]]) -> None:
+    """Record in ``lastDisruption.step`` the highest step the ended gang's pods reported as they exited.
+
+    Read from the pods still cached and from the final states kept from the
+    watch (the kubelet deletes a pod right after writing its final status).
+    """
+    last = c.status.get("lastDisruption")
+    if not last or last.get("accounted"):
+        return
+    for p in [*pods, *c.obs.finished_pods]:
+        cm = PodView.from_pod(p).contract_message
+        if not cm or _attempt_of(p) != last.get("attempt"):
+            continue
+        if cm.step is not None and cm.step > last.get("step", -1):
+            last["step"] = cm.step
+        if cm.save_seconds is not None and cm.save_seconds > last.get("saveSeconds", -1.0):
+            last["saveSeconds"] = cm.save_seconds
+
+
 def _account_lost_work(c: _Ctx, resume_step: int | None) -> None:
+    _note_reached_step(c, [])
     last = c.status.get("lastDisruption") or {}
     if last.get("kind") != PREEMPTION or last.get("accounted"):
         return

@@ -26,6 +26,7 @@ MODES = {
     "namespaces": [VALUES_DIR / "namespaces.yaml"],
     "full": [VALUES_DIR / "full.yaml"],
     "metrics-off": [VALUES_DIR / "metrics-off.yaml"],
+    "ha": [VALUES_DIR / "ha.yaml"],
 }
 BAD_VALUES = sorted((Path(__file__).parent / "bad-values").glob("*.yaml"))
 STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance",
@@ -121,10 +122,24 @@ def test_kubernetes_validate_catches_a_wrong_manifest():
     assert proc.returncode != 0 and "replica" in proc.stdout + proc.stderr
 
 
-def test_crd_is_shipped_in_crds_dir_and_not_templated():
-    """crds/ is Helm's install-once path; no template renders a CRD (see docs/operations.md)."""
+def test_crd_is_shipped_in_crds_dir_and_not_templated_by_default():
+    """crds/ is Helm's install-once path; by default no template renders a CRD (see docs/operations.md)."""
     assert (CHART / "crds" / "trainingjobs.yaml").is_file()
     assert not by_kind(objects("default"), "CustomResourceDefinition")
+
+
+def test_crd_upgrade_path_crds_manage_renders_the_one_crd_kept_on_uninstall():
+    """crds.manage=true: `helm upgrade` applies the CRD from crds/ (same content), install with --skip-crds."""
+    source = yaml.safe_load((CHART / "crds" / "trainingjobs.yaml").read_text())
+    rendered = one(objects("ha"), "CustomResourceDefinition")
+    assert rendered["spec"] == source["spec"] and rendered["metadata"]["name"] == source["metadata"]["name"]
+    assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    # With --skip-crds (the documented install) the CRD exists exactly once in what Helm applies.
+    text = template_text(MODES["ha"], include_crds=False).stdout
+    assert len(by_kind([d for d in yaml.safe_load_all(text) if d], "CustomResourceDefinition")) == 1
+    proc = kubernetes_validate(yaml.safe_dump(rendered))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -134,8 +149,11 @@ def test_crd_is_shipped_in_crds_dir_and_not_templated():
 def test_deployment_one_replica_recreate_and_security_defaults(mode):
     deploy = one(objects(mode), "Deployment")
     spec = deploy["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    if mode == "ha":  # leader election: several replicas, rolling updates (test_leader_election_values)
+        assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    else:
+        assert spec["replicas"] == 1
+        assert spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     psc = pod["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
@@ -159,14 +177,97 @@ def test_deployment_one_replica_recreate_and_security_defaults(mode):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_probes_use_kopf_health_endpoint(mode):
+def test_probes_liveness_is_kopf_health_readiness_is_not(mode):
     deploy = one(objects(mode), "Deployment")
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     env = env_of(deploy)
     assert int(env["TJ_OPERATOR_HEALTH_PORT"]) == ports["health"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert int(env["TJ_OPERATOR_READY_PORT"]) == ports["ready"] != ports["health"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
+    assert c["readinessProbe"]["periodSeconds"] == (5 if mode == "ha" else 10)  # configurable timings
+    assert c["livenessProbe"]["failureThreshold"] == 3
+
+
+def test_ready_port_equal_to_health_port_is_rejected():
+    proc = template_text(sets=["readyPort=8080"], check=False)
+    assert proc.returncode != 0 and "readyPort and healthPort must differ" in proc.stderr
+
+
+def test_leader_election_values():
+    objs = objects("ha")
+    deploy = one(objs, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0,
+                                                                                      "maxSurge": 1}}
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TJ_OPERATOR_LEADER_ELECT"]["value"] == "true"
+    assert env["TJ_OPERATOR_LEADER_ELECTION_NAMESPACE"]["value"] == RELEASE_NAMESPACE
+    assert env["TJ_OPERATOR_LEADER_IDENTITY"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    for k in [k for k in os.environ if k.startswith("TJ_OPERATOR_")]:
+        del os.environ[k]
+    try:
+        for k, e in env.items():
+            if "value" in e and k.startswith("TJ_OPERATOR_"):
+                os.environ[k] = e["value"]
+        args = parse_args([])
+    finally:
+        for k in [k for k in os.environ if k.startswith("TJ_OPERATOR_")]:
+            del os.environ[k]
+    assert args.leader_elect and args.leader_election_name == FULLNAME
+    assert (args.lease_duration, args.renew_deadline, args.retry_period) == (20, 12, 3)
+    # The Lease RBAC: in the release namespace only, this one Lease by name (create cannot be).
+    role = next(r for r in by_kind(objs, "Role") if r["metadata"]["name"].endswith("-leader-election"))
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert {(tuple(r["verbs"]), tuple(r.get("resourceNames") or ())) for r in role["rules"]} == {
+        (("create",), ()), (("get", "update"), (FULLNAME,))}
+    binding = next(b for b in by_kind(objs, "RoleBinding") if b["metadata"]["name"].endswith("-leader-election"))
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert not [r for r in by_kind(objects("default"), "Role")]  # off by default
+
+
+def test_replicas_above_one_need_leader_election():
+    proc = template_text(sets=["replicas=2"], check=False)
+    assert proc.returncode != 0 and "replicas > 1 needs leaderElection.enabled=true" in proc.stderr
+
+
+def test_pod_disruption_budget_option():
+    assert not by_kind(objects("default"), "PodDisruptionBudget")
+    pdb = one(objects("ha"), "PodDisruptionBudget")
+    deploy = one(objects("ha"), "Deployment")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    proc = template_text(sets=["podDisruptionBudget.enabled=true"], check=False)  # 1 replica, minAvailable 1
+    assert proc.returncode != 0 and "minAvailable must be below replicas" in proc.stderr
+
+
+def test_metrics_network_policy_option():
+    assert not by_kind(objects("default"), "NetworkPolicy")
+    pol = one(objects("ha"), "NetworkPolicy")
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    probes, metrics = pol["spec"]["ingress"]
+    assert "from" not in probes and {p["port"] for p in probes["ports"]} == {"health", "ready"}
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    values = (CHART / "values.yaml").read_text()
+    assert "in-cluster scraping only" in values and "no authentication" in values
+
+
+@pytest.mark.parametrize("mode", ["default", "namespaces"])
+def test_user_roles_aggregate_into_admin_edit_view(mode):
+    roles = {r["metadata"]["name"]: r for r in by_kind(objects(mode), "ClusterRole")}
+    edit, view = roles[f"{FULLNAME}-edit"], roles[f"{FULLNAME}-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {"create", "delete", "patch", "update"} <= set(edit["rules"][0]["verbs"])
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+    # Users never write the status: that is the operator's.
+    assert all(v == "get" for r in edit["rules"] if "trainingjobs/status" in r["resources"] for v in r["verbs"])
+    text = template_text(sets=["rbac.aggregateToDefaultRoles=false"]).stdout
+    assert not [d for d in yaml.safe_load_all(text) if d and d["metadata"]["name"].endswith(("-edit", "-view"))]
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -180,7 +281,7 @@ def test_chart_settings_reach_the_operator_cli(mode, monkeypatch):
     for k in [k for k in os.environ if k.startswith("TJ_OPERATOR_")]:
         monkeypatch.delenv(k)
     for k, v in env.items():
-        if k.startswith("TJ_OPERATOR_"):
+        if k.startswith("TJ_OPERATOR_") and v is not None:  # (valueFrom: the pod's name)
             monkeypatch.setenv(k, v)
     args = parse_args([])
     assert args.namespace == (values["watchNamespaces"] or None)
@@ -233,7 +334,7 @@ def test_every_object_has_standard_labels(mode):
     assert selector.items() <= pod_labels.items()
     # Never the operator's own managed-by value: its pod watch selects that label.
     assert pod_labels["app.kubernetes.io/managed-by"] != "trainingjob-operator"
-    namespaced = [o for o in objs if o["kind"] not in ("ClusterRole", "ClusterRoleBinding")]
+    namespaced = [o for o in objs if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")]
     for o in namespaced:
         assert o["metadata"].get("namespace"), f"{o['kind']}/{o['metadata']['name']} has no namespace"
 
@@ -293,17 +394,22 @@ def _rules(role: Mapping[str, Any]) -> dict[tuple[str, str], list[str]]:
 NAMESPACED_RULES = {
     ("trainingjob.dev", "trainingjobs"): ["get", "list", "watch"],
     ("trainingjob.dev", "trainingjobs/status"): ["patch"],
+    ("trainingjob.dev", "trainingjobs/finalizers"): ["update"],  # defect 7: blockOwnerDeletion
     ("", "pods"): ["create", "delete", "list", "watch"],
     ("", "services"): ["create", "delete", "list", "watch"],
     ("", "secrets"): ["get"],
-    ("", "events"): ["create"],
+    ("", "events"): ["create", "patch"],  # patch: repeated Events are aggregated
 }
+
+
+def _operator_cluster_roles(objs):
+    return [r for r in by_kind(objs, "ClusterRole") if r["metadata"]["name"] == FULLNAME]
 
 
 def test_rbac_cluster_wide_mode():
     objs = objects("cluster-wide")
     assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
-    role = one(objs, "ClusterRole")
+    (role,) = _operator_cluster_roles(objs)
     assert _rules(role) == {**NAMESPACED_RULES, ("", "nodes"): ["list", "watch"]}
     binding = one(objs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -317,7 +423,8 @@ def test_rbac_cluster_wide_mode():
 
 def test_rbac_namespaces_mode_roles_only():
     objs = objects("namespaces")
-    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
+    # Nothing cluster-scoped for the operator (the users' aggregated roles bind to nobody).
+    assert not _operator_cluster_roles(objs) and not by_kind(objs, "ClusterRoleBinding")
     roles = by_kind(objs, "Role")
     bindings = by_kind(objs, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -372,7 +479,8 @@ def _merge(a: Any, b: Any) -> Any:
 def _leaf_paths(d: Mapping[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k, v in d.items():
-        if isinstance(v, dict) and v and k not in ("resources", "podSecurityContext", "securityContext"):
+        if isinstance(v, dict) and v and k not in ("resources", "podSecurityContext", "securityContext",
+                                                   "livenessProbe", "readinessProbe"):
             out += _leaf_paths(v, f"{prefix}{k}.")
         else:
             out.append(prefix + k)

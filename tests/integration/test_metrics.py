@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import urllib.request
 from typing import Callable
 
@@ -126,3 +127,28 @@ def test_metrics_move_when_a_job_is_preempted(cluster, kube, namespace, start_op
     gone = wait_scrape(port, lambda m: value(m, "trainingjob_preemptions_total", **job) is None,
                        "per-job series removed after delete")
     assert value(gone, "trainingjob_jobs", phase="Succeeded") == 0
+
+
+@pytest.mark.timeout(60)
+def test_readiness_is_its_own_endpoint_not_liveness(start_operator):
+    """The chart's readiness probe (/readyz, --ready-port) is true once the API server answered."""
+    ready, health = free_port(), free_port()
+    start_operator(["--ready-port", str(ready), "--health-port", str(health)], name="ready")
+
+    def get(port: int, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and get(ready, "/readyz") != 200:
+        time.sleep(0.2)
+    assert get(ready, "/readyz") == 200
+    assert get(ready, "/healthz") == 404  # two endpoints, two ports
+    while time.monotonic() < deadline and get(health, "/healthz") != 200:
+        time.sleep(0.2)
+    assert get(health, "/healthz") == 200

@@ -534,7 +534,7 @@ def test_request_log_records_kubernetes_verbs(api: Api) -> None:
     api.ok('PATCH', f'{W}/st/status', {'status': {'phase': 'Logged'}}, 'application/merge-patch+json')
     entries = [json.loads(line) for line in (api.state_dir / 'api-requests.jsonl').read_text().splitlines()]
     keys = {'ts', 'method', 'path', 'query', 'user_agent', 'status', 'verb', 'api_group', 'api_version', 'resource',
-            'subresource', 'namespace', 'name'}
+            'subresource', 'namespace', 'name', 'user'}
     assert all(set(e) == keys for e in entries)
     create = [e for e in entries if e['verb'] == 'create' and e['resource'] == 'configmaps']
     assert create and create[-1]['status'] == 201 and create[-1]['namespace'] == 'default'
@@ -555,3 +555,149 @@ def test_bad_requests_get_status_bodies(api: Api) -> None:
     status, body = api.call('GET', f'{CM}?labelSelector=a%20in%20(')
     assert status == 400
     assert api.ok('GET', '/version')['major'] == '1'  # still serving
+
+
+def test_client_watch_reads_chunks_not_single_bytes(api: Api, monkeypatch) -> None:
+    """Issue 9 defect 1 / issue 10: ``Client.watch`` read the stream one byte per call."""
+    import requests
+
+    from localcluster.kube import Client, split_lines
+
+    assert list(split_lines([b'{"a"', b':1}\n{"b":2}\n', b'', b'{"c":3}'])) == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    rv = api.ok('GET', CM)['metadata']['resourceVersion']
+    for i in range(20):
+        api.ok('POST', CM, {'metadata': {'name': f'chunk-{i}', 'labels': {'chunky': 'yes'}}, 'data': {'k': 'v' * 200}})
+    reads = []
+    original = requests.models.Response.iter_content
+
+    def counting(self, chunk_size=1, decode_unicode=False):
+        for chunk in original(self, chunk_size=chunk_size, decode_unicode=decode_unicode):
+            reads.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(requests.models.Response, 'iter_content', counting)
+    client = Client(api.url)
+    got = [(t, o['metadata']['name']) for t, o in client.watch(
+        'configmaps', 'default', label_selector='chunky=yes', resource_version=rv, timeout=1)]
+    assert got == [('ADDED', f'chunk-{i}') for i in range(20)]
+    total = sum(reads)
+    assert total > 20 * 200
+    assert len(reads) <= 40, f'{len(reads)} reads for {total} bytes: the stream is read byte by byte'
+
+
+def test_builtin_pods_decoded_and_validated_like_the_real_server(api: Api) -> None:
+    """Issue 9 defect 14: unknown pod fields, types, quantities, ranges, required fields."""
+    bad = pod('strict-0')
+    bad['spec']['securityContext'] = {'privileged': True, 'runAsUser': 1000}
+    status, got = api.call('POST', f'{PODS}?fieldValidation=Strict', bad)
+    assert status == 400 and got['reason'] == 'BadRequest', got
+    assert got['message'] == ('Pod in version "v1" cannot be handled as a Pod: strict decoding error: '
+                              'unknown field "spec.securityContext.privileged"')
+    # Without Strict the field is dropped, with a warning (fieldValidation=Warn is the default).
+    req = urllib.request.Request(api.url + PODS, data=json.dumps(bad).encode(), method='POST',
+                                 headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        created = json.loads(resp.read())
+        assert 'unknown field \\"spec.securityContext.privileged\\"' in resp.headers.get('Warning', '')
+    assert created['spec']['securityContext'] == {'runAsUser': 1000}
+    api.ok('DELETE', f'{PODS}/strict-0')
+
+    def refused(name: str, edit, code: int, text: str) -> None:
+        body = pod(name)
+        edit(body['spec'])
+        status, got = api.call('POST', f'{PODS}?fieldValidation=Strict', body)
+        assert status == code and text in got['message'], (name, status, got)
+
+    refused('q-bad', lambda s: s['containers'][0].update(resources={'limits': {'cpu': 'lots'}}), 400,
+            'quantities must match the regular expression')
+    refused('t-bad', lambda s: s.update(securityContext={'runAsUser': 'root'}), 400,
+            'cannot unmarshal string into Go struct field PodSecurityContext.spec.securityContext.runAsUser '
+            'of type int64')
+    refused('r-bad', lambda s: s.update(securityContext={'runAsUser': -1}), 422,
+            'Pod "r-bad" is invalid: spec.securityContext.runAsUser: Invalid value: -1: must be between 0 and '
+            '2147483647, inclusive')
+    refused('i-bad', lambda s: s['containers'][0].pop('image'), 422, 'spec.containers[0].image: Required value')
+    refused('l-bad', lambda s: s['containers'][0].update(resources={'limits': {'cpu': '1'}, 'requests': {'cpu': '2'}}),
+            422, 'must be less than or equal to cpu limit')
+    refused('c-bad', lambda s: s.update(containers=[]), 422, 'spec.containers: Required value')
+    refused('u-bad', lambda s: s['containers'][0].update(bogus=1), 400, 'unknown field "spec.containers[0].bogus"')
+
+
+def _sa_token(api: Api, ns: str, name: str) -> str:
+    api.call('POST', f'/api/v1/namespaces/{ns}/serviceaccounts', {'metadata': {'name': name}})
+    got = api.ok('POST', f'/api/v1/namespaces/{ns}/serviceaccounts/{name}/token', {'spec': {}})
+    return got['status']['token']
+
+
+RBAC = '/apis/rbac.authorization.k8s.io/v1'
+
+
+def test_rbac_is_enforced_for_service_account_tokens(api: Api) -> None:
+    token = _sa_token(api, 'default', 'robot')
+    auth = {'Authorization': f'Bearer {token}'}
+    status, got = api.call('GET', PODS, headers=auth)
+    assert status == 403 and got['reason'] == 'Forbidden'
+    assert got['message'] == ('pods is forbidden: User "system:serviceaccount:default:robot" cannot list resource '
+                              '"pods" in API group "" in the namespace "default"')
+    status, got = api.call('GET', '/apis/example.com/v1/widgets', headers=auth)
+    assert got['message'] == ('widgets.example.com is forbidden: User "system:serviceaccount:default:robot" cannot '
+                              'list resource "widgets" in API group "example.com" at the cluster scope')
+    assert api.call('GET', '/apis', headers=auth)[0] == 200  # system:discovery, for every authenticated user
+    assert api.call('GET', PODS, headers={'Authorization': 'Bearer nope'})[0] == 401
+    # A Role + RoleBinding in default: list pods there, and nothing more.
+    api.ok('POST', f'{RBAC}/namespaces/default/roles', {'metadata': {'name': 'pod-reader'}, 'rules': [
+        {'apiGroups': [''], 'resources': ['pods', 'pods/status'], 'verbs': ['list', 'get']}]})
+    api.ok('POST', f'{RBAC}/namespaces/default/rolebindings', {
+        'metadata': {'name': 'robot-reads'}, 'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role',
+                                                         'name': 'pod-reader'},
+        'subjects': [{'kind': 'ServiceAccount', 'name': 'robot', 'namespace': 'default'}]})
+    assert api.call('GET', PODS, headers=auth)[0] == 200
+    status, got = api.call('DELETE', f'{PODS}/nothing', headers=auth)
+    assert status == 403 and got['message'].startswith('pods "nothing" is forbidden: User '
+                                                       '"system:serviceaccount:default:robot" cannot delete resource')
+    status, got = api.call('GET', '/api/v1/namespaces/kube-system/pods', headers=auth)
+    assert status == 403 and 'in the namespace "kube-system"' in got['message']
+    # Aggregation: a ClusterRole labelled aggregate-to-edit is part of edit (and admin), bound here by a RoleBinding.
+    api.ok('POST', f'{RBAC}/clusterroles', {'metadata': {'name': 'widgets-edit', 'labels': {
+        'rbac.authorization.k8s.io/aggregate-to-edit': 'true'}}, 'rules': [
+        {'apiGroups': ['example.com'], 'resources': ['widgets'], 'verbs': ['create', 'get', 'list']}]})
+    api.ok('POST', f'{RBAC}/namespaces/default/rolebindings', {
+        'metadata': {'name': 'robot-admin'}, 'roleRef': {'apiGroup': 'rbac.authorization.k8s.io',
+                                                         'kind': 'ClusterRole', 'name': 'admin'},
+        'subjects': [{'kind': 'ServiceAccount', 'name': 'robot', 'namespace': 'default'}]})
+    assert api.call('GET', W, headers=auth)[0] == 200
+    assert api.call('GET', '/apis/example.com/v1/namespaces/kube-system/widgets', headers=auth)[0] == 403
+
+
+def test_owner_references_permission_enforcement(tmp_path: pathlib.Path) -> None:
+    from localcluster.apiserver import start_in_thread
+
+    server = start_in_thread(tmp_path, admission_plugins={'OwnerReferencesPermissionEnforcement'})
+    try:
+        api = Api(server.url, tmp_path)
+        api.ok('POST', '/apis/apiextensions.k8s.io/v1/customresourcedefinitions', WIDGET_CRD)
+        owner = api.ok('POST', W, widget('boss'))
+        token = _sa_token(api, 'default', 'maker')
+        auth = {'Authorization': f'Bearer {token}'}
+        api.ok('POST', f'{RBAC}/namespaces/default/roles', {'metadata': {'name': 'maker'}, 'rules': [
+            {'apiGroups': [''], 'resources': ['configmaps'], 'verbs': ['create', 'delete']}]})
+        api.ok('POST', f'{RBAC}/namespaces/default/rolebindings', {
+            'metadata': {'name': 'maker'}, 'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role',
+                                                       'name': 'maker'},
+            'subjects': [{'kind': 'ServiceAccount', 'name': 'maker', 'namespace': 'default'}]})
+        ref = {'apiVersion': 'example.com/v1', 'kind': 'Widget', 'name': 'boss', 'uid': owner['metadata']['uid'],
+               'controller': True, 'blockOwnerDeletion': True}
+        status, got = api.call('POST', CM, {'metadata': {'name': 'owned', 'ownerReferences': [ref]}}, headers=auth)
+        assert status == 403, got
+        assert ('cannot set blockOwnerDeletion if an ownerReference refers to a resource you can\'t set finalizers '
+                'on: User "system:serviceaccount:default:maker" cannot update resource "widgets/finalizers" in API '
+                'group "example.com" in the namespace "default"') in got['message']
+        api.ok('POST', f'{RBAC}/namespaces/default/roles', {'metadata': {'name': 'finalizers'}, 'rules': [
+            {'apiGroups': ['example.com'], 'resources': ['widgets/finalizers'], 'verbs': ['update']}]})
+        api.ok('POST', f'{RBAC}/namespaces/default/rolebindings', {
+            'metadata': {'name': 'finalizers'}, 'roleRef': {'apiGroup': 'rbac.authorization.k8s.io', 'kind': 'Role',
+                                                            'name': 'finalizers'},
+            'subjects': [{'kind': 'ServiceAccount', 'name': 'maker', 'namespace': 'default'}]})
+        assert api.call('POST', CM, {'metadata': {'name': 'owned', 'ownerReferences': [ref]}}, headers=auth)[0] == 201
+    finally:
+        server.stop()

@@ -81,6 +81,14 @@ and by each namespace's Role (namespaces mode).
 - apiGroups: ["trainingjob.dev"]
   resources: ["trainingjobs/status"]
   verbs: ["patch"]
+# TrainingJob finalizers: never written, but every pod and Service carries an
+# ownerReference with blockOwnerDeletion: true, and where the
+# OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift) that
+# needs update on the owner's finalizers, or every create is a 403 (as
+# JobSet and the training-operator grant).
+- apiGroups: ["trainingjob.dev"]
+  resources: ["trainingjobs/finalizers"]
+  verbs: ["update"]
 # Pods: each attempt's gang is created here; fencing and cleanup delete
 # them; Kopf lists and watches the operator's pods (label selector) to see
 # phases, exit codes and DisruptionTarget conditions. No get: state comes
@@ -101,7 +109,9 @@ and by each namespace's Role (namespaces mode).
   verbs: ["get"]
 # Events: every decision (GangCreated, Preempted, WorkerFailed, ...) is
 # recorded as an Event on the TrainingJob; Kopf posts its own warnings too.
+# patch: a repeated Event (a quota refusal retried) is aggregated, count and
+# lastTimestamp of the one Event move, as client-go's recorder does.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- end }}
