@@ -97,13 +97,20 @@ def _exit_and_vanish(api_url: str, namespace: str, pods: list[dict]) -> None:
     assert statuses == [b"200"] * (2 * len(pods)), got[:2000]
 
 
-@pytest.mark.timeout(120)
-def test_defect13_final_state_of_a_pod_deleted_right_after_is_kept(cluster, kube, namespace, start_operator):
+@pytest.fixture
+def test_node(kube):
+    """The test's own Node, removed afterwards: the cluster is shared by the session's tests."""
     try:
         kube.create("nodes", _node())
     except ApiError as e:
         if e.status != 409:
             raise
+    yield NODE
+    kube.delete_if_exists("nodes", NODE)
+
+
+@pytest.mark.timeout(120)
+def test_defect13_final_state_of_a_pod_deleted_right_after_is_kept(cluster, kube, namespace, start_operator, test_node):
     start_operator(["--resync-seconds", "1"])
     spec = {"podTemplate": {"spec": {"schedulerName": SCHEDULER}}, "recovery": {"maxPreemptions": 3}}
     kube.create(TJ, job_manifest("fs", namespace, "unused", nodes=2, **spec), namespace=namespace)
