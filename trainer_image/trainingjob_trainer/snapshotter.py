@@ -267,17 +267,21 @@ class Snapshotter(abc.ABC):
     ) -> None:
         """Save synchronously with every rank, write the termination message, raise :class:`Preempted`."""
         logger.warning("rank %d: preemption flag set, emergency snapshot at step %d", _dist.rank(self.pg), step)
+        t0 = time.monotonic()
         self.wait()
         uri = self.store.uri_for(epoch=epoch, step=step)
         committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
         if not committed:
             uri = self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+        seconds = time.monotonic() - t0
+        logger.warning("rank %d: emergency snapshot %s committed in %.2fs", _dist.rank(self.pg), uri, seconds)
         write_termination_message(
             contract.TerminationMessage(
                 reason=contract.TERM_REASON_PREEMPTED,
                 step=step,
                 snapshot=uri,
                 message=f"emergency snapshot at step {step} after SIGTERM",
+                save_seconds=seconds,
             )
         )
         raise Preempted(step=step, snapshot=uri)
