@@ -22,6 +22,7 @@ import abc
 import functools
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
@@ -31,6 +32,30 @@ from trainingjob_trainer.preemption import Preempted, PreemptionWatcher, write_t
 from trainingjob_trainer.store import SnapshotStore, new_save_id
 
 logger = logging.getLogger(__name__)
+
+
+class SnapshotNotRestorable(RuntimeError):
+    """The snapshot asked for is not complete (never retried)."""
+
+
+class SnapshotFailed(RuntimeError):
+    """A save that had to succeed (the emergency save) failed on every rank."""
+
+
+class EmergencySnapshotFailed(SystemExit):
+    """Raised on every rank when the emergency snapshot could not be taken.
+
+    A ``SystemExit`` with code ``128 + SIGTERM``: the job was preempted
+    without a snapshot. The termination message
+    (``PreemptedWithoutSnapshot``) names the error.
+
+    Attributes:
+        step: The step the snapshot was for.
+    """
+
+    def __init__(self, *, step: int) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.step = step
 
 
 @dataclass
@@ -55,6 +80,7 @@ class _InFlight:
     started: float
     emergency: bool
     handle: PendingWrite | None
+    error: BaseException | None = None
 
 
 class Snapshotter(abc.ABC):
@@ -80,6 +106,10 @@ class Snapshotter(abc.ABC):
     """
 
     backend: ClassVar[str] = ""
+    #: Restore tries in all (finding the target, reading it), and the first
+    #: backoff (doubled after each failed try): 1 + 2 + 4 s by default.
+    restore_attempts: ClassVar[int] = 4
+    restore_backoff_s: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -119,6 +149,8 @@ class Snapshotter(abc.ABC):
         self.last_marker: contract.CommitMarker | None = None
         self._in_flight: _InFlight | None = None
         self.last_save_stall_s = 0.0
+        #: Saves that failed and were not committed (periodic ones: training went on).
+        self.failed_saves = 0
 
     # ----------------------------------------------------------- backend API
     #: Whether :meth:`_write` takes ``prepare`` for an asynchronous write, i.e.
@@ -150,12 +182,12 @@ class Snapshotter(abc.ABC):
         """The snapshot to resume from: ``resume_from`` if set, else the latest complete.
 
         Raises:
-            RuntimeError: ``resume_from`` names an incomplete snapshot.
+            SnapshotNotRestorable: ``resume_from`` names an incomplete snapshot.
         """
         if self.resume_from:
             info = self.store.inspect(self.resume_from)
             if info is None or not info.complete:
-                raise RuntimeError(f"requested snapshot {self.resume_from} is not a complete snapshot")
+                raise SnapshotNotRestorable(f"requested snapshot {self.resume_from} is not a complete snapshot")
             return info.uri
         info = self.store.latest_complete()
         return info.uri if info else None
@@ -166,18 +198,21 @@ class Snapshotter(abc.ABC):
         Returns:
             The restored global step (0 when there is nothing to restore).
         """
-        target = None
-        if _dist.rank(self.pg) == 0:
-            try:
-                target = ("ok", self.find_restore_target())
-            except Exception as e:  # noqa: BLE001 - every rank must learn it
-                target = ("error", str(e))
-        target = _dist.broadcast_object(target, pg=self._flag_pg)
-        if target[0] == "error":
-            raise RuntimeError(target[1])
-        if target[1] is None:
+        target = self.restore_target()
+        if target is None:
             return 0
-        return self.restore(target[1], app_state=app_state, optional=optional).step
+        return self.restore(target, app_state=app_state, optional=optional).step
+
+    def restore_target(self) -> str | None:
+        """:meth:`find_restore_target` on rank 0, retried with backoff; its
+        answer, or its error, on every rank (collective)."""
+        return self._retried(lambda: _dist.on_rank0(self.find_restore_target, pg=self._flag_pg,
+                                                    what=f"finding the snapshot to restore under {self.uri}"),
+                             what=f"finding the snapshot to restore under {self.uri}")
+
+    def _retried(self, fn: Callable[[], Any], *, what: str) -> Any:
+        return _dist.with_retries(fn, attempts=self.restore_attempts, backoff_s=self.restore_backoff_s, what=what,
+                                  log=logger.warning, give_up=(SnapshotNotRestorable,))
 
     def restore(
         self,
@@ -193,14 +228,27 @@ class Snapshotter(abc.ABC):
             app_state: Overrides the constructor's ``app_state``.
             optional: Keys of ``app_state`` restored only if the snapshot has
                 them (TorchTNT's dataloader is saved only intra-epoch).
+
+        Storage errors are retried (:attr:`restore_attempts`, backoff from
+        :attr:`restore_backoff_s`) on every rank together, then raised on
+        every rank.
+
+        Raises:
+            SnapshotNotRestorable: ``uri`` is not a complete snapshot.
         """
-        marker_json = None
-        if _dist.rank(self.pg) == 0:
-            info = self.store.inspect(uri)
-            marker_json = info.marker.to_json() if info is not None and info.complete and info.marker else None
-        marker_json = _dist.broadcast_object(marker_json, pg=self._flag_pg)
+        return self._retried(lambda: self._restore_once(uri, app_state=app_state, optional=optional),
+                             what=f"restore of {uri}")
+
+    def _complete_marker_json(self, uri: str) -> str | None:
+        info = self.store.inspect(uri)
+        return info.marker.to_json() if info is not None and info.complete and info.marker else None
+
+    def _restore_once(self, uri: str, *, app_state: Mapping[str, Any] | None,
+                      optional: tuple[str, ...]) -> contract.CommitMarker:
+        marker_json = _dist.on_rank0(lambda: self._complete_marker_json(uri), pg=self._flag_pg,
+                                     what=f"reading the commit marker of {uri}")
         if marker_json is None:
-            raise RuntimeError(f"{uri} is not a complete snapshot; refusing to restore it")
+            raise SnapshotNotRestorable(f"{uri} is not a complete snapshot; refusing to restore it")
         marker = contract.CommitMarker.from_json(marker_json)
         assert marker is not None
         t0 = time.monotonic()
@@ -217,14 +265,30 @@ class Snapshotter(abc.ABC):
                 for key in optional:
                     if key not in stored:
                         state.pop(key, None)
-        reader._read(uri.rstrip("/"), state)
-        _dist.barrier(self._flag_pg)
+        error: Exception | None = None
+        try:
+            reader._read(uri.rstrip("/"), state)
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+            error = e
+        if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
+            raise error or RuntimeError(f"restore of {uri} failed on another rank")
         self.restored_from = uri.rstrip("/")
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
         return marker
 
     # ------------------------------------------------------------------ save
+    def step_boundary(self) -> bool:
+        """The per-step check (collective): did ANY rank get SIGTERM?
+
+        Also commits a background save that every rank has finished, with or
+        without a SIGTERM watcher (without one, only while a save is in
+        flight: a no-op otherwise).
+        """
+        if self.watcher is None and self._in_flight is None:
+            return False
+        return self.preemption_requested()
+
     def preemption_requested(self) -> bool:
         """Step-boundary check (collective): did ANY rank get SIGTERM?
 
@@ -256,7 +320,7 @@ class Snapshotter(abc.ABC):
             Preempted: After the emergency snapshot is committed (every rank).
         """
         record_progress(step)
-        if self.watcher is not None and self.preemption_requested():
+        if self.step_boundary():
             self.emergency_save(step=step, epoch=epoch, app_state=app_state)
         if self.every_steps and step % self.every_steps == 0:
             return self.save(step=step, epoch=epoch, app_state=app_state)
@@ -265,14 +329,27 @@ class Snapshotter(abc.ABC):
     def emergency_save(
         self, *, step: int, epoch: int = 0, app_state: Mapping[str, Any] | None = None
     ) -> None:
-        """Save synchronously with every rank, write the termination message, raise :class:`Preempted`."""
+        """Save synchronously with every rank, write the termination message, raise :class:`Preempted`.
+
+        Raises:
+            Preempted: The snapshot is committed.
+            EmergencySnapshotFailed: It could not be taken (the termination
+                message, ``PreemptedWithoutSnapshot``, names the error).
+        """
         logger.warning("rank %d: preemption flag set, emergency snapshot at step %d", _dist.rank(self.pg), step)
         t0 = time.monotonic()
-        self.wait()
         uri = self.store.uri_for(epoch=epoch, step=step)
-        committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
-        if not committed:
-            uri = self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+        try:
+            self.wait()
+            committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
+            if not committed:
+                self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+        except Exception as e:  # noqa: BLE001 - reported, then the job exits as preempted without snapshot
+            logger.error("rank %d: emergency snapshot %s failed: %s", _dist.rank(self.pg), uri, e)
+            write_termination_message(contract.TerminationMessage(
+                reason=contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT, step=step,
+                message=f"emergency snapshot {uri} failed: {type(e).__name__}: {e}"))
+            raise EmergencySnapshotFailed(step=step) from e
         seconds = time.monotonic() - t0
         logger.warning("rank %d: emergency snapshot %s committed in %.2fs", _dist.rank(self.pg), uri, seconds)
         write_termination_message(
@@ -294,34 +371,47 @@ class Snapshotter(abc.ABC):
         app_state: Mapping[str, Any] | None = None,
         emergency: bool = False,
         asynchronous: bool | None = None,
-    ) -> str:
+    ) -> str | None:
         """Take a snapshot now (collective). Returns its folder URI.
 
         A synchronous save is committed (marker written) when this returns; an
-        asynchronous one at a later step boundary or in :meth:`wait`.
+        asynchronous one at a later step boundary or in :meth:`wait`. A failed
+        periodic save is logged and counted (:attr:`failed_saves`), the
+        previous snapshot stays the latest, and training goes on: ``None``.
+
+        Raises:
+            SnapshotFailed: An emergency save failed.
         """
         self.wait()
         asynchronous = self.async_save if asynchronous is None else asynchronous
-        save_id = None
-        prepare = None
         t0 = time.monotonic()
-        if _dist.rank(self.pg) == 0:
-            save_id = new_save_id(self.attempt)
-            # Empty the folder (a fenced attempt's leftovers): in the upload
-            # when the backend can order it before the first object (two S3
-            # round trips off the training thread), else here.
-            prepare = functools.partial(self.store.begin, epoch=epoch, step=step)
-            if not (asynchronous and self._prepares_async_writes):
-                prepare()
-                prepare = None
-        save_id = _dist.broadcast_object(save_id, pg=self._flag_pg)
         uri = self.store.uri_for(epoch=epoch, step=step)
-        handle = self._write(uri, app_state if app_state is not None else self.app_state, asynchronous=asynchronous,
-                             prepare=prepare)
+        # Empty the folder (a fenced attempt's leftovers): in the upload when
+        # the backend can order it before the first object (two S3 round
+        # trips off the training thread), else here.
+        in_upload = asynchronous and self._prepares_async_writes
+
+        def start() -> str:
+            if not in_upload:
+                self.store.begin(epoch=epoch, step=step)
+            return new_save_id(self.attempt)
+
+        try:
+            save_id = _dist.on_rank0(start, pg=self._flag_pg, what=f"preparing {uri}")
+        except Exception as e:  # noqa: BLE001 - the save's failure policy
+            return self._save_failed(uri, emergency=emergency, error=e)
+        prepare = functools.partial(self.store.begin, epoch=epoch, step=step) \
+            if in_upload and _dist.rank(self.pg) == 0 else None
+        handle, error = None, None
+        try:
+            handle = self._write(uri, app_state if app_state is not None else self.app_state,
+                                 asynchronous=asynchronous, prepare=prepare)
+        except Exception as e:  # noqa: BLE001 - agreed on in _finish_in_flight
+            error = e
         self.last_save_stall_s = time.monotonic() - t0
-        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle)
+        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle, error)
         if handle is None:
-            self._finish_in_flight()
+            return uri if self._finish_in_flight() is not None else None
         return uri
 
     def wait(self) -> contract.CommitMarker | None:
@@ -331,39 +421,57 @@ class Snapshotter(abc.ABC):
         return None
 
     def _finish_in_flight(self) -> contract.CommitMarker | None:
+        """Wait for the save in flight, agree on its outcome, commit it (collective).
+
+        Returns:
+            The new marker, or ``None`` when the (periodic) save failed.
+        """
         fl = self._in_flight
         assert fl is not None
-        ok = True
+        error = fl.error
         try:
-            if fl.handle is not None:
+            if fl.handle is not None and error is None:
                 fl.handle.wait()
-        except Exception:  # noqa: BLE001
-            logger.exception("snapshot write to %s failed; it will not be committed", fl.uri)
-            ok = False
+        except Exception as e:  # noqa: BLE001 - the save's failure policy
+            error = e
         # Only now: interrupted in wait() (KeyboardInterrupt), the save stays
         # in flight, and the next save waits for it before reusing buffers.
         self._in_flight = None
-        ok = not _dist.all_reduce_max([int(not ok)], pg=self._flag_pg)[0]
-        marker_json = None
-        if ok and _dist.rank(self.pg) == 0:
-            marker = self.store.commit(
-                epoch=fl.epoch,
-                step=fl.step,
-                save_id=fl.save_id,
-                attempt=self.attempt,
-                backend=self.backend,
-                seconds=time.monotonic() - fl.started,
-                emergency=fl.emergency,
-            )
-            marker_json = marker.to_json()
-            logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
-            protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
-            self.store.prune(keep_last=self.keep_last, protect=protect)
-        marker_json = _dist.broadcast_object(marker_json, pg=self._flag_pg)
-        if not ok or marker_json is None:
-            raise RuntimeError(f"snapshot {fl.uri} failed")
+        if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
+            return self._save_failed(fl.uri, emergency=fl.emergency,
+                                     error=error or RuntimeError("another rank's write failed"))
+        try:
+            marker_json = _dist.on_rank0(lambda: self._commit(fl), pg=self._flag_pg, what=f"commit of {fl.uri}")
+        except Exception as e:  # noqa: BLE001 - the save's failure policy
+            return self._save_failed(fl.uri, emergency=fl.emergency, error=e)
         self.last_marker = contract.CommitMarker.from_json(marker_json)
         return self.last_marker
+
+    def _commit(self, fl: _InFlight) -> str:
+        """Rank 0: write the marker, then prune (best effort: retried at the next save)."""
+        marker = self.store.commit(epoch=fl.epoch, step=fl.step, save_id=fl.save_id, attempt=self.attempt,
+                                   backend=self.backend, seconds=time.monotonic() - fl.started,
+                                   emergency=fl.emergency)
+        logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
+        protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
+        try:
+            self.store.prune(keep_last=self.keep_last, protect=protect)
+        except Exception as e:  # noqa: BLE001 - retention is best effort
+            logger.warning("pruning %s failed (retried after the next save): %s", self.uri, e)
+        return marker.to_json()
+
+    def _save_failed(self, uri: str, *, emergency: bool, error: BaseException) -> None:
+        """A save's failure policy: an emergency save raises; a periodic one is
+        logged and counted, and training goes on with the previous latest."""
+        self.failed_saves += 1
+        if emergency:
+            raise SnapshotFailed(f"snapshot {uri} failed: {type(error).__name__}: {error}") from error
+        latest = self.last_marker
+        logger.error("rank %d: snapshot %s failed and is not committed (%d failed so far; training goes on, "
+                     "the latest snapshot is still %s): %s: %s", _dist.rank(self.pg), uri, self.failed_saves,
+                     self.store.uri_for(epoch=latest.epoch, step=latest.step) if latest else "none",
+                     type(error).__name__, error)
+        return None
 
     def close(self) -> None:
         """Commit any background save, uninstall the SIGTERM handler and free

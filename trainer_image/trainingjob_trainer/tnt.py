@@ -32,7 +32,7 @@ from torchtnt.framework.callbacks.checkpointer_types import RestoreOptions
 from torchtnt.framework.state import State
 from torchtnt.framework.unit import AppStateMixin, TTrainUnit
 
-from trainingjob_trainer import contract
+from trainingjob_trainer import _dist, contract
 from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter
 from trainingjob_trainer.snapshotter import Snapshotter, env_int
 from trainingjob_trainer.state import RNGState
@@ -156,7 +156,7 @@ class TorchSnapshotSaver(Callback):
 
     def on_train_step_end(self, state: State, unit: TTrainUnit) -> None:
         step = unit.train_progress.num_steps_completed
-        if self._snap.watcher is not None and self._snap.preemption_requested():
+        if self._snap.step_boundary():
             self._snap.emergency_save(
                 step=step,
                 epoch=unit.train_progress.num_epochs_completed,
@@ -198,8 +198,15 @@ class TorchSnapshotSaver(Callback):
         root, _, _name = path.rstrip("/").rpartition("/")
         probe = make_snapshotter(backend=BACKEND_TORCHSNAPSHOT, uri=root, storage_options=storage_options,
                                  process_group=process_group, watch_preemption=False)
-        info = probe.store.inspect(path)
-        chosen = backend or (info.marker.backend if info and info.marker else BACKEND_TORCHSNAPSHOT)
+
+
+        def written_by() -> str | None:
+            info = probe.store.inspect(path)
+            return info.marker.backend if info and info.marker else None
+
+        chosen = backend or probe._retried(
+            lambda: _dist.on_rank0(written_by, pg=probe._flag_pg, what=f"reading the marker of {path}"),
+            what=f"reading the marker of {path}") or BACKEND_TORCHSNAPSHOT
         snap = make_snapshotter(backend=chosen, uri=root, storage_options=storage_options,
                                 process_group=process_group, watch_preemption=False)
         snap.restore(path, app_state=_restore_app_state(unit, restore_options, train_dataloader, _rng_stateful(chosen)),
@@ -228,12 +235,7 @@ class TorchSnapshotSaver(Callback):
         probe = make_snapshotter(backend=BACKEND_TORCHSNAPSHOT, uri=dirpath, storage_options=storage_options,
                                  process_group=process_group, watch_preemption=False,
                                  resume_from=os.environ.get(contract.ENV_RESUME_FROM) or None)
-        from trainingjob_trainer import _dist
-
-        target = None
-        if _dist.rank(process_group) == 0:
-            target = probe.find_restore_target()
-        target = _dist.broadcast_object(target, pg=probe._flag_pg)
+        target = probe.restore_target()  # rank 0 lists, retried; every rank gets the answer or the error
         if target is None:
             logger.info("no complete snapshot under %s", dirpath)
             return False
