@@ -20,7 +20,8 @@ its time window starts when it is set):
 * ``fail``: ``"503"`` (an S3 ``SlowDown`` error response, the request body
   read and dropped) or ``"reset"`` (the client connection is reset with a TCP
   RST once the request's head has arrived), for the requests that match:
-  ``methods`` (default all), inside the window ``[fail_after_s, fail_after_s
+  ``methods`` (default all), ``path_contains`` (a substring of the request
+  target, e.g. one snapshot folder's name; default any), inside the window ``[fail_after_s, fail_after_s
   + fail_for_s)`` after the faults were set (``fail_for_s`` ``None``: no end),
   and picked with probability ``fail_share`` (seeded by ``seed``).
 
@@ -68,6 +69,7 @@ class Faults:
     fail_after_s: float = 0.0
     fail_for_s: float | None = None
     methods: list[str] | None = None
+    path_contains: str | None = None
     seed: int = 0
 
     @classmethod
@@ -140,9 +142,10 @@ class ProxyServer:
         self._rng = random.Random(faults.seed)
         self.up.rate = self.down.rate = faults.bandwidth_bps
 
-    def _pick_fault(self, method: str) -> str | None:
+    def _pick_fault(self, method: str, target: str) -> str | None:
         f = self.faults
-        if f.fail is None or (f.methods and method not in f.methods):
+        if f.fail is None or (f.methods and method not in f.methods) or \
+                (f.path_contains and f.path_contains not in target):
             return None
         age = time.monotonic() - self.faults_at
         if age < f.fail_after_s or (f.fail_for_s is not None and age >= f.fail_after_s + f.fail_for_s):
@@ -181,7 +184,7 @@ class ProxyServer:
             return upstream
         self.stats.requests += 1
         self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
-        fault = self._pick_fault(method)
+        fault = self._pick_fault(method, target)
         if fault == "reset":
             self.stats.failed_reset += 1
             raise _Reset()

@@ -34,8 +34,17 @@ from trainingjob_trainer.store import SnapshotStore, new_save_id
 logger = logging.getLogger(__name__)
 
 
+#: What a failed write or read may raise: DCP's ``CheckpointException`` is a
+#: ``BaseException``; interrupts and exits are never caught as failures.
+_NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class SnapshotNotRestorable(RuntimeError):
     """The snapshot asked for is not complete (never retried)."""
+
+
+class RestoreFailed(RuntimeError):
+    """Restoring failed on every rank after the retries (storage errors)."""
 
 
 class SnapshotFailed(RuntimeError):
@@ -211,8 +220,17 @@ class Snapshotter(abc.ABC):
                              what=f"finding the snapshot to restore under {self.uri}")
 
     def _retried(self, fn: Callable[[], Any], *, what: str) -> Any:
-        return _dist.with_retries(fn, attempts=self.restore_attempts, backoff_s=self.restore_backoff_s, what=what,
-                                  log=logger.warning, give_up=(SnapshotNotRestorable,))
+        try:
+            return _dist.with_retries(fn, attempts=self.restore_attempts, backoff_s=self.restore_backoff_s,
+                                      what=what, log=logger.warning, give_up=(SnapshotNotRestorable,))
+        except SnapshotNotRestorable:
+            raise
+        except _dist.Rank0Error as e:
+            if e.cause_type == SnapshotNotRestorable.__name__:
+                raise SnapshotNotRestorable(str(e)) from e
+            raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the same clear error on every rank
+            raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {type(e).__name__}: {e}") from e
 
     def restore(
         self,
@@ -265,13 +283,16 @@ class Snapshotter(abc.ABC):
                 for key in optional:
                     if key not in stored:
                         state.pop(key, None)
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             reader._read(uri.rstrip("/"), state)
-        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - agreed on below, then raised on every rank
             error = e
         if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
-            raise error or RuntimeError(f"restore of {uri} failed on another rank")
+            why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            raise RuntimeError(f"restore of {uri} failed: {why}") from error
         self.restored_from = uri.rstrip("/")
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
@@ -406,7 +427,9 @@ class Snapshotter(abc.ABC):
         try:
             handle = self._write(uri, app_state if app_state is not None else self.app_state,
                                  asynchronous=asynchronous, prepare=prepare)
-        except Exception as e:  # noqa: BLE001 - agreed on in _finish_in_flight
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - agreed on in _finish_in_flight
             error = e
         self.last_save_stall_s = time.monotonic() - t0
         self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle, error)
@@ -432,7 +455,9 @@ class Snapshotter(abc.ABC):
         try:
             if fl.handle is not None and error is None:
                 fl.handle.wait()
-        except Exception as e:  # noqa: BLE001 - the save's failure policy
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the save's failure policy
             error = e
         # Only now: interrupted in wait() (KeyboardInterrupt), the save stays
         # in flight, and the next save waits for it before reusing buffers.
