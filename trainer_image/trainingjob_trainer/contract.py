@@ -115,6 +115,9 @@ TERM_REASON_COMPLETED = "Completed"
 TERM_REASON_PREEMPTED = "PreemptedAfterSnapshot"
 TERM_REASON_PREEMPTED_NO_SNAPSHOT = "PreemptedWithoutSnapshot"
 TERM_REASON_ERROR = "Error"
+#: The snapshot storage refused the job (unknown bucket, bad credentials):
+#: the pod exits :data:`EXIT_SNAPSHOT_CONFIG_ERROR`.
+TERM_REASON_SNAPSHOT_CONFIG_ERROR = "SnapshotStorageError"
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # the kubelet truncates past this
 
 

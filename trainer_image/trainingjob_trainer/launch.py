@@ -17,6 +17,8 @@ in-band flag. Exit status:
 * torchrun succeeded -> 0 (a ``Completed`` message if the job wrote none);
 * SIGTERM without an emergency snapshot -> 128+SIGTERM with a
   ``PreemptedWithoutSnapshot`` message;
+* the workers wrote a ``SnapshotStorageError`` message (unknown bucket,
+  refused credentials) -> :data:`contract.EXIT_SNAPSHOT_CONFIG_ERROR`;
 * anything else -> torchrun's code with an ``Error`` message that carries
   the last lines of the workers' output (the cause, not "torchrun exited 1").
 
@@ -168,6 +170,8 @@ def decide_exit(
         message = contract.TerminationMessage(reason=contract.TERM_REASON_ERROR, step=last_step)
     if message is not None and message.reason == contract.TERM_REASON_PREEMPTED:
         return contract.EXIT_PREEMPTED_AFTER_SNAPSHOT, None
+    if message is not None and message.reason == contract.TERM_REASON_SNAPSHOT_CONFIG_ERROR:
+        return contract.EXIT_SNAPSHOT_CONFIG_ERROR, None
     if torchrun_rc == 0:
         if message is None:
             return contract.EXIT_OK, contract.TerminationMessage(reason=contract.TERM_REASON_COMPLETED)

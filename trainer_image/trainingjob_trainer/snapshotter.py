@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from trainingjob_trainer import _dist, contract
 from trainingjob_trainer.preemption import Preempted, PreemptionWatcher, write_termination_message
-from trainingjob_trainer.store import SnapshotStore, new_save_id
+from trainingjob_trainer.store import SnapshotConfigError, SnapshotStore, config_error, new_save_id
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,26 @@ class SnapshotNotRestorable(RuntimeError):
 
 class RestoreFailed(RuntimeError):
     """Restoring failed on every rank after the retries (storage errors)."""
+
+
+class SnapshotStorageUnusable(SystemExit):
+    """Raised on every rank when S3 refuses the job's snapshot configuration.
+
+    A ``SystemExit`` with :data:`contract.EXIT_SNAPSHOT_CONFIG_ERROR`, after
+    a ``SnapshotStorageError`` termination message that says what to fix:
+    the operator then fails the job instead of restarting it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(contract.EXIT_SNAPSHOT_CONFIG_ERROR)
+        self.message = message
+
+
+def _storage_unusable(error: SnapshotConfigError, *, step: int | None = None) -> SnapshotStorageUnusable:
+    logger.error("snapshot storage unusable: %s", error)
+    write_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_SNAPSHOT_CONFIG_ERROR, step=step, message=str(error)))
+    return SnapshotStorageUnusable(str(error))
 
 
 class SnapshotFailed(RuntimeError):
@@ -215,19 +235,28 @@ class Snapshotter(abc.ABC):
     def restore_target(self) -> str | None:
         """:meth:`find_restore_target` on rank 0, retried with backoff; its
         answer, or its error, on every rank (collective)."""
-        return self._retried(lambda: _dist.on_rank0(self.find_restore_target, pg=self._flag_pg,
+        def find() -> str | None:
+            self.store.check_access()
+            return self.find_restore_target()
+
+        return self._retried(lambda: _dist.on_rank0(find, pg=self._flag_pg,
                                                     what=f"finding the snapshot to restore under {self.uri}"),
                              what=f"finding the snapshot to restore under {self.uri}")
 
     def _retried(self, fn: Callable[[], Any], *, what: str) -> Any:
         try:
             return _dist.with_retries(fn, attempts=self.restore_attempts, backoff_s=self.restore_backoff_s,
-                                      what=what, log=logger.warning, give_up=(SnapshotNotRestorable,))
+                                      what=what, log=logger.warning,
+                                      give_up=(SnapshotNotRestorable, SnapshotConfigError))
         except SnapshotNotRestorable:
             raise
+        except SnapshotConfigError as e:
+            raise _storage_unusable(e) from e
         except _dist.Rank0Error as e:
             if e.cause_type == SnapshotNotRestorable.__name__:
                 raise SnapshotNotRestorable(str(e)) from e
+            if e.cause_type == SnapshotConfigError.__name__:
+                raise _storage_unusable(SnapshotConfigError(str(e))) from e
             raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {e}") from e
         except Exception as e:  # noqa: BLE001 - the same clear error on every rank
             raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {type(e).__name__}: {e}") from e
@@ -487,8 +516,13 @@ class Snapshotter(abc.ABC):
 
     def _save_failed(self, uri: str, *, emergency: bool, error: BaseException) -> None:
         """A save's failure policy: an emergency save raises; a periodic one is
-        logged and counted, and training goes on with the previous latest."""
+        logged and counted, and training goes on with the previous latest.
+        Storage that refuses the job (:func:`store.config_error`, on any
+        rank) ends it with :class:`SnapshotStorageUnusable`."""
         self.failed_saves += 1
+        cfg = config_error(error)
+        if _dist.all_reduce_max([int(cfg is not None)], pg=self._flag_pg)[0]:
+            raise _storage_unusable(cfg or SnapshotConfigError(f"snapshot {uri}: S3 refused another rank"))
         if emergency:
             raise SnapshotFailed(f"snapshot {uri} failed: {type(error).__name__}: {error}") from error
         latest = self.last_marker

@@ -48,6 +48,28 @@ class SnapshotInfo:
     listing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
 
 
+class SnapshotConfigError(RuntimeError):
+    """The snapshot storage is unusable as configured (unknown bucket, refused
+    credentials): retrying or restarting will not help."""
+
+
+def config_error(error: BaseException | None) -> SnapshotConfigError | None:
+    """``error`` as a :class:`SnapshotConfigError` if it is one (s3fs raises
+    ``PermissionError`` for refused credentials or access, and
+    ``FileNotFoundError`` "The specified bucket does not exist"), else ``None``."""
+    seen = 0
+    while error is not None and seen < 8:  # the cause chain (DCP wraps the writers' errors)
+        if isinstance(error, SnapshotConfigError):
+            return error
+        if isinstance(error, PermissionError):
+            return SnapshotConfigError(f"S3 refused access: {error}; check the credentials Secret "
+                                       "(spec.snapshot.credentialsSecret) and its permissions on the bucket")
+        if isinstance(error, FileNotFoundError) and "bucket does not exist" in str(error):
+            return SnapshotConfigError(f"{error}: check spec.snapshot.uri (and spec.snapshot.endpoint)")
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def new_save_id(attempt: int) -> str:
     """A unique id for one save: the attempt plus 12 random hex digits."""
     return f"a{int(attempt)}-{uuid.uuid4().hex[:12]}"
@@ -161,6 +183,21 @@ class SnapshotStore:
         if best is None:
             return None
         return self.inspect(s3.join(self.root, best[0]))
+
+    def check_access(self) -> None:
+        """One small listing of the root, so that an unknown bucket or refused
+        credentials fail here, clearly, rather than as an empty job folder.
+
+        Raises:
+            SnapshotConfigError: The bucket does not exist, or S3 refused the credentials.
+        """
+        if not s3.is_s3(self.root):
+            return
+        bucket, _, prefix = self._root_path.partition("/")
+        try:
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1)
+        except (PermissionError, FileNotFoundError) as e:
+            raise config_error(e) or SnapshotConfigError(f"cannot list {self.root}: {e}") from e
 
     # ----------------------------------------------------------------- writes
     def begin(self, *, epoch: int, step: int) -> str:
