@@ -6,20 +6,12 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
+from tests.trainer.io_helpers import one_rank_group  # noqa: F401 - a fixture
 from tests.trainer.trainer_helpers import tiny_model
 from trainingjob_trainer.backends import make_snapshotter
 from trainingjob_trainer.state import ModelOptimizerState
 from trainingjob_trainer.store import SnapshotStore
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """A one-rank gloo group (async saves need a process group), destroyed after the test."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["dcp", "torchsnapshot"])

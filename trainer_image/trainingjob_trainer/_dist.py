@@ -45,6 +45,15 @@ def broadcast_object(obj: Any, *, pg: Any = None, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, *, pg: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size(pg)
+    dist.all_gather_object(out, obj, group=pg)
+    return out
+
+
 def all_reduce_max(values: list[int], *, pg: Any = None) -> list[int]:
     """Element-wise maximum of small integer vectors over all ranks."""
     if not initialized():

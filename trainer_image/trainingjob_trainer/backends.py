@@ -279,17 +279,18 @@ class TorchSnapshotSnapshotter(Snapshotter):
 
         url = s3.to_torchsnapshot_url(uri)
         pool = self._slabs
+        # The tjs3 plugin reports each object it wrote (key, size, S3's ETag) for the commit marker.
+        opts = {**self.storage_options, s3.RECORD_WRITES_OPTION: self._record_write} if s3.is_s3(uri) \
+            else self.storage_options
         try:
             with _ts_tuning(pool):  # batching is planned and staged inside take/async_take
                 if asynchronous:
                     pending = Snapshot.async_take(
-                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                        storage_options=self.storage_options,
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
                     )
                 else:
                     Snapshot.take(
-                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                        storage_options=self.storage_options,
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
                     )
         except BaseException:
             pool.settle(ok=False)
@@ -391,7 +392,7 @@ class DCPSnapshotter(Snapshotter):
         if s3.is_s3(uri):
             return _dcp_s3_writer()(
                 uri, thread_count=self.thread_count, single_file_per_rank=self.single_file_per_rank,
-                object_bytes=self.object_bytes, prepare=prepare, **self._fs_kwargs(uri),
+                object_bytes=self.object_bytes, prepare=prepare, record=self._record_write, **self._fs_kwargs(uri),
             )
         if prepare is not None:
             prepare()
@@ -489,9 +490,9 @@ class _S3Sink(io.RawIOBase):
     s3fs multipart stream. Nothing is uploaded unless :meth:`commit` runs.
     """
 
-    def __init__(self, fs: Any, path: str, single_put_bytes: int) -> None:
+    def __init__(self, fs: Any, path: str, single_put_bytes: int, record: Any = None) -> None:
         super().__init__()
-        self._fs, self._path, self._limit = fs, path, single_put_bytes
+        self._fs, self._path, self._limit, self._record = fs, path, single_put_bytes, record
         self._buf: bytearray | None = bytearray()
         self._stream: Any = None
         self._pos = 0
@@ -522,10 +523,13 @@ class _S3Sink(io.RawIOBase):
     def commit(self) -> None:
         if self._stream is not None:
             self._stream.close()
+            etag = self._fs.info(self._path).get("ETag", "")  # s3fs keeps no PUT answer of a stream
         else:
             assert self._buf is not None
-            self._fs.pipe_file(self._path, self._buf)
+            etag = (self._fs.pipe_file(self._path, self._buf) or {}).get("ETag", "")
         self._buf = None
+        if self._record is not None:
+            self._record(self._path, self._pos, etag)
 
     def discard(self) -> None:
         if self._stream is not None:
@@ -647,7 +651,7 @@ def _dcp_s3_writer() -> type:
                 with super().create_stream(path, mode) as stream:
                     yield stream
                 return
-            sink = _S3Sink(self.fs, os.fspath(path), DCP_SINGLE_PUT_BYTES)
+            sink = _S3Sink(self.fs, os.fspath(path), DCP_SINGLE_PUT_BYTES, self.record)
             try:
                 yield sink
             except BaseException:
@@ -660,7 +664,7 @@ def _dcp_s3_writer() -> type:
 
     class S3Writer(FsspecWriter):
         def __init__(self, path: str, *, thread_count: int | None, single_file_per_rank: bool,
-                     object_bytes: int, prepare: Any = None, **fs_kwargs: Any) -> None:
+                     object_bytes: int, prepare: Any = None, record: Any = None, **fs_kwargs: Any) -> None:
             super().__init__(path, single_file_per_rank=single_file_per_rank, sync_files=False,
                              thread_count=thread_count or 1, **fs_kwargs)
             self._auto_threads = thread_count is None
@@ -668,6 +672,7 @@ def _dcp_s3_writer() -> type:
             self._prepare = prepare
             fs = _S3FileSystem()
             fs.fs = self.fs.fs
+            fs.record = record  # each object written: (path, size, S3's ETag), for the commit marker
             self.fs = fs
 
         def _metadata_exists(self) -> bool:

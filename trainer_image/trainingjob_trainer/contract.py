@@ -223,9 +223,15 @@ class CommitMarker:
     """The content of :data:`COMMIT_MARKER`.
 
     Attributes:
-        save_id: Unique id of the save (attempt + random), stamped on every
-            object the save wrote (their S3 ETag/size are recorded in
-            ``objects``).
+        save_id: Unique id of the save (attempt + random).
+        objects: (below) exactly the objects this save wrote, each with the
+            size and the ETag S3 returned to the save's own PUT: an object
+            in the folder that the save did not write (a stray or late
+            upload of another save, landing between the save's start and its
+            commit) is left out, and one of the save's objects replaced
+            before the commit makes the commit fail. At restore, the
+            completion rule compares the listing with these ETags, so a
+            replacement after the commit makes the snapshot incomplete.
         attempt: The gang attempt that wrote the snapshot.
         epoch: Epoch at the snapshot.
         step: Global train step at the snapshot.
@@ -291,6 +297,22 @@ class CommitMarker:
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
+
+
+def marker_version(text: str | bytes) -> int | None:
+    """The ``version`` a commit marker declares (``None``: not a marker at all).
+
+    A marker that parses but has another version than
+    :data:`COMMIT_MARKER_VERSION` was written by another release of the
+    trainer (a newer image, before a rollback): it is never restored by this
+    one, and never deleted either.
+    """
+    try:
+        d = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    v = d.get("version") if isinstance(d, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _norm_etag(etag: Any) -> str:

@@ -24,6 +24,10 @@ TORCHSNAPSHOT_SCHEME = "tjs3"
 #: 14 KB/s through the test proxy never completed. ``storage_options``
 #: ``config_kwargs`` win.
 READ_TIMEOUT_SECONDS = 300
+#: ``storage_options`` key (never passed to s3fs) through which the snapshotter
+#: hands torchsnapshot's ``tjs3`` plugin a ``record(path, size, etag)``
+#: callback for every object it writes (see ``store.SnapshotStore.commit``).
+RECORD_WRITES_OPTION = "tj_record_writes"
 
 
 def storage_options_from_env(

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
-from trainingjob_trainer import _dist, contract
+from trainingjob_trainer import _dist, contract, s3
 from trainingjob_trainer.preemption import Preempted, PreemptionWatcher, write_termination_message
 from trainingjob_trainer.store import SnapshotConfigError, SnapshotStore, config_error, new_save_id
 
@@ -110,6 +110,9 @@ class _InFlight:
     emergency: bool
     handle: PendingWrite | None
     error: BaseException | None = None
+    #: This rank's writes: path -> {"size", "etag"} as S3 answered each PUT
+    #: (``None``: the backend does not report them, e.g. a local folder).
+    written: dict[str, dict[str, Any]] | None = None
 
 
 class Snapshotter(abc.ABC):
@@ -180,6 +183,7 @@ class Snapshotter(abc.ABC):
         self.last_save_stall_s = 0.0
         #: Saves that failed and were not committed (periodic ones: training went on).
         self.failed_saves = 0
+        self._writing: dict[str, dict[str, Any]] | None = None
 
     # ----------------------------------------------------------- backend API
     #: Whether :meth:`_write` takes ``prepare`` for an asynchronous write, i.e.
@@ -453,6 +457,7 @@ class Snapshotter(abc.ABC):
         prepare = functools.partial(self.store.begin, epoch=epoch, step=step) \
             if in_upload and _dist.rank(self.pg) == 0 else None
         handle, error = None, None
+        written = self._writing = {} if s3.is_s3(uri) else None
         try:
             handle = self._write(uri, app_state if app_state is not None else self.app_state,
                                  asynchronous=asynchronous, prepare=prepare)
@@ -461,7 +466,7 @@ class Snapshotter(abc.ABC):
         except BaseException as e:  # noqa: BLE001 - agreed on in _finish_in_flight
             error = e
         self.last_save_stall_s = time.monotonic() - t0
-        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle, error)
+        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle, error, written)
         if handle is None:
             return uri if self._finish_in_flight() is not None else None
         return uri
@@ -494,18 +499,26 @@ class Snapshotter(abc.ABC):
         if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
             return self._save_failed(fl.uri, emergency=fl.emergency,
                                      error=error or RuntimeError("another rank's write failed"))
+        per_rank = _dist.all_gather_object(fl.written, pg=self._flag_pg)
+        written = None if any(w is None for w in per_rank) else {k: v for w in per_rank for k, v in w.items()}
         try:
-            marker_json = _dist.on_rank0(lambda: self._commit(fl), pg=self._flag_pg, what=f"commit of {fl.uri}")
+            marker_json = _dist.on_rank0(lambda: self._commit(fl, written), pg=self._flag_pg,
+                                         what=f"commit of {fl.uri}")
         except Exception as e:  # noqa: BLE001 - the save's failure policy
             return self._save_failed(fl.uri, emergency=fl.emergency, error=e)
         self.last_marker = contract.CommitMarker.from_json(marker_json)
         return self.last_marker
 
-    def _commit(self, fl: _InFlight) -> str:
+    def _record_write(self, path: str, size: int, etag: str) -> None:
+        """Backends report each object they wrote (thread-safe: one dict item per object)."""
+        if self._writing is not None:
+            self._writing[path] = {"size": int(size), "etag": str(etag or "").strip('"')}
+
+    def _commit(self, fl: _InFlight, written: dict[str, dict[str, Any]] | None) -> str:
         """Rank 0: write the marker, then prune (best effort: retried at the next save)."""
         marker = self.store.commit(epoch=fl.epoch, step=fl.step, save_id=fl.save_id, attempt=self.attempt,
                                    backend=self.backend, seconds=time.monotonic() - fl.started,
-                                   emergency=fl.emergency)
+                                   emergency=fl.emergency, written=written)
         logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
         protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
         try:

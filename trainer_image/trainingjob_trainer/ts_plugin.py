@@ -34,7 +34,9 @@ class S3FSStoragePlugin(StoragePlugin):
     """
 
     def __init__(self, root: str, storage_options: Optional[Dict[str, Any]] = None) -> None:
-        self.fs, self.root = s3.filesystem(f"s3://{root}", storage_options)
+        opts = dict(storage_options or {})
+        self._record = opts.pop(s3.RECORD_WRITES_OPTION, None)
+        self.fs, self.root = s3.filesystem(f"s3://{root}", opts)
         self.written: list[str] = []
 
     def _key(self, path: str) -> str:
@@ -60,7 +62,8 @@ class S3FSStoragePlugin(StoragePlugin):
                 body = buf.obj  # a whole staging buffer (backends._SlabPool.take): no copy
             else:
                 body = view.tobytes()
-            await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
+            out = await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
+            self._recorded(key, size, out)
             return
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=path)
         upload_id = mpu["UploadId"]
@@ -73,14 +76,19 @@ class S3FSStoragePlugin(StoragePlugin):
 
         try:
             parts = await asyncio.gather(*(part(i + 1, off) for i, off in enumerate(range(0, size, PART_BYTES))))
-            await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id,
-                                   MultipartUpload={"Parts": list(parts)})
+            out = await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id,
+                                         MultipartUpload={"Parts": list(parts)})
+            self._recorded(key, size, out)
         except BaseException:
             try:
                 await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id)
             except Exception:  # noqa: BLE001 - the original error matters
                 pass
             raise
+
+    def _recorded(self, key: str, size: int, answer: Any) -> None:
+        if self._record is not None:
+            self._record(key, size, (answer or {}).get("ETag", ""))
 
     async def read(self, read_io: ReadIO) -> None:
         import io
