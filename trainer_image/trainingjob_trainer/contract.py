@@ -72,6 +72,9 @@ ENV_TERMINATION_MESSAGE_PATH = "TJ_TERMINATION_MESSAGE_PATH"
 #: records the last completed step, so the launcher can report the step reached
 #: even when the workers die without writing a termination message.
 ENV_PROGRESS_FILE = "TJ_PROGRESS_FILE"
+#: Trainer knob (users may set it in spec.env): bytes of multipart upload
+#: parts in flight per rank (see ``trainingjob_trainer.ts_plugin``).
+ENV_S3_MAX_INFLIGHT_BYTES = "TJ_S3_MAX_INFLIGHT_BYTES"
 #: The pod's terminationGracePeriodSeconds: how long the gang has between
 #: SIGTERM and SIGKILL to take the emergency snapshot and exit.
 ENV_GRACE_PERIOD_SECONDS = "TJ_TERMINATION_GRACE_PERIOD_SECONDS"
