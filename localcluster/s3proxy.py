@@ -310,18 +310,20 @@ async def _pump_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter 
             writer.write(data)
             await writer.drain()
 
+    async def copy(left: int) -> None:
+        while left:
+            data = await reader.read(min(left, CHUNK))
+            if not data:
+                raise ConnectionError("body ended early")
+            left -= len(data)
+            await send(data)
+
     if "chunked" in (_header(headers, "transfer-encoding") or "").lower():
         while True:
             size_line = await reader.readuntil(b"\r\n")
             size = int(size_line.split(b";", 1)[0], 16)
             await send(size_line)
-            left = size
-            while left:
-                data = await reader.read(min(left, CHUNK))
-                if not data:
-                    raise ConnectionError("body ended early")
-                left -= len(data)
-                await send(data)
+            await copy(size)
             if size == 0:  # trailers, then the empty line
                 while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
                     await send(line)
@@ -336,13 +338,7 @@ async def _pump_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter 
         elif writer is not None:
             await writer.drain()
         return
-    left = int(length)
-    while left:
-        data = await reader.read(min(left, CHUNK))
-        if not data:
-            raise ConnectionError("body ended early")
-        left -= len(data)
-        await send(data)
+    await copy(int(length))
     if writer is not None and not int(length):
         await writer.drain()
 
