@@ -15,18 +15,26 @@ Printed per state size:
 * the training stall of an async save (time until ``save()`` returns) as a
   ratio of the sync save time;
 * the per-step cost of the in-band emergency flag check (4 gloo ranks).
+
+``--memory 2048`` (part of ``make bench``) adds, per backend, a 2 GiB state
+saved and restored by a fresh process of its own: seconds, MiB/s and the
+peak resident memory during each, sampled every 5 ms from
+``/proc/self/statm``, as a multiple of the state's size above the process's
+resident memory before the state existed (issue 8's target: about 1.5x).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -198,11 +206,88 @@ def bench_flag(world: int = 4, steps: int = 500) -> float:
     return q.get()
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples this process's resident memory every 5 ms while in the ``with`` block."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def memory_child(backend: str, mib: int, bucket: str) -> dict[str, float]:
+    """One backend's 2 GiB save and restore in this (fresh) process: seconds and peak RSS."""
+    import torchsnapshot  # noqa: F401 - imported before the baseline: not part of a save's memory
+
+    from trainingjob_trainer.backends import _dcp_s3_writer, _dcp_stager, make_snapshotter
+
+    _dcp_s3_writer(), _dcp_stager()
+    base = _rss()
+    state = TensorState(mib)
+    resident = _rss()
+    uri = f"s3://{bucket}/mem-{backend}"
+    snap = make_snapshotter(backend=backend, uri=uri, app_state={"m": state}, watch_preemption=False)
+    with _PeakRSS() as save_peak:
+        save_s = timed(lambda: snap.save(step=1))
+    snap.close()
+    for t in state.tensors.values():
+        t.zero_()
+    snap2 = make_snapshotter(backend=backend, uri=uri, app_state={"m": state}, watch_preemption=False)
+    with _PeakRSS() as restore_peak:
+        restore_s = timed(snap2.restore_latest)
+    ref = TensorState(mib // 64, n=1)  # the first tensor's values, regenerated (same seed, same stream)
+    assert torch.equal(state.tensors["layer0.weight"][: ref.tensors["layer0.weight"].numel()],
+                       ref.tensors["layer0.weight"]), "restore differs"
+    import s3fs
+
+    s3fs.S3FileSystem(use_listings_cache=False).rm(f"{bucket}/mem-{backend}", recursive=True)
+    return {"base": base, "resident": resident, "save_s": save_s, "save_peak": save_peak.peak,
+            "restore_s": restore_s, "restore_peak": restore_peak.peak}
+
+
+def bench_memory(mib: int, bucket: str) -> None:
+    """Print the 2 GiB table: each backend in a fresh process (peak RSS is per process)."""
+    print(f"### {mib} MiB state, save and restore by a fresh process per backend: time and peak RSS\n")
+    print("| backend | save s | save MiB/s | restore s | restore MiB/s | state resident MiB "
+          "| peak RSS save (x state) | peak RSS restore (x state) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for backend in ("torchsnapshot", "dcp"):
+        r = subprocess.run([sys.executable, __file__, "--memory-child", backend, str(mib), bucket],
+                           capture_output=True, text=True, env=os.environ, check=True)
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        state = m["resident"] - m["base"]
+        print(f"| {backend} | {m['save_s']:.1f} | {mib / m['save_s']:.0f} | {m['restore_s']:.1f} "
+              f"| {mib / m['restore_s']:.0f} | {state / MIB:.0f} "
+              f"| {(m['save_peak'] - m['base']) / MIB:.0f} MiB ({(m['save_peak'] - m['base']) / state:.2f}x) "
+              f"| {(m['restore_peak'] - m['base']) / MIB:.0f} MiB ({(m['restore_peak'] - m['base']) / state:.2f}x) |")
+    print()
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--memory-child":
+        print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
+        return 0
     ap = argparse.ArgumentParser(description="snapshot benchmark (ratios measured in one run)")
     ap.add_argument("--sizes", default="256,1024,256x256",
                     help="states, comma-separated: MiB (as 64 tensors) or MiBxTENSORS")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    ap.add_argument("--memory", type=int, default=2048,
+                    help="MiB of the per-backend save/restore peak-RSS run (0: skip)")
     args = ap.parse_args()
     proc, url = start_moto()
     try:
@@ -213,6 +298,10 @@ def main() -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
         print(f"torch {torch.__version__}, moto S3 on loopback, {os.cpu_count()} CPUs, repeat={args.repeat}\n")
+        if args.memory:
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            s3fs.S3FileSystem().mkdir(bucket)
+            bench_memory(args.memory, bucket)
         for spec in [s.strip() for s in args.sizes.split(",") if s.strip()]:
             mib, _, n = spec.partition("x")
             mib, n = int(mib), int(n or 64)

@@ -17,6 +17,53 @@ import torch
 from trainingjob_trainer import _dist, contract, s3
 from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter, env_int
 
+#: The versions whose internals this module patches or builds on, by
+#: distribution: torchsnapshot's two stagers are replaced
+#: (:func:`_ts_install`), DCP's ``FsspecWriter`` is subclassed with its
+#: private ``_write_data``/``_split_by_size_and_type``/``_item_size``, and
+#: torch's private ``_state_dict_utils`` copy the async state. Another version
+#: may change any of them without notice, so it fails at import, clearly,
+#: instead of saving wrong snapshots. To try one: check those internals,
+#: run ``tests/trainer``, then add it here.
+TESTED_VERSIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("2.13.0",),
+    "torchsnapshot-nightly": ("2024.7.26",),
+}
+
+
+def check_versions(installed: Mapping[str, str | None], tested: Mapping[str, tuple[str, ...]] = TESTED_VERSIONS) -> None:
+    """Raise ``ImportError`` if an installed distribution has an untested version.
+
+    Args:
+        installed: Distribution -> version (``None``: not installed, e.g.
+            torchsnapshot in a DCP-only image; its patches then never run).
+            A local suffix (``2.13.0+cpu``) is ignored.
+        tested: Distribution -> the versions this module was tested with.
+    """
+    for dist_name, versions in tested.items():
+        have = installed.get(dist_name)
+        if have is not None and have.split("+", 1)[0] not in versions:
+            raise ImportError(
+                f"trainingjob_trainer.backends patches internals of {dist_name} and was tested with "
+                f"{', '.join(versions)} only; {have} is installed. Install {dist_name}=={versions[-1]} "
+                f"(see constraints.txt), or check the patched internals and extend TESTED_VERSIONS")
+
+
+def _installed_versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    out: dict[str, str | None] = {"torch": torch.__version__}
+    for name in TESTED_VERSIONS:
+        if name != "torch":
+            try:
+                out[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                out[name] = None
+    return out
+
+
+check_versions(_installed_versions())
+
 BACKEND_TORCHSNAPSHOT = "torchsnapshot"
 BACKEND_DCP = "dcp"
 #: Chosen from docs/benchmarks.md ("Snapshots"): at 256 MiB and 1 GiB DCP
@@ -232,17 +279,18 @@ class TorchSnapshotSnapshotter(Snapshotter):
 
         url = s3.to_torchsnapshot_url(uri)
         pool = self._slabs
+        # The tjs3 plugin reports each object it wrote (key, size, S3's ETag) for the commit marker.
+        opts = {**self.storage_options, s3.RECORD_WRITES_OPTION: self._record_write} if s3.is_s3(uri) \
+            else self.storage_options
         try:
             with _ts_tuning(pool):  # batching is planned and staged inside take/async_take
                 if asynchronous:
                     pending = Snapshot.async_take(
-                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                        storage_options=self.storage_options,
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
                     )
                 else:
                     Snapshot.take(
-                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated,
-                        storage_options=self.storage_options,
+                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
                     )
         except BaseException:
             pool.settle(ok=False)
@@ -344,7 +392,7 @@ class DCPSnapshotter(Snapshotter):
         if s3.is_s3(uri):
             return _dcp_s3_writer()(
                 uri, thread_count=self.thread_count, single_file_per_rank=self.single_file_per_rank,
-                object_bytes=self.object_bytes, prepare=prepare, **self._fs_kwargs(uri),
+                object_bytes=self.object_bytes, prepare=prepare, record=self._record_write, **self._fs_kwargs(uri),
             )
         if prepare is not None:
             prepare()
@@ -442,9 +490,9 @@ class _S3Sink(io.RawIOBase):
     s3fs multipart stream. Nothing is uploaded unless :meth:`commit` runs.
     """
 
-    def __init__(self, fs: Any, path: str, single_put_bytes: int) -> None:
+    def __init__(self, fs: Any, path: str, single_put_bytes: int, record: Any = None) -> None:
         super().__init__()
-        self._fs, self._path, self._limit = fs, path, single_put_bytes
+        self._fs, self._path, self._limit, self._record = fs, path, single_put_bytes, record
         self._buf: bytearray | None = bytearray()
         self._stream: Any = None
         self._pos = 0
@@ -475,10 +523,13 @@ class _S3Sink(io.RawIOBase):
     def commit(self) -> None:
         if self._stream is not None:
             self._stream.close()
+            etag = self._fs.info(self._path).get("ETag", "")  # s3fs keeps no PUT answer of a stream
         else:
             assert self._buf is not None
-            self._fs.pipe_file(self._path, self._buf)
+            etag = (self._fs.pipe_file(self._path, self._buf) or {}).get("ETag", "")
         self._buf = None
+        if self._record is not None:
+            self._record(self._path, self._pos, etag)
 
     def discard(self) -> None:
         if self._stream is not None:
@@ -600,7 +651,7 @@ def _dcp_s3_writer() -> type:
                 with super().create_stream(path, mode) as stream:
                     yield stream
                 return
-            sink = _S3Sink(self.fs, os.fspath(path), DCP_SINGLE_PUT_BYTES)
+            sink = _S3Sink(self.fs, os.fspath(path), DCP_SINGLE_PUT_BYTES, self.record)
             try:
                 yield sink
             except BaseException:
@@ -613,7 +664,7 @@ def _dcp_s3_writer() -> type:
 
     class S3Writer(FsspecWriter):
         def __init__(self, path: str, *, thread_count: int | None, single_file_per_rank: bool,
-                     object_bytes: int, prepare: Any = None, **fs_kwargs: Any) -> None:
+                     object_bytes: int, prepare: Any = None, record: Any = None, **fs_kwargs: Any) -> None:
             super().__init__(path, single_file_per_rank=single_file_per_rank, sync_files=False,
                              thread_count=thread_count or 1, **fs_kwargs)
             self._auto_threads = thread_count is None
@@ -621,6 +672,7 @@ def _dcp_s3_writer() -> type:
             self._prepare = prepare
             fs = _S3FileSystem()
             fs.fs = self.fs.fs
+            fs.record = record  # each object written: (path, size, S3's ETag), for the commit marker
             self.fs = fs
 
         def _metadata_exists(self) -> bool:

@@ -81,6 +81,9 @@ ENV_TERMINATION_MESSAGE_PATH = "TJ_TERMINATION_MESSAGE_PATH"
 #: records the last completed step, so the launcher can report the step reached
 #: even when the workers die without writing a termination message.
 ENV_PROGRESS_FILE = "TJ_PROGRESS_FILE"
+#: Trainer knob (users may set it in spec.env): bytes of multipart upload
+#: parts in flight per rank (see ``trainingjob_trainer.ts_plugin``).
+ENV_S3_MAX_INFLIGHT_BYTES = "TJ_S3_MAX_INFLIGHT_BYTES"
 #: The pod's terminationGracePeriodSeconds: how long the gang has between
 #: SIGTERM and SIGKILL to take the emergency snapshot and exit.
 ENV_GRACE_PERIOD_SECONDS = "TJ_TERMINATION_GRACE_PERIOD_SECONDS"
@@ -124,6 +127,9 @@ TERM_REASON_COMPLETED = "Completed"
 TERM_REASON_PREEMPTED = "PreemptedAfterSnapshot"
 TERM_REASON_PREEMPTED_NO_SNAPSHOT = "PreemptedWithoutSnapshot"
 TERM_REASON_ERROR = "Error"
+#: The snapshot storage refused the job (unknown bucket, bad credentials):
+#: the pod exits :data:`EXIT_SNAPSHOT_CONFIG_ERROR`.
+TERM_REASON_SNAPSHOT_CONFIG_ERROR = "SnapshotStorageError"
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # the kubelet truncates past this
 
 
@@ -229,9 +235,15 @@ class CommitMarker:
     """The content of :data:`COMMIT_MARKER`.
 
     Attributes:
-        save_id: Unique id of the save (attempt + random), stamped on every
-            object the save wrote (their S3 ETag/size are recorded in
-            ``objects``).
+        save_id: Unique id of the save (attempt + random).
+        objects: (below) exactly the objects this save wrote, each with the
+            size and the ETag S3 returned to the save's own PUT: an object
+            in the folder that the save did not write (a stray or late
+            upload of another save, landing between the save's start and its
+            commit) is left out, and one of the save's objects replaced
+            before the commit makes the commit fail. At restore, the
+            completion rule compares the listing with these ETags, so a
+            replacement after the commit makes the snapshot incomplete.
         attempt: The gang attempt that wrote the snapshot.
         epoch: Epoch at the snapshot.
         step: Global train step at the snapshot.
@@ -297,6 +309,22 @@ class CommitMarker:
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
+
+
+def marker_version(text: str | bytes) -> int | None:
+    """The ``version`` a commit marker declares (``None``: not a marker at all).
+
+    A marker that parses but has another version than
+    :data:`COMMIT_MARKER_VERSION` was written by another release of the
+    trainer (a newer image, before a rollback): it is never restored by this
+    one, and never deleted either.
+    """
+    try:
+        d = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    v = d.get("version") if isinstance(d, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _norm_etag(etag: Any) -> str:

@@ -17,6 +17,17 @@ from trainingjob_trainer import contract
 
 #: URL scheme of this project's torchsnapshot storage plugin (see ts_plugin).
 TORCHSNAPSHOT_SCHEME = "tjs3"
+#: botocore's ``read_timeout`` for every S3 client of the trainer (seconds).
+#: aiobotocore's clock runs while a request body is still being uploaded, so
+#: with the default 60 s an object that needs longer than that to upload (a
+#: slow or throttled link) is cut and retried from zero, forever: 1 MB at
+#: 14 KB/s through the test proxy never completed. ``storage_options``
+#: ``config_kwargs`` win.
+READ_TIMEOUT_SECONDS = 300
+#: ``storage_options`` key (never passed to s3fs) through which the snapshotter
+#: hands torchsnapshot's ``tjs3`` plugin a ``record(path, size, etag)``
+#: callback for every object it writes (see ``store.SnapshotStore.commit``).
+RECORD_WRITES_OPTION = "tj_record_writes"
 
 
 def storage_options_from_env(
@@ -44,9 +55,10 @@ def storage_options_from_env(
             opts["token"] = env[contract.SECRET_KEY_SESSION_TOKEN]
     if env.get(contract.ENV_S3_REGION):
         opts.setdefault("client_kwargs", {})["region_name"] = env[contract.ENV_S3_REGION]
+    opts["config_kwargs"] = {"read_timeout": READ_TIMEOUT_SECONDS}
     for k, v in (overrides or {}).items():
-        if k == "client_kwargs":
-            opts.setdefault("client_kwargs", {}).update(v)
+        if k in ("client_kwargs", "config_kwargs"):
+            opts.setdefault(k, {}).update(v)
         else:
             opts[k] = v
     # Listings must always be fresh: the completion rule compares ETags.

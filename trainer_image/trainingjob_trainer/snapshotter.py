@@ -23,11 +23,12 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
-from trainingjob_trainer import _dist, contract
+from trainingjob_trainer import _dist, contract, s3
 from trainingjob_trainer.preemption import (
     Preempted,
     PreemptedDuringRestore,
@@ -35,9 +36,62 @@ from trainingjob_trainer.preemption import (
     write_termination_message,
 )
 from trainingjob_trainer.progress import LiveMixin, stall_timed
-from trainingjob_trainer.store import SnapshotStore, new_save_id
+from trainingjob_trainer.store import SnapshotConfigError, SnapshotStore, config_error, new_save_id
 
 logger = logging.getLogger(__name__)
+
+
+#: What a failed write or read may raise: DCP's ``CheckpointException`` is a
+#: ``BaseException``; interrupts and exits are never caught as failures.
+_NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+class SnapshotNotRestorable(RuntimeError):
+    """The snapshot asked for is not complete (never retried)."""
+
+
+class RestoreFailed(RuntimeError):
+    """Restoring failed on every rank after the retries (storage errors)."""
+
+
+class SnapshotStorageUnusable(SystemExit):
+    """Raised on every rank when S3 refuses the job's snapshot configuration.
+
+    A ``SystemExit`` with :data:`contract.EXIT_SNAPSHOT_CONFIG_ERROR`, after
+    a ``SnapshotStorageError`` termination message that says what to fix:
+    the operator then fails the job instead of restarting it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(contract.EXIT_SNAPSHOT_CONFIG_ERROR)
+        self.message = message
+
+
+def _storage_unusable(error: SnapshotConfigError, *, step: int | None = None) -> SnapshotStorageUnusable:
+    logger.error("snapshot storage unusable: %s", error)
+    write_termination_message(contract.TerminationMessage(
+        reason=contract.TERM_REASON_SNAPSHOT_CONFIG_ERROR, step=step, message=str(error)))
+    return SnapshotStorageUnusable(str(error))
+
+
+class SnapshotFailed(RuntimeError):
+    """A save that had to succeed (the emergency save) failed on every rank."""
+
+
+class EmergencySnapshotFailed(SystemExit):
+    """Raised on every rank when the emergency snapshot could not be taken.
+
+    A ``SystemExit`` with code ``128 + SIGTERM``: the job was preempted
+    without a snapshot. The termination message
+    (``PreemptedWithoutSnapshot``) names the error.
+
+    Attributes:
+        step: The step the snapshot was for.
+    """
+
+    def __init__(self, *, step: int) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.step = step
 
 
 @dataclass
@@ -62,6 +116,10 @@ class _InFlight:
     started: float
     emergency: bool
     handle: PendingWrite | None
+    error: BaseException | None = None
+    #: This rank's writes: path -> {"size", "etag"} as S3 answered each PUT
+    #: (``None``: the backend does not report them, e.g. a local folder).
+    written: dict[str, dict[str, Any]] | None = None
 
 
 class Snapshotter(LiveMixin, abc.ABC):
@@ -89,6 +147,10 @@ class Snapshotter(LiveMixin, abc.ABC):
     """
 
     backend: ClassVar[str] = ""
+    #: Restore tries in all (finding the target, reading it), and the first
+    #: backoff (doubled after each failed try): 1 + 2 + 4 s by default.
+    restore_attempts: ClassVar[int] = 4
+    restore_backoff_s: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -131,6 +193,9 @@ class Snapshotter(LiveMixin, abc.ABC):
         self.last_marker: contract.CommitMarker | None = None
         self._in_flight: _InFlight | None = None
         self.last_save_stall_s = 0.0
+        #: Saves that failed and were not committed (periodic ones: training went on).
+        self.failed_saves = 0
+        self._writing: dict[str, dict[str, Any]] | None = None
 
     # ----------------------------------------------------------- backend API
     #: Whether :meth:`_write` takes ``prepare`` for an asynchronous write, i.e.
@@ -162,12 +227,12 @@ class Snapshotter(LiveMixin, abc.ABC):
         """The snapshot to resume from: ``resume_from`` if set, else the latest complete.
 
         Raises:
-            RuntimeError: ``resume_from`` names an incomplete snapshot.
+            SnapshotNotRestorable: ``resume_from`` names an incomplete snapshot.
         """
         if self.resume_from:
             info = self.store.inspect(self.resume_from)
             if info is None or not info.complete:
-                raise RuntimeError(f"requested snapshot {self.resume_from} is not a complete snapshot")
+                raise SnapshotNotRestorable(f"requested snapshot {self.resume_from} is not a complete snapshot")
             return info.uri
         info = self.store.latest_complete()
         return info.uri if info else None
@@ -178,18 +243,39 @@ class Snapshotter(LiveMixin, abc.ABC):
         Returns:
             The restored global step (0 when there is nothing to restore).
         """
-        target = None
-        if _dist.rank(self.pg) == 0:
-            try:
-                target = ("ok", self.find_restore_target())
-            except Exception as e:  # noqa: BLE001 - every rank must learn it
-                target = ("error", str(e))
-        target = _dist.broadcast_object(target, pg=self._flag_pg)
-        if target[0] == "error":
-            raise RuntimeError(target[1])
-        if target[1] is None:
+        target = self.restore_target()
+        if target is None:
             return 0
-        return self.restore(target[1], app_state=app_state, optional=optional).step
+        return self.restore(target, app_state=app_state, optional=optional).step
+
+    def restore_target(self) -> str | None:
+        """:meth:`find_restore_target` on rank 0, retried with backoff; its
+        answer, or its error, on every rank (collective)."""
+        def find() -> str | None:
+            self.store.check_access()
+            return self.find_restore_target()
+
+        return self._retried(lambda: _dist.on_rank0(find, pg=self._flag_pg,
+                                                    what=f"finding the snapshot to restore under {self.uri}"),
+                             what=f"finding the snapshot to restore under {self.uri}")
+
+    def _retried(self, fn: Callable[[], Any], *, what: str) -> Any:
+        try:
+            return _dist.with_retries(fn, attempts=self.restore_attempts, backoff_s=self.restore_backoff_s,
+                                      what=what, log=logger.warning,
+                                      give_up=(SnapshotNotRestorable, SnapshotConfigError))
+        except SnapshotNotRestorable:
+            raise
+        except SnapshotConfigError as e:
+            raise _storage_unusable(e) from e
+        except _dist.Rank0Error as e:
+            if e.cause_type == SnapshotNotRestorable.__name__:
+                raise SnapshotNotRestorable(str(e)) from e
+            if e.cause_type == SnapshotConfigError.__name__:
+                raise _storage_unusable(SnapshotConfigError(str(e))) from e
+            raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the same clear error on every rank
+            raise RestoreFailed(f"{what} failed after {self.restore_attempts} tries: {type(e).__name__}: {e}") from e
 
     def restore(
         self,
@@ -206,14 +292,20 @@ class Snapshotter(LiveMixin, abc.ABC):
             optional: Keys of ``app_state`` restored only if the snapshot has
                 them (TorchTNT's dataloader is saved only intra-epoch).
 
+        Storage errors are retried (:attr:`restore_attempts`, backoff from
+        :attr:`restore_backoff_s`) on every rank together, then raised on
+        every rank. A SIGTERM during the restore (with a watcher) exits at once.
+
         Raises:
+            SnapshotNotRestorable: ``uri`` is not a complete snapshot.
             PreemptedDuringRestore: SIGTERM arrived during the restore (with a
                 watcher): the rank exits at once, after writing a
                 ``PreemptedWithoutSnapshot`` termination message.
         """
         try:
             with self._exit_on_sigterm(uri):
-                marker = self._restore(uri, app_state=app_state, optional=optional)
+                marker = self._retried(lambda: self._restore_once(uri, app_state=app_state, optional=optional),
+                                       what=f"restore of {uri}")
         except PreemptedDuringRestore:
             logger.warning("rank %d: SIGTERM during the restore of %s; exiting at once", _dist.rank(self.pg), uri)
             parsed = contract.parse_snapshot_dir_name(uri.rstrip("/").rsplit("/", 1)[-1])
@@ -234,14 +326,16 @@ class Snapshotter(LiveMixin, abc.ABC):
             return contextlib.nullcontext()
         return self.watcher.raising(lambda: PreemptedDuringRestore(snapshot=uri.rstrip("/")))
 
-    def _restore(self, uri: str, *, app_state: Mapping[str, Any] | None, optional: tuple[str, ...]) -> contract.CommitMarker:
-        marker_json = None
-        if _dist.rank(self.pg) == 0:
-            info = self.store.inspect(uri)
-            marker_json = info.marker.to_json() if info is not None and info.complete and info.marker else None
-        marker_json = _dist.broadcast_object(marker_json, pg=self._flag_pg)
+    def _complete_marker_json(self, uri: str) -> str | None:
+        info = self.store.inspect(uri)
+        return info.marker.to_json() if info is not None and info.complete and info.marker else None
+
+    def _restore_once(self, uri: str, *, app_state: Mapping[str, Any] | None,
+                      optional: tuple[str, ...]) -> contract.CommitMarker:
+        marker_json = _dist.on_rank0(lambda: self._complete_marker_json(uri), pg=self._flag_pg,
+                                     what=f"reading the commit marker of {uri}")
         if marker_json is None:
-            raise RuntimeError(f"{uri} is not a complete snapshot; refusing to restore it")
+            raise SnapshotNotRestorable(f"{uri} is not a complete snapshot; refusing to restore it")
         marker = contract.CommitMarker.from_json(marker_json)
         assert marker is not None
         t0 = time.monotonic()
@@ -258,13 +352,32 @@ class Snapshotter(LiveMixin, abc.ABC):
                 for key in optional:
                     if key not in stored:
                         state.pop(key, None)
-        reader._read(uri.rstrip("/"), state)
-        _dist.barrier(self._flag_pg)
+        error: BaseException | None = None
+        try:
+            reader._read(uri.rstrip("/"), state)
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+            error = e
+        if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
+            why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            raise RuntimeError(f"restore of {uri} failed: {why}") from error
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
         return marker
 
     # ------------------------------------------------------------------ save
+    def step_boundary(self) -> bool:
+        """The per-step check (collective): did ANY rank get SIGTERM?
+
+        Also commits a background save that every rank has finished, with or
+        without a SIGTERM watcher (without one, only while a save is in
+        flight: a no-op otherwise).
+        """
+        if self.watcher is None and self._in_flight is None:
+            return False
+        return self.preemption_requested()
+
     def preemption_requested(self) -> bool:
         """Step-boundary check (collective): did ANY rank get SIGTERM?
 
@@ -298,7 +411,7 @@ class Snapshotter(LiveMixin, abc.ABC):
         """
         record_progress(step)
         self._live_boundary(step=step, epoch=epoch)
-        if self.watcher is not None and self.preemption_requested():
+        if self.step_boundary():
             self.emergency_save(step=step, epoch=epoch, app_state=app_state)
         if (self.every_steps and step % self.every_steps == 0) or self.request_due():
             return self.save(step=step, epoch=epoch, app_state=app_state)
@@ -307,19 +420,36 @@ class Snapshotter(LiveMixin, abc.ABC):
     def emergency_save(
         self, *, step: int, epoch: int = 0, app_state: Mapping[str, Any] | None = None
     ) -> None:
-        """Save synchronously with every rank, write the termination message, raise :class:`Preempted`."""
+        """Save synchronously with every rank, write the termination message, raise :class:`Preempted`.
+
+        Raises:
+            Preempted: The snapshot is committed.
+            EmergencySnapshotFailed: It could not be taken (the termination
+                message, ``PreemptedWithoutSnapshot``, names the error).
+        """
         logger.warning("rank %d: preemption flag set, emergency snapshot at step %d", _dist.rank(self.pg), step)
-        self.wait()
+        t0 = time.monotonic()
         uri = self.store.uri_for(epoch=epoch, step=step)
-        committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
-        if not committed:
-            uri = self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+        try:
+            self.wait()
+            committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
+            if not committed:
+                self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+        except Exception as e:  # noqa: BLE001 - reported, then the job exits as preempted without snapshot
+            logger.error("rank %d: emergency snapshot %s failed: %s", _dist.rank(self.pg), uri, e)
+            write_termination_message(contract.TerminationMessage(
+                reason=contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT, step=step,
+                message=f"emergency snapshot {uri} failed: {type(e).__name__}: {e}"))
+            raise EmergencySnapshotFailed(step=step) from e
+        seconds = time.monotonic() - t0
+        logger.warning("rank %d: emergency snapshot %s committed in %.2fs", _dist.rank(self.pg), uri, seconds)
         write_termination_message(
             contract.TerminationMessage(
                 reason=contract.TERM_REASON_PREEMPTED,
                 step=step,
                 snapshot=uri,
                 message=f"emergency snapshot at step {step} after SIGTERM",
+                save_seconds=seconds,
             )
         )
         raise Preempted(step=step, snapshot=uri)
@@ -333,16 +463,21 @@ class Snapshotter(LiveMixin, abc.ABC):
         app_state: Mapping[str, Any] | None = None,
         emergency: bool = False,
         asynchronous: bool | None = None,
-    ) -> str:
+    ) -> str | None:
         """Take a snapshot now (collective). Returns its folder URI.
 
         A synchronous save is committed (marker written) when this returns; an
-        asynchronous one at a later step boundary or in :meth:`wait`.
+        asynchronous one at a later step boundary or in :meth:`wait`. A failed
+        periodic save is logged and counted (:attr:`failed_saves`), the
+        previous snapshot stays the latest, and training goes on: ``None``.
 
         A save into the folder this run restored from is skipped: it holds
         this very state, complete, and re-saving it would drop its commit
         marker first, leaving nothing to restore until the save finished
         (TorchTNT's ``on_train_end`` of a restarted, finished run did that).
+
+        Raises:
+            SnapshotFailed: An emergency save failed.
         """
         self.wait()
         uri = self.store.uri_for(epoch=epoch, step=step)
@@ -351,26 +486,37 @@ class Snapshotter(LiveMixin, abc.ABC):
             self.last_marker = self._restored_marker or self.last_marker
             return uri
         asynchronous = self.async_save if asynchronous is None else asynchronous
-        save_id = None
-        prepare = None
         t0 = time.monotonic()
-        if _dist.rank(self.pg) == 0:
-            save_id = new_save_id(self.attempt)
-            # Empty the folder (a fenced attempt's leftovers): in the upload
-            # when the backend can order it before the first object (two S3
-            # round trips off the training thread), else here.
-            prepare = functools.partial(self.store.begin, epoch=epoch, step=step)
-            if not (asynchronous and self._prepares_async_writes):
-                prepare()
-                prepare = None
-        save_id = _dist.broadcast_object(save_id, pg=self._flag_pg)
-        handle = self._write(uri, app_state if app_state is not None else self.app_state, asynchronous=asynchronous,
-                             prepare=prepare)
+        # Empty the folder (a fenced attempt's leftovers): in the upload when
+        # the backend can order it before the first object (two S3 round
+        # trips off the training thread), else here.
+        in_upload = asynchronous and self._prepares_async_writes
+
+        def start() -> str:
+            if not in_upload:
+                self.store.begin(epoch=epoch, step=step)
+            return new_save_id(self.attempt)
+
+        try:
+            save_id = _dist.on_rank0(start, pg=self._flag_pg, what=f"preparing {uri}")
+        except Exception as e:  # noqa: BLE001 - the save's failure policy
+            return self._save_failed(uri, emergency=emergency, error=e)
+        prepare = functools.partial(self.store.begin, epoch=epoch, step=step) \
+            if in_upload and _dist.rank(self.pg) == 0 else None
+        handle, error = None, None
+        written = self._writing = {} if s3.is_s3(uri) else None
+        try:
+            handle = self._write(uri, app_state if app_state is not None else self.app_state,
+                                 asynchronous=asynchronous, prepare=prepare)
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - agreed on in _finish_in_flight
+            error = e
         self.last_save_stall_s = time.monotonic() - t0
-        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle)
+        self._in_flight = _InFlight(uri, epoch, step, save_id, t0, emergency, handle, error, written)
         self._live_claim(uri)
         if handle is None:
-            self._finish_in_flight()
+            return uri if self._finish_in_flight() is not None else None
         return uri
 
     @stall_timed
@@ -382,40 +528,75 @@ class Snapshotter(LiveMixin, abc.ABC):
 
     @stall_timed
     def _finish_in_flight(self) -> contract.CommitMarker | None:
+        """Wait for the save in flight, agree on its outcome, commit it (collective).
+
+        Returns:
+            The new marker, or ``None`` when the (periodic) save failed.
+        """
         fl = self._in_flight
         assert fl is not None
-        ok = True
+        error = fl.error
         try:
-            if fl.handle is not None:
+            if fl.handle is not None and error is None:
                 fl.handle.wait()
-        except Exception:  # noqa: BLE001
-            logger.exception("snapshot write to %s failed; it will not be committed", fl.uri)
-            ok = False
+        except _NOT_FAILURES:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the save's failure policy
+            error = e
         # Only now: interrupted in wait() (KeyboardInterrupt), the save stays
         # in flight, and the next save waits for it before reusing buffers.
         self._in_flight = None
-        ok = not _dist.all_reduce_max([int(not ok)], pg=self._flag_pg)[0]
-        marker_json = None
-        if ok and _dist.rank(self.pg) == 0:
-            marker = self.store.commit(
-                epoch=fl.epoch,
-                step=fl.step,
-                save_id=fl.save_id,
-                attempt=self.attempt,
-                backend=self.backend,
-                seconds=time.monotonic() - fl.started,
-                emergency=fl.emergency,
-            )
-            marker_json = marker.to_json()
-            logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
-            protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
-            self.store.prune(keep_last=self.keep_last, protect=protect)
-        marker_json = _dist.broadcast_object(marker_json, pg=self._flag_pg)
-        self._live_finished(fl.uri, marker_json if ok else None)
-        if not ok or marker_json is None:
-            raise RuntimeError(f"snapshot {fl.uri} failed")
+        if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
+            self._live_finished(fl.uri, None)
+            return self._save_failed(fl.uri, emergency=fl.emergency,
+                                     error=error or RuntimeError("another rank's write failed"))
+        per_rank = _dist.all_gather_object(fl.written, pg=self._flag_pg)
+        written = None if any(w is None for w in per_rank) else {k: v for w in per_rank for k, v in w.items()}
+        try:
+            marker_json = _dist.on_rank0(lambda: self._commit(fl, written), pg=self._flag_pg,
+                                         what=f"commit of {fl.uri}")
+        except Exception as e:  # noqa: BLE001 - the save's failure policy
+            self._live_finished(fl.uri, None)
+            return self._save_failed(fl.uri, emergency=fl.emergency, error=e)
+        self._live_finished(fl.uri, marker_json)
         self.last_marker = contract.CommitMarker.from_json(marker_json)
         return self.last_marker
+
+    def _record_write(self, path: str, size: int, etag: str) -> None:
+        """Backends report each object they wrote (thread-safe: one dict item per object)."""
+        if self._writing is not None:
+            self._writing[path] = {"size": int(size), "etag": str(etag or "").strip('"')}
+
+    def _commit(self, fl: _InFlight, written: dict[str, dict[str, Any]] | None) -> str:
+        """Rank 0: write the marker, then prune (best effort: retried at the next save)."""
+        marker = self.store.commit(epoch=fl.epoch, step=fl.step, save_id=fl.save_id, attempt=self.attempt,
+                                   backend=self.backend, seconds=time.monotonic() - fl.started,
+                                   emergency=fl.emergency, written=written)
+        logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
+        protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
+        try:
+            self.store.prune(keep_last=self.keep_last, protect=protect)
+        except Exception as e:  # noqa: BLE001 - retention is best effort
+            logger.warning("pruning %s failed (retried after the next save): %s", self.uri, e)
+        return marker.to_json()
+
+    def _save_failed(self, uri: str, *, emergency: bool, error: BaseException) -> None:
+        """A save's failure policy: an emergency save raises; a periodic one is
+        logged and counted, and training goes on with the previous latest.
+        Storage that refuses the job (:func:`store.config_error`, on any
+        rank) ends it with :class:`SnapshotStorageUnusable`."""
+        self.failed_saves += 1
+        cfg = config_error(error)
+        if _dist.all_reduce_max([int(cfg is not None)], pg=self._flag_pg)[0]:
+            raise _storage_unusable(cfg or SnapshotConfigError(f"snapshot {uri}: S3 refused another rank"))
+        if emergency:
+            raise SnapshotFailed(f"snapshot {uri} failed: {type(error).__name__}: {error}") from error
+        latest = self.last_marker
+        logger.error("rank %d: snapshot %s failed and is not committed (%d failed so far; training goes on, "
+                     "the latest snapshot is still %s): %s: %s", _dist.rank(self.pg), uri, self.failed_saves,
+                     self.store.uri_for(epoch=latest.epoch, step=latest.step) if latest else "none",
+                     type(error).__name__, error)
+        return None
 
     def close(self) -> None:
         """Commit any background save, uninstall the SIGTERM handler and free

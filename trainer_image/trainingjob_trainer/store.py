@@ -36,6 +36,8 @@ class SnapshotInfo:
         step: Parsed step.
         marker: The parsed commit marker, ``None`` if absent or malformed.
         complete: Whether the completion rule holds right now.
+        foreign_version: The version of a marker written by another release
+            (never restored, never pruned), else ``None``.
         listing: Relative path -> ``{"size", "etag"}`` of the folder's objects.
     """
 
@@ -46,6 +48,29 @@ class SnapshotInfo:
     marker: contract.CommitMarker | None
     complete: bool
     listing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    foreign_version: int | None = None
+
+
+class SnapshotConfigError(RuntimeError):
+    """The snapshot storage is unusable as configured (unknown bucket, refused
+    credentials): retrying or restarting will not help."""
+
+
+def config_error(error: BaseException | None) -> SnapshotConfigError | None:
+    """``error`` as a :class:`SnapshotConfigError` if it is one (s3fs raises
+    ``PermissionError`` for refused credentials or access, and
+    ``FileNotFoundError`` "The specified bucket does not exist"), else ``None``."""
+    seen = 0
+    while error is not None and seen < 8:  # the cause chain (DCP wraps the writers' errors)
+        if isinstance(error, SnapshotConfigError):
+            return error
+        if isinstance(error, PermissionError):
+            return SnapshotConfigError(f"S3 refused access: {error}; check the credentials Secret "
+                                       "(spec.snapshot.credentialsSecret) and its permissions on the bucket")
+        if isinstance(error, FileNotFoundError) and "bucket does not exist" in str(error):
+            return SnapshotConfigError(f"{error}: check spec.snapshot.uri (and spec.snapshot.endpoint)")
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def new_save_id(attempt: int) -> str:
@@ -94,11 +119,16 @@ class SnapshotStore:
             }
         return out
 
-    def _read_marker(self, name: str) -> contract.CommitMarker | None:
+    @staticmethod
+    def _marker_at(fs: Any, path: str) -> tuple[contract.CommitMarker | None, int | None]:
+        """The marker in folder ``path`` and, when another release wrote it, its version."""
         try:
-            return contract.CommitMarker.from_json(self.fs.cat_file(f"{self._path(name)}/{contract.COMMIT_MARKER}"))
+            text = fs.cat_file(f"{path}/{contract.COMMIT_MARKER}")
         except FileNotFoundError:
-            return None
+            return None, None
+        version = contract.marker_version(text)
+        foreign = version if version is not None and version != contract.COMMIT_MARKER_VERSION else None
+        return contract.CommitMarker.from_json(text), foreign
 
     def scan(self) -> list[SnapshotInfo]:
         """Every snapshot folder under the root, oldest first (by step, epoch).
@@ -115,7 +145,8 @@ class SnapshotStore:
         infos = []
         for name, listing in by_dir.items():
             epoch, step = contract.parse_snapshot_dir_name(name)  # type: ignore[misc]
-            marker = self._read_marker(name) if contract.COMMIT_MARKER in listing else None
+            marker, foreign = self._marker_at(self.fs, self._path(name)) if contract.COMMIT_MARKER in listing \
+                else (None, None)
             infos.append(
                 SnapshotInfo(
                     uri=s3.join(self.root, name),
@@ -125,6 +156,7 @@ class SnapshotStore:
                     marker=marker,
                     complete=contract.snapshot_is_complete(marker, name, listing),
                     listing=listing,
+                    foreign_version=foreign,
                 )
             )
         infos.sort(key=lambda i: (i.step, i.epoch))
@@ -138,12 +170,7 @@ class SnapshotStore:
             return None
         fs, path = s3.filesystem(uri, self.storage_options)
         listing = self._find(path)
-        marker = None
-        if contract.COMMIT_MARKER in listing:
-            try:
-                marker = contract.CommitMarker.from_json(fs.cat_file(f"{path}/{contract.COMMIT_MARKER}"))
-            except FileNotFoundError:
-                marker = None
+        marker, foreign = self._marker_at(fs, path) if contract.COMMIT_MARKER in listing else (None, None)
         return SnapshotInfo(
             uri=uri.rstrip("/"),
             name=name,
@@ -152,6 +179,7 @@ class SnapshotStore:
             marker=marker,
             complete=contract.snapshot_is_complete(marker, name, listing),
             listing=listing,
+            foreign_version=foreign,
         )
 
     def latest_complete(self) -> SnapshotInfo | None:
@@ -161,6 +189,21 @@ class SnapshotStore:
         if best is None:
             return None
         return self.inspect(s3.join(self.root, best[0]))
+
+    def check_access(self) -> None:
+        """One small listing of the root, so that an unknown bucket or refused
+        credentials fail here, clearly, rather than as an empty job folder.
+
+        Raises:
+            SnapshotConfigError: The bucket does not exist, or S3 refused the credentials.
+        """
+        if not s3.is_s3(self.root):
+            return
+        bucket, _, prefix = self._root_path.partition("/")
+        try:
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1)
+        except (PermissionError, FileNotFoundError) as e:
+            raise config_error(e) or SnapshotConfigError(f"cannot list {self.root}: {e}") from e
 
     # ----------------------------------------------------------------- writes
     def begin(self, *, epoch: int, step: int) -> str:
@@ -192,16 +235,30 @@ class SnapshotStore:
         backend: str,
         seconds: float,
         emergency: bool = False,
+        written: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> contract.CommitMarker:
         """Write the commit marker of a finished save (all ranks' writes done).
 
-        The marker records the size and ETag of every object in the folder as
-        listed right now; an object replaced later (a stale upload) changes
-        its ETag and makes the snapshot incomplete.
+        Args:
+            written: Every object the save wrote (path, with or without the
+                scheme -> ``{"size", "etag"}`` as S3 answered its PUT). The
+                marker then lists exactly those; other objects in the folder
+                are left out (logged), and if one of them is missing or
+                differs in the listing the commit fails. ``None`` (backends
+                that do not report writes: local folders): every object listed.
+
+        An object replaced after the commit (a stale upload) changes its ETag
+        and makes the snapshot incomplete.
+
+        Raises:
+            RuntimeError: Nothing to commit, or an object of the save was
+                replaced or removed before the commit.
         """
         name = contract.snapshot_dir_name(epoch, step)
         listing = self._find(self._path(name))
         listing.pop(contract.COMMIT_MARKER, None)
+        if written is not None:
+            listing = self._objects_written(name, listing, written)
         if not listing:
             raise RuntimeError(f"snapshot {name} has no objects; refusing to commit it")
         marker = contract.CommitMarker(
@@ -217,6 +274,27 @@ class SnapshotStore:
         )
         self.fs.pipe_file(f"{self._path(name)}/{contract.COMMIT_MARKER}", marker.to_json().encode())
         return marker
+
+    def _objects_written(self, name: str, listing: dict[str, dict[str, Any]],
+                         written: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        prefix = f"{self._path(name)}/"
+        mine: dict[str, Mapping[str, Any]] = {}
+        for path, meta in written.items():
+            p = path.split("://", 1)[-1]
+            if not p.startswith(prefix):
+                raise RuntimeError(f"snapshot {name}: the save wrote {path}, outside its folder")
+            mine[p[len(prefix):]] = meta
+        changed = sorted(k for k, m in mine.items() if k not in listing
+                         or int(listing[k]["size"]) != int(m["size"])
+                         or (str(m.get("etag") or "") and listing[k]["etag"] != str(m["etag"]).strip('"')))
+        if changed:
+            raise RuntimeError(f"snapshot {name}: {len(changed)} of its objects were replaced or removed before "
+                               f"the commit (first: {changed[0]}); refusing to commit it")
+        strays = sorted(set(listing) - set(mine))
+        if strays:
+            logger.warning("snapshot %s: %d objects the save did not write are left out of its marker (first: %s)",
+                           name, len(strays), strays[0])
+        return {k: listing[k] for k in mine}
 
     def _rm_tree(self, path: str) -> None:
         try:
@@ -246,7 +324,9 @@ class SnapshotStore:
         newest one) and everything in ``protect`` (the snapshot the current
         attempt restored from, a save in flight). Incomplete folders outside
         ``protect`` are leftovers of killed or fenced saves and are deleted.
-        Nothing is deleted when ``keep_last`` is ``None``.
+        Nothing is deleted when ``keep_last`` is ``None``. A folder whose
+        marker another release wrote (an unknown version: a newer image
+        before a rollback) is never deleted.
         """
         if keep_last is None:
             return []
@@ -257,6 +337,10 @@ class SnapshotStore:
         deleted = []
         for info in infos:
             if info.uri in keep or info.uri in protect:
+                continue
+            if info.foreign_version is not None:
+                logger.info("keeping %s: its commit marker has version %d, unknown to this release",
+                            info.uri, info.foreign_version)
                 continue
             t0 = time.monotonic()
             self.delete(info.uri)

@@ -39,7 +39,7 @@ from torchtnt.framework.state import EntryPoint, State
 from torchtnt.framework.unit import AppStateMixin, TTrainUnit
 from torchtnt.utils.prepare_module import FSDPOptimizerWrapper
 
-from trainingjob_trainer import contract
+from trainingjob_trainer import _dist, contract
 from trainingjob_trainer.backends import BACKEND_TORCHSNAPSHOT, make_snapshotter, snapshotter_from_env
 from trainingjob_trainer.progress import tnt_total_steps
 from trainingjob_trainer.snapshotter import Snapshotter, record_progress
@@ -218,7 +218,8 @@ class TorchSnapshotSaver(Callback):
 
     def _check_preemption(self, state: State, unit: TTrainUnit) -> None:
         """Step boundary: if any rank got SIGTERM, emergency snapshot and :class:`Preempted`."""
-        if self._snap.watcher is None or not self._snap.preemption_requested():
+        # step_boundary() also commits a finished async save without a watcher (item 6).
+        if not self._snap.step_boundary():
             return
         progress = unit.train_progress
         self._snap.emergency_save(
@@ -281,8 +282,14 @@ class TorchSnapshotSaver(Callback):
         root, _, _name = path.rstrip("/").rpartition("/")
         probe = make_snapshotter(backend=BACKEND_TORCHSNAPSHOT, uri=root, storage_options=storage_options,
                                  process_group=process_group, watch_preemption=False)
-        info = probe.store.inspect(path)
-        chosen = backend or (info.marker.backend if info and info.marker else BACKEND_TORCHSNAPSHOT)
+
+        def written_by() -> str | None:
+            info = probe.store.inspect(path)
+            return info.marker.backend if info and info.marker else None
+
+        chosen = backend or probe._retried(
+            lambda: _dist.on_rank0(written_by, pg=probe._flag_pg, what=f"reading the marker of {path}"),
+            what=f"reading the marker of {path}") or BACKEND_TORCHSNAPSHOT
         # With a watcher of its own while it runs: a SIGTERM during the
         # restore exits at once (PreemptedDuringRestore).
         snap = make_snapshotter(backend=chosen, uri=root, storage_options=storage_options,
@@ -319,12 +326,7 @@ class TorchSnapshotSaver(Callback):
         probe = make_snapshotter(backend=BACKEND_TORCHSNAPSHOT, uri=dirpath, storage_options=storage_options,
                                  process_group=process_group, watch_preemption=False,
                                  resume_from=os.environ.get(contract.ENV_RESUME_FROM) or None)
-        from trainingjob_trainer import _dist
-
-        target = None
-        if _dist.rank(process_group) == 0:
-            target = probe.find_restore_target()
-        target = _dist.broadcast_object(target, pg=probe._flag_pg)
+        target = probe.restore_target()  # rank 0 lists, retried; every rank gets the answer or the error
         if target is None:
             logger.info("no complete snapshot under %s", dirpath)
             return False

@@ -13,16 +13,101 @@ scheme cannot be overridden, so callers pass ``tjs3://bucket/key``
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 from typing import Any, Dict, Optional
 
 from torchsnapshot.io_types import ReadIO, StoragePlugin, WriteIO
 
-from trainingjob_trainer import s3
+from trainingjob_trainer import contract, s3
 
 #: Objects at least twice this size are uploaded as a multipart upload with
-#: parts of this size, all in flight at once (torchsnapshot writes ~128 MiB
-#: slabs; as one PUT, or s3fs's 50 MiB parts, they went out 1-3 requests wide).
+#: parts of this size, several in flight at once (torchsnapshot writes ~128
+#: MiB slabs; as one PUT, or s3fs's 50 MiB parts, they went out 1-3 requests
+#: wide).
 PART_BYTES = 16 << 20
+#: Default bound on the bytes of multipart parts in flight per rank (all
+#: uploads of the process together); ``$TJ_S3_MAX_INFLIGHT_BYTES`` overrides.
+#: A part waits for room before it starts (one part always may). Parts are
+#: sent from the staged buffer itself (:class:`_ViewReader`), never copied,
+#: so the bound is on concurrency and on what botocore and the sockets
+#: hold, not on new memory. Before issue 8 every part of every upload
+#: started at once, each as a copy: a 2 GiB state cost a second 2 GiB.
+MAX_INFLIGHT_BYTES = 256 << 20
+
+
+def max_inflight_bytes() -> int:
+    """The per-rank bound on multipart bytes in flight (env over the default)."""
+    raw = os.environ.get(contract.ENV_S3_MAX_INFLIGHT_BYTES, "").strip()
+    return max(PART_BYTES, int(raw)) if raw else MAX_INFLIGHT_BYTES
+
+
+class _Budget:
+    """Bytes in flight on one event loop, at most ``limit`` (a part larger than the rest runs alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self, n: int) -> None:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    async def release(self, n: int) -> None:
+        assert self._cond is not None
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+_BUDGETS: dict[int, _Budget] = {}
+
+
+def _budget(loop: asyncio.AbstractEventLoop) -> _Budget:
+    """The process's budget on ``loop`` (s3fs runs every upload of a process on one loop)."""
+    b = _BUDGETS.get(id(loop))
+    if b is None:
+        b = _BUDGETS[id(loop)] = _Budget(max_inflight_bytes())
+    return b
+
+
+class _ViewReader(io.RawIOBase):
+    """A part's bytes as a seekable file over the staged buffer: botocore and
+    aiohttp read it in small chunks (and rewind it to retry), so the part is
+    never copied whole."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def __len__(self) -> int:
+        return len(self._view) - self._pos
 
 
 class S3FSStoragePlugin(StoragePlugin):
@@ -34,7 +119,9 @@ class S3FSStoragePlugin(StoragePlugin):
     """
 
     def __init__(self, root: str, storage_options: Optional[Dict[str, Any]] = None) -> None:
-        self.fs, self.root = s3.filesystem(f"s3://{root}", storage_options)
+        opts = dict(storage_options or {})
+        self._record = opts.pop(s3.RECORD_WRITES_OPTION, None)
+        self.fs, self.root = s3.filesystem(f"s3://{root}", opts)
         self.written: list[str] = []
 
     def _key(self, path: str) -> str:
@@ -60,27 +147,39 @@ class S3FSStoragePlugin(StoragePlugin):
                 body = buf.obj  # a whole staging buffer (backends._SlabPool.take): no copy
             else:
                 body = view.tobytes()
-            await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
+            out = await self.fs._call_s3("put_object", Bucket=bucket, Key=path, Body=body)
+            self._recorded(key, size, out)
             return
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=path)
         upload_id = mpu["UploadId"]
 
+        budget = _budget(asyncio.get_running_loop())
+
         async def part(number: int, start: int) -> dict[str, Any]:
-            body = view[start:start + PART_BYTES].tobytes()
-            out = await self.fs._call_s3("upload_part", Bucket=bucket, Key=path, UploadId=upload_id,
-                                         PartNumber=number, Body=body)
+            body = view[start:start + PART_BYTES]
+            await budget.acquire(body.nbytes)
+            try:
+                out = await self.fs._call_s3("upload_part", Bucket=bucket, Key=path, UploadId=upload_id,
+                                             PartNumber=number, Body=_ViewReader(body))
+            finally:
+                await budget.release(body.nbytes)
             return {"PartNumber": number, "ETag": out["ETag"]}
 
         try:
             parts = await asyncio.gather(*(part(i + 1, off) for i, off in enumerate(range(0, size, PART_BYTES))))
-            await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id,
-                                   MultipartUpload={"Parts": list(parts)})
+            out = await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id,
+                                         MultipartUpload={"Parts": list(parts)})
+            self._recorded(key, size, out)
         except BaseException:
             try:
                 await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=path, UploadId=upload_id)
             except Exception:  # noqa: BLE001 - the original error matters
                 pass
             raise
+
+    def _recorded(self, key: str, size: int, answer: Any) -> None:
+        if self._record is not None:
+            self._record(key, size, (answer or {}).get("ETag", ""))
 
     async def read(self, read_io: ReadIO) -> None:
         import io
