@@ -47,7 +47,8 @@ _NOT_FAILURES = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 class SnapshotNotRestorable(RuntimeError):
-    """The snapshot asked for is not complete (never retried)."""
+    """The snapshot asked for is not complete, or does not fit the state
+    being restored (never retried)."""
 
 
 class RestoreFailed(RuntimeError):
@@ -359,9 +360,15 @@ class Snapshotter(LiveMixin, abc.ABC):
             raise
         except BaseException as e:  # noqa: BLE001 - agreed on below, then raised on every rank
             error = e
-        if _dist.all_reduce_max([int(error is not None)], pg=self._flag_pg)[0]:
+        # 1: a storage error (retried); 2: the snapshot does not fit the state
+        # (a missing key under strict, a shape mismatch: never retried). Every
+        # rank takes the worst rank's branch.
+        kind = 0 if error is None else 1 if isinstance(error, (OSError, TimeoutError)) else 2
+        agreed = _dist.all_reduce_max([kind], pg=self._flag_pg)[0]
+        if agreed:
             why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            raise RuntimeError(f"restore of {uri} failed: {why}") from error
+            failure = RuntimeError if agreed == 1 else SnapshotNotRestorable
+            raise failure(f"restore of {uri} failed: {why}") from error
         if _dist.rank(self.pg) == 0:
             logger.info("restored %s (step %d) in %.2fs", uri, marker.step, time.monotonic() - t0)
         return marker
