@@ -99,7 +99,7 @@ class LocalCluster:
     Args:
         state_dir: Where everything lives (kubeconfig, logs, pod dirs, cluster.json).
         nodes: Node names the agent plays kubelet for.
-        with_s3: Start a moto S3 server and create :attr:`bucket`.
+        with_s3: Start an S3 server (SeaweedFS, :data:`localcluster.s3.S3Server`) and create :attr:`bucket`.
         node_monitor_grace_seconds: Lost node -> NotReady after this.
         pod_eviction_seconds: Force-delete a lost node's pods after this (None: never).
         apiserver_command: argv of the API server (default ``python -m
@@ -185,7 +185,7 @@ class LocalCluster:
             self._start_apiserver(timeout)
             self.apply_crds()
             if self.with_s3:
-                self.s3 = S3Server(log_path=self.state_dir / "s3.log").start()
+                self.s3 = S3Server(log_path=self.state_dir / "s3.log", data_dir=self.state_dir / "s3-data").start()
                 self.s3.create_bucket(self.bucket)
                 self.processes["s3"] = ManagedProcess("s3", self.s3.pid or 0, self.state_dir / "s3.log", self.s3._proc)
                 self._save()
