@@ -2,6 +2,7 @@
 #   make test   - every test layer (unit, chart, integration, e2e)
 #   make demo   - the main job end to end on the local cluster stand-in
 #   make bench  - benchmarks (not part of make test)
+#   make images - the trainer and operator images, built with podman (cached by their inputs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools test test-fast demo bench clean
+.PHONY: all venv tools images test test-fast demo bench clean
 
 all: test
 
@@ -27,7 +28,12 @@ venv: $(STAMP)
 tools: $(STAMP)
 	$(PY) -m localcluster.tools install
 
-test: venv tools
+# Both product images from their unchanged Dockerfiles, on local bases (no
+# registry is reachable here); a run whose inputs did not change takes seconds.
+images: venv tools
+	$(PY) -m localcluster.images build
+
+test: venv tools images
 	$(PY) tests/run.py $(PYTEST_ARGS)
 
 test-fast: venv
