@@ -105,6 +105,8 @@ class LocalCluster:
         apiserver_command: argv of the API server (default ``python -m
             localcluster.apiserver --state-dir DIR --port 0``, or ``$LOCALCLUSTER_APISERVER_CMD``).
         bucket: The S3 bucket to create.
+        runtime: ``process`` (pods as local processes) or ``podman`` (container
+            nodes: pods run from their images, see ``localcluster/containers.py``).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class LocalCluster:
         apiserver_command: Sequence[str] | None = None,
         bucket: str = DEFAULT_BUCKET,
         crds_dir: str | os.PathLike[str] = CRDS_DIR,
+        runtime: str = "process",
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
@@ -127,6 +130,7 @@ class LocalCluster:
         self.apiserver_command = list(apiserver_command) if apiserver_command else None
         self.bucket = bucket
         self.crds_dir = Path(crds_dir)
+        self.runtime = runtime
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
@@ -268,6 +272,7 @@ class LocalCluster:
             "--state-dir", str(self.state_dir),
             "--nodes", ",".join(self.nodes),
             "--node-monitor-grace-seconds", str(self.node_monitor_grace_seconds),
+            "--runtime", self.runtime,
         ]
         if self.pod_eviction_seconds is not None:
             argv += ["--pod-eviction-seconds", str(self.pod_eviction_seconds)]
@@ -333,6 +338,10 @@ class LocalCluster:
             if mp:
                 mp.stop(timeout=15 if name == "nodeagent" else 10)
         self.kill_leftover_containers()
+        if self.runtime == "podman":
+            from localcluster.containers import remove_containers
+
+            remove_containers(self.state_dir)
         for name in ("s3", "apiserver"):
             mp = self.processes.get(name)
             if mp:

@@ -451,6 +451,9 @@ class AgentConfig:
     heartbeat_seconds: float = 5.0
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
     nss_wrapper: str | None = None
+    #: "process" (the default: a local process per container) or "podman"
+    #: (container nodes: the pod's image under podman, see localcluster/containers.py).
+    runtime: str = "process"
 
 
 class NodeAgent:
@@ -474,6 +477,11 @@ class NodeAgent:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+        self.runtime: Any = None
+        if config.runtime == "podman":
+            from localcluster.containers import PodmanRuntime
+
+            self.runtime = PodmanRuntime(state_dir=self.state_dir, hosts_path=self.hosts.path)
 
     # -------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -896,6 +904,9 @@ class NodeAgent:
             self._report_config_error(pod, "CreateContainerError", f"localcluster runs exactly one container per pod, got {len(containers)}")
             return
         ctr = containers[0]
+        if self.runtime is not None:
+            self._start_in_runtime(pod, ctr)
+            return
         cname = ctr.get("name") or "main"
         argv = [str(a) for a in (ctr.get("command") or [])] + [str(a) for a in (ctr.get("args") or [])]
         if not ctr.get("command"):
@@ -939,10 +950,28 @@ class NodeAgent:
             uid=md.get("uid", ""), namespace=md.get("namespace", "default"), pod=md["name"], node=spec["nodeName"],
             name=cname, proc=proc, log_path=log_path, term_path=term_path, policy=policy, started_at=started, pid_file=pid_file,
         )
+        self._adopt(pod, c, argv)
+
+    def _adopt(self, pod: Obj, c: Container, argv: list[str]) -> None:
         self.containers[c.uid] = c
         self._config_errors.pop(c.uid, None)
-        log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
+        log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, c.proc.pid, argv)
         self._report_running(pod, c)
+
+    def _start_in_runtime(self, pod: Obj, ctr: Obj) -> None:
+        """Container nodes: the runtime (podman) runs the pod's image."""
+        try:
+            pod_env = self.env_resolver.resolve(pod, ctr)
+            pod_dir = self._pod_dir(pod)
+            self._prepare_pod_dir(pod_dir, pod["metadata"].get("uid", ""))
+            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir)
+        except ConfigError as e:
+            self._report_config_error(pod, e.reason, e.message)
+            return
+        except OSError as e:
+            self._report_start_error(pod, ctr.get("name") or "main", f"failed to start container: {e.strerror or e}")
+            return
+        self._adopt(pod, c, [str(a) for a in (ctr.get("command") or []) + (ctr.get("args") or [])])
 
     def _prepare_pod_dir(self, pod_dir: Path, uid: str) -> None:
         uid_file = pod_dir / "uid"
@@ -1062,6 +1091,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
+    ap.add_argument("--runtime", choices=["process", "podman"], default="process",
+                    help="process: containers as local processes; podman: the pod's image in a container")
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -1071,6 +1102,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pod_eviction_seconds=a.pod_eviction_seconds,
         interval=a.interval,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
+        runtime=a.runtime,
     )
 
 
@@ -1094,4 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: localcluster.containers
+    # raises localcluster.nodeagent.ConfigError, which must be the class caught here.
+    from localcluster.nodeagent import main as _main
+
+    sys.exit(_main())
