@@ -33,7 +33,14 @@ kubelet applies them:
 
 Networking: ``--network host`` (every pod shares the machine's loopback, as
 process pods do); ``/etc/hosts`` is a per-pod copy of the agent's hosts file,
-rewritten in place when the agent's changes.
+rewritten in place when the agent's changes, without its ``::ffff:127.0.0.1``
+lines: those are for nss_wrapper, and glibc's files backend turns them into
+IPv4 entries that then hide the name from AF_INET6 + AI_V4MAPPED lookups
+(c10d's first lookup), which glibc answers by itself from the IPv4 lines.
+Its first line is the pod's own ``<podIP> <fqdn> <hostname>``, as the kubelet
+writes it, so ``socket.getfqdn()`` is the pod's name, not ``localhost``:
+torchrun's c10d rendezvous tells nodes apart by ``getfqdn()`` and PID, and
+every container's launcher has the same PID in its own PID namespace.
 """
 
 from __future__ import annotations
@@ -130,6 +137,22 @@ def _rmdir(path: Path) -> None:
 # ---------------------------------------------------------------------------
 # The pod's podman run
 # ---------------------------------------------------------------------------
+def pod_hosts(text: bytes, own: bytes) -> bytes:
+    """The pod's /etc/hosts: its own line first, then the agent's file without the v4-mapped lines
+    (nss_wrapper needs them, glibc chokes on them)."""
+    return own + b"".join(line for line in text.splitlines(keepends=True) if not line.startswith(b"::ffff:"))
+
+
+def own_hosts_line(pod: Obj) -> bytes:
+    """``127.0.0.1 <hostname>.<subdomain>.<ns>.svc.cluster.local <hostname>`` (the kubelet's line for the pod)."""
+    md, spec = pod["metadata"], pod.get("spec") or {}
+    hostname = spec.get("hostname") or md["name"]
+    names = [hostname]
+    if spec.get("subdomain"):
+        names.insert(0, f"{hostname}.{spec['subdomain']}.{md.get('namespace', 'default')}.svc.cluster.local")
+    return f"127.0.0.1 {' '.join(names)}\n".encode()
+
+
 def _security(pod_spec: Obj, ctr: Obj) -> Obj:
     merged = dict(pod_spec.get("securityContext") or {})
     merged.update(ctr.get("securityContext") or {})
@@ -219,6 +242,7 @@ class PodmanContainer(Container):
     cgroup: PodCgroup | None = None
     hosts_src: Path | None = None
     hosts_dst: Path | None = None
+    hosts_own: bytes = b""
     _hosts_mtime: float = field(default=0.0)
 
     def poll(self) -> int | None:
@@ -232,7 +256,7 @@ class PodmanContainer(Container):
         try:
             mtime = self.hosts_src.stat().st_mtime
             if mtime != self._hosts_mtime:
-                data = self.hosts_src.read_bytes()
+                data = pod_hosts(self.hosts_src.read_bytes(), self.hosts_own)
                 with open(self.hosts_dst, "r+b") as fh:
                     fh.write(data)
                     fh.truncate()
@@ -304,7 +328,8 @@ class PodmanRuntime:
         log_path, term_path, hosts = pod_dir / f"{cname}.log", pod_dir / f"{cname}.termination-log", pod_dir / "hosts"
         term_path.write_bytes(b"")
         term_path.chmod(0o666)
-        shutil.copyfile(self.hosts_path, hosts)
+        own = own_hosts_line(pod)
+        hosts.write_bytes(pod_hosts(self.hosts_path.read_bytes(), own))
         term_dest = ctr.get("terminationMessagePath") or "/dev/termination-log"
         name = f"lc-{uid}"
         podman("rm", "--force", "--ignore", name)
@@ -329,6 +354,7 @@ class PodmanRuntime:
             uid=uid, namespace=md.get("namespace", "default"), pod=md["name"], node=spec["nodeName"], name=cname,
             proc=proc, log_path=log_path, term_path=term_path, policy=ctr.get("terminationMessagePolicy") or "File",
             started_at=started, pid_file=pid_file, cname=name, cgroup=cgroup, hosts_src=self.hosts_path, hosts_dst=hosts,
+            hosts_own=own,
         )
 
 
