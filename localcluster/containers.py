@@ -367,3 +367,27 @@ def remove_containers(state_dir: Path) -> list[str]:
     if names:
         podman("rm", "--force", "--time", "0", *names)
     return names
+
+
+def operator_container_argv(*, image: str, kubeconfig: str | os.PathLike[str], state_dir: Path, name: str,
+                            health_port: int, env: Mapping[str, str] | None = None) -> list[str]:
+    """``podman run`` of the operator image as the chart runs it, against the stand-in.
+
+    The chart's settings as env (``TJ_OPERATOR_*``), its securityContext (UID
+    65532, read-only root filesystem with /tmp a writable volume, no
+    capabilities), the kubeconfig mounted read-only (a kubeconfig instead of a
+    service account: the stand-in's API serves no in-cluster token). The host's
+    network, like every container node here; ``health_port`` must be free.
+    Extra args (appended after this argv) replace the image's CMD.
+    """
+    conf = state_dir / f"{name}.kubeconfig"
+    shutil.copyfile(kubeconfig, conf)
+    conf.chmod(0o644)
+    settings = {"KUBECONFIG": "/etc/trainingjob/kubeconfig", "TJ_OPERATOR_LOG_LEVEL": "INFO",
+                "TJ_OPERATOR_METRICS_PORT": "0", "TJ_OPERATOR_HEALTH_PORT": str(health_port), **(env or {})}
+    return ["podman", "run", "--rm", "--name", f"lc-{name}-{os.getpid()}", "--pull=never", "--network=host",
+            "--label", f"{STATE_LABEL}={state_dir}", "--user", "65532:65532", "--read-only", "--read-only-tmpfs=false",
+            "--mount", "type=tmpfs,destination=/tmp,tmpfs-size=64m", "--cap-drop=ALL",
+            "--security-opt", "no-new-privileges",
+            "--mount", f"type=bind,source={conf},destination=/etc/trainingjob/kubeconfig,ro",
+            *[f"--env={k}={v}" for k, v in settings.items()], image]

@@ -1,7 +1,8 @@
 """Issue 11 evidence: the trainer image's entrypoint in containers against SeaweedFS.
 
 A 2-node x 2-process job runs from ``make images``' trainer image on container
-nodes (the operator as a process); one pod is preempted; the job resumes from
+nodes, reconciled by the operator image in a container (as the chart runs
+it); one pod is preempted; the job resumes from
 the emergency snapshot with lost work 0 and final weights bit-identical to an
 uninterrupted run's (also in containers). Runs real torchrun: under the heavy
 lock on a shared machine.
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from localcluster import control
+from localcluster.containers import operator_container_argv
+from localcluster.s3 import free_port
 from tests.e2e.test_recovery import assert_same_weights, emergency_step, latest_step, start_step
 from tests.integration.helpers import TJ, wait_phase, wait_status
 
@@ -56,7 +59,10 @@ def final_weights(cluster, namespace: str, job: str, attempt: int) -> Path:
 
 def test_issue11_evidence_trainer_image_preempted_once_resumes_bit_identical(podman_cluster, pkube, pns, images):
     podman_cluster.create_s3_secret(pns)
-    podman_cluster.start_operator(["--resync-seconds", "1"], name="operator-rec")
+    argv = operator_container_argv(image=images["operator"], kubeconfig=podman_cluster.kubeconfig,
+                                   state_dir=podman_cluster.state_dir, name="operator-rec", health_port=free_port(),
+                                   env={"TJ_OPERATOR_RESYNC_SECONDS": "1"})
+    podman_cluster.start_operator(command=argv, name="operator-rec")
     try:
         # One after the other: container nodes share the host's network, so two
         # gangs' rank 0 cannot both listen on the rendezvous port (issue 11 item 3).
@@ -75,3 +81,6 @@ def test_issue11_evidence_trainer_image_preempted_once_resumes_bit_identical(pod
     assert start_step(podman_cluster, pns, "pre", 1) == emergency_step(podman_cluster, pns, "pre", 0)
     assert latest_step(st) == STEPS
     assert_same_weights(final_weights(podman_cluster, pns, "pre", 1), final_weights(podman_cluster, pns, "ref", 0))
+    # The operator that did this ran from its image (Kopf's log, from inside the container).
+    log = (podman_cluster.state_dir / "operator-rec.log").read_text()
+    assert "kopf" in log.lower(), log[-3000:]
