@@ -6,20 +6,14 @@ build nothing. Without them the tests fail and say so: they are never skipped.
 
 from __future__ import annotations
 
-import itertools
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from localcluster.cluster import LocalCluster
 from localcluster.images import load_refs
-from localcluster.kube import ApiError, Client
-
-_ns_counter = itertools.count()
+from localcluster.kube import Client
+from tests.conftest import fresh_namespace, running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -32,15 +26,8 @@ def images() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def podman_cluster(images: dict[str, str]) -> Iterator[LocalCluster]:
-    state_dir = Path(tempfile.mkdtemp(prefix="lcp-"))
-    lc = LocalCluster(state_dir, nodes=("cnode-0", "cnode-1"), runtime="podman")
-    lc.start()
-    try:
+    with running_cluster(prefix="lcp-", nodes=("cnode-0", "cnode-1"), runtime="podman") as lc:
         yield lc
-    finally:
-        lc.stop()
-        if not os.environ.get("LOCALCLUSTER_KEEP"):
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -50,11 +37,5 @@ def pkube(podman_cluster: LocalCluster) -> Client:
 
 @pytest.fixture
 def pns(pkube: Client, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"c{next(_ns_counter)}-" + "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())
-    name = name[:55].rstrip("-")
-    pkube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    try:
-        pkube.delete("namespaces", name)
-    except ApiError:
-        pass
+    with fresh_namespace(pkube, request, prefix="c") as name:
+        yield name
