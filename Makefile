@@ -1,6 +1,6 @@
 # The README's commands. Each installs what it needs on a fresh machine.
 #   make test   - every test layer (unit, chart, integration, e2e)
-#   make demo   - the main job end to end on the local cluster stand-in
+#   make demo   - the main job end to end on the local cluster stand-in (MODE=containers: from the images)
 #   make bench  - benchmarks (not part of make test)
 #   make images - the trainer and operator images, built with podman (cached by their inputs)
 SHELL := /bin/bash
@@ -39,8 +39,10 @@ test: venv tools images
 test-fast: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-demo: venv tools
-	$(PY) -m localcluster.demo
+# make demo MODE=containers: the operator and the job's pods from the two images.
+MODE ?= processes
+demo: venv tools $(if $(filter containers,$(MODE)),images)
+	$(PY) -m localcluster.demo --mode $(MODE)
 
 bench: venv tools
 	$(PY) bench/snapshot.py
