@@ -192,9 +192,45 @@ def build_mounts(*, tmp: Path) -> list[str]:
 # ---------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------
+def _parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def lock_held_by_ancestor(path: Path) -> bool:
+    """True when a process above this one holds ``path``'s flock (``flock LOCK make images``)."""
+    try:
+        ino = path.stat().st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    holders = set()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(ino):
+            holders.add(int(parts[4]))  # "->" lines (waiters) have another shape and never match
+    pid = os.getppid()
+    while pid > 1:
+        if pid in holders:
+            return True
+        pid = _parent_pid(pid)
+    return False
+
+
 @contextlib.contextmanager
 def heavy_lock() -> Iterator[None]:
-    """The machine-wide lock for CPU-heavy work (shared with the e2e tests and benchmarks)."""
+    """The machine-wide lock for CPU-heavy work (shared with the e2e tests and benchmarks).
+
+    Not taken again when a parent already holds it (``flock /tmp/tj-heavy.lock
+    make demo MODE=containers``): a second flock on a new descriptor would wait
+    for the parent forever, and every other waiter with it.
+    """
+    HEAVY_LOCK.touch(exist_ok=True)
+    if lock_held_by_ancestor(HEAVY_LOCK):
+        yield
+        return
     with open(HEAVY_LOCK, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -41,3 +41,22 @@ def test_issue11_pod_hosts_own_line_first_and_no_v4_mapped_lines():
                           "spec": {"hostname": "j-0-1", "subdomain": "j-0"}})
     assert own == b"127.0.0.1 j-0-1.j-0.ns.svc.cluster.local j-0-1\n"
     assert pod_hosts(agent, own) == own + b"127.0.0.1 localhost\n127.0.0.1 j-0-0.j-0\n"
+
+
+def test_issue11_make_images_under_the_callers_heavy_lock_does_not_deadlock(tmp_path):
+    """``flock /tmp/tj-heavy.lock make demo MODE=containers`` builds images: the build must not wait on its parent."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "heavy.lock"
+    code = ("from pathlib import Path; import localcluster.images as im\n"
+            f"im.HEAVY_LOCK = Path({str(lock)!r})\n"
+            "with im.heavy_lock(): print('built')\n")
+    proc = subprocess.Popen(["flock", str(lock), sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "built" in stdout
