@@ -118,13 +118,18 @@ class PodCgroup:
             if fd is not None:
                 os.close(fd)
         self._efd = self._ofd = None
-        for controller in CGROUP_ROOT.iterdir():
-            top = controller / CGROUP_PARENT / self.name
-            if not top.is_dir():
-                continue
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                _rmdir(d)
-            _rmdir(top)
+        remove_pod_cgroups(self.name)
+
+
+def remove_pod_cgroups(name: str) -> None:
+    """rmdir ``localcluster/<name>`` and what podman made below it, in every controller (bottom-up)."""
+    for controller in CGROUP_ROOT.iterdir():
+        top = controller / CGROUP_PARENT / name
+        if not top.is_dir():
+            continue
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            _rmdir(d)
+        _rmdir(top)
 
 
 def _rmdir(path: Path) -> None:
@@ -359,13 +364,18 @@ class PodmanRuntime:
 
 
 def remove_containers(state_dir: Path) -> list[str]:
-    """Force-remove every container a stand-in at ``state_dir`` left (by label); returns their names."""
+    """Force-remove every container a stand-in at ``state_dir`` left (by label), and its pods' cgroups."""
     if not shutil.which("podman"):
         return []
     out = podman("ps", "--all", "--filter", f"label={STATE_LABEL}={state_dir}", "--format", "{{.Names}}")
     names = [n for n in out.stdout.split() if n]
     if names:
         podman("rm", "--force", "--time", "0", *names)
+    # Pod cgroups of containers the agent killed on its way out (no exit was reported for them).
+    for uid_file in (state_dir / "pods").glob("*/*/uid"):
+        uid = uid_file.read_text().strip()
+        if uid:
+            remove_pod_cgroups(f"pod{uid}")
     return names
 
 
