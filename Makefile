@@ -1,7 +1,8 @@
 # The README's commands. Each installs what it needs on a fresh machine.
 #   make test   - every test layer (unit, chart, integration, e2e)
-#   make demo   - the main job end to end on the local cluster stand-in
+#   make demo   - the main job end to end on the local cluster stand-in (MODE=containers: from the images)
 #   make bench  - benchmarks (not part of make test)
+#   make images - the trainer and operator images, built with podman (cached by their inputs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv tools test test-fast demo bench clean
+.PHONY: all venv tools images test test-fast demo bench clean
 
 all: test
 
@@ -27,14 +28,21 @@ venv: $(STAMP)
 tools: $(STAMP)
 	$(PY) -m localcluster.tools install
 
-test: venv tools
+# Both product images from their unchanged Dockerfiles, on local bases (no
+# registry is reachable here); a run whose inputs did not change takes seconds.
+images: venv tools
+	$(PY) -m localcluster.images build
+
+test: venv tools images
 	$(PY) tests/run.py $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-demo: venv tools
-	$(PY) -m localcluster.demo
+# make demo MODE=containers: the operator and the job's pods from the two images.
+MODE ?= processes
+demo: venv tools $(if $(filter containers,$(MODE)),images)
+	$(PY) -m localcluster.demo --mode $(MODE)
 
 bench: venv tools
 	$(PY) bench/snapshot.py

@@ -99,7 +99,7 @@ class LocalCluster:
     Args:
         state_dir: Where everything lives (kubeconfig, logs, pod dirs, cluster.json).
         nodes: Node names the agent plays kubelet for.
-        with_s3: Start a moto S3 server and create :attr:`bucket`.
+        with_s3: Start an S3 server (SeaweedFS, :data:`localcluster.s3.S3Server`) and create :attr:`bucket`.
         node_monitor_grace_seconds: Lost node -> NotReady after this.
         pod_eviction_seconds: Force-delete a lost node's pods after this (None: never).
         node_config: Per node name (or ``"*"`` for all): ``{"capacity": {"cpu": "8",
@@ -108,6 +108,8 @@ class LocalCluster:
         apiserver_command: argv of the API server (default ``python -m
             localcluster.apiserver --state-dir DIR --port 0``, or ``$LOCALCLUSTER_APISERVER_CMD``).
         bucket: The S3 bucket to create.
+        runtime: ``process`` (pods as local processes) or ``podman`` (container
+            nodes: pods run from their images, see ``localcluster/containers.py``).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class LocalCluster:
         bucket: str = DEFAULT_BUCKET,
         crds_dir: str | os.PathLike[str] = CRDS_DIR,
         node_config: dict[str, dict[str, Any]] | None = None,
+        runtime: str = "process",
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
@@ -132,6 +135,7 @@ class LocalCluster:
         self.bucket = bucket
         self.crds_dir = Path(crds_dir)
         self.node_config = dict(node_config or {})
+        self.runtime = runtime
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
@@ -190,7 +194,7 @@ class LocalCluster:
             self._start_apiserver(timeout)
             self.apply_crds()
             if self.with_s3:
-                self.s3 = S3Server(log_path=self.state_dir / "s3.log").start()
+                self.s3 = S3Server(log_path=self.state_dir / "s3.log", data_dir=self.state_dir / "s3-data").start()
                 self.s3.create_bucket(self.bucket)
                 self.processes["s3"] = ManagedProcess("s3", self.s3.pid or 0, self.state_dir / "s3.log", self.s3._proc)
                 self._save()
@@ -273,6 +277,7 @@ class LocalCluster:
             "--state-dir", str(self.state_dir),
             "--nodes", ",".join(self.nodes),
             "--node-monitor-grace-seconds", str(self.node_monitor_grace_seconds),
+            "--runtime", self.runtime,
         ]
         if self.pod_eviction_seconds is not None:
             argv += ["--pod-eviction-seconds", str(self.pod_eviction_seconds)]
@@ -340,6 +345,10 @@ class LocalCluster:
             if mp:
                 mp.stop(timeout=15 if name == "nodeagent" else 10)
         self.kill_leftover_containers()
+        if self.runtime == "podman":
+            from localcluster.containers import remove_containers
+
+            remove_containers(self.state_dir)
         for name in ("s3", "apiserver"):
             mp = self.processes.get(name)
             if mp:

@@ -6,6 +6,11 @@ snapshots to the local S3), preempts a worker mid-training the way the
 scheduler does (``DisruptionTarget`` + graceful delete), prints a timeline of
 what the operator and the trainer did, and ends with ``kubectl get tj``.
 Everything it started is stopped by PID at the end, also on Ctrl-C or error.
+
+``--mode containers`` (``make demo MODE=containers``) runs the same story on
+container nodes: the operator from its image in a podman container (with the
+env and securityContext the chart sets) and the job's pods from the trainer
+image, both as ``make images`` built them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import yaml
 
 from localcluster import control
 from localcluster.cluster import REPO_ROOT, LocalCluster
+from localcluster.images import load_refs
 from localcluster.kube import ApiError, Client
 
 EXAMPLE = REPO_ROOT / "examples" / "trainingjob.yaml"
@@ -44,10 +50,12 @@ def kubectl(cluster: LocalCluster, *args: str, stdin: str | None = None) -> str:
     return out.stdout
 
 
-def manifest_for(cluster: LocalCluster) -> str:
-    """examples/trainingjob.yaml, pointed at the stand-in's S3 server."""
+def manifest_for(cluster: LocalCluster, image: str | None = None) -> str:
+    """examples/trainingjob.yaml, pointed at the stand-in's S3 server (and at ``image``, if given)."""
     body = yaml.safe_load(EXAMPLE.read_text())
     body["metadata"]["namespace"] = NS
+    if image:
+        body["spec"]["image"] = image
     snap = body["spec"]["snapshot"]
     snap["endpoint"] = cluster.s3_endpoint
     snap["uri"] = f"s3://{cluster.bucket}/runs"
@@ -89,19 +97,41 @@ class Watcher:
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def start_operator(cluster: LocalCluster, images: dict[str, str] | None, tl: Timeline) -> None:
+    """The operator as a process, or (container mode) from its image in a podman container."""
+    if images is None:
+        cluster.start_operator(["--resync-seconds", "2"])
+        tl.say("operator started (python -m trainingjob_operator)")
+        return
+    from localcluster.containers import operator_container_argv
+    from localcluster.s3 import free_port
+
+    argv = operator_container_argv(image=images["operator"], kubeconfig=cluster.kubeconfig, state_dir=cluster.state_dir,
+                                   name="operator", health_port=free_port(), env={"TJ_OPERATOR_RESYNC_SECONDS": "2"})
+    cluster.start_operator(command=argv)
+    tl.say(f"operator started from its image {images['operator']} (podman container)")
+
+
 def run(args: argparse.Namespace) -> int:
     tl = Timeline()
+    images = None
+    if args.mode == "containers":
+        images = load_refs()
+        if images is None:
+            tl.say("the images are missing: run make images (make demo MODE=containers does)")
+            return 1
     state_dir = Path(tempfile.mkdtemp(prefix="tj-demo-"))
-    tl.say(f"starting the local cluster stand-in in {state_dir} (API server, node agent on 3 nodes, S3)")
-    cluster = LocalCluster(state_dir)
+    kind = "container nodes (podman)" if images else "3 nodes"
+    tl.say(f"starting the local cluster stand-in in {state_dir} (API server, node agent on {kind}, S3)")
+    cluster = LocalCluster(state_dir, runtime="podman" if images else "process")
     try:
         cluster.start()
         kube = cluster.client()
-        tl.say(f"API server {cluster.api_url}, S3 {cluster.s3_endpoint}")
+        tl.say(f"API server {cluster.api_url}, S3 (SeaweedFS) {cluster.s3_endpoint}")
         cluster.create_s3_secret(NS, "s3-creds")
-        cluster.start_operator(["--resync-seconds", "2"])
-        tl.say("operator started (python -m trainingjob_operator)")
-        print(kubectl(cluster, "apply", "-f", "-", stdin=manifest_for(cluster)).strip(), flush=True)
+        start_operator(cluster, images, tl)
+        manifest = manifest_for(cluster, images["trainer"] if images else None)
+        print(kubectl(cluster, "apply", "-f", "-", stdin=manifest).strip(), flush=True)
         name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
         w = Watcher(kube, name, tl)
         w.until(lambda s: s.get("phase") == "Running", 120, "the gang to run")
@@ -141,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preempt-after-step", type=int, default=20,
                    help="preempt once a snapshot at or after this step exists")
+    p.add_argument("--mode", choices=["processes", "containers"], default="processes",
+                   help="containers: the operator and the job's pods run from the images make images built")
     return run(p.parse_args(argv))
 
 

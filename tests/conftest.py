@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
@@ -27,11 +28,12 @@ from localcluster.kube import ApiError, Client
 _ns_counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
+@contextlib.contextmanager
+def running_cluster(*, prefix: str, **kwargs: Any) -> Iterator[LocalCluster]:
+    """A started :class:`LocalCluster` in a fresh temporary state dir, stopped (and removed) afterwards."""
     # A short path: AF_UNIX socket paths (torch, gloo) are limited to 108 bytes.
-    state_dir = Path(tempfile.mkdtemp(prefix="lc-"))
-    lc = LocalCluster(state_dir)
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    lc = LocalCluster(state_dir, **kwargs)
     lc.start()
     try:
         yield lc
@@ -41,6 +43,27 @@ def cluster() -> Iterator[LocalCluster]:
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def fresh_namespace(kube: Client, request: pytest.FixtureRequest, *, prefix: str = "t") -> Iterator[str]:
+    """A namespace named after the test (unique per session), deleted afterwards."""
+    name = f"{prefix}{next(_ns_counter)}-{request.node.name.lower().replace('_', '-')}"
+    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)[:55].rstrip("-")
+    kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        try:
+            kube.delete("namespaces", name)
+        except ApiError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    with running_cluster(prefix="lc-") as lc:
+        yield lc
+
+
 @pytest.fixture(scope="session")
 def kube(cluster: LocalCluster) -> Client:
     return cluster.client()
@@ -48,14 +71,8 @@ def kube(cluster: LocalCluster) -> Client:
 
 @pytest.fixture
 def namespace(kube: Client, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"t{next(_ns_counter)}-{request.node.name.lower().replace('_', '-')}"
-    name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)[:55].rstrip("-")
-    kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    try:
-        kube.delete("namespaces", name)
-    except ApiError:
-        pass
+    with fresh_namespace(kube, request) as name:
+        yield name
 
 
 @pytest.fixture

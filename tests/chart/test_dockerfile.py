@@ -54,3 +54,19 @@ def test_copied_paths_exist_in_the_build_context():
         if op == "COPY" and not rest.startswith("--from"):
             for src in rest.split()[:-1]:
                 assert (ROOT / src).exists(), f"COPY source {src} missing from the repository root"
+
+
+def test_issue11_make_images_overrides_each_dockerfiles_own_base_arg():
+    """``make images`` builds the unchanged Dockerfiles by overriding the base ARG each declares
+    and uses in FROM; a renamed ARG would silently fall back to the unreachable public base."""
+    from localcluster.images import PRODUCT_IMAGES, copy_sources
+
+    for image in PRODUCT_IMAGES:
+        text = (ROOT / image.dockerfile).read_text()
+        assert re.search(rf"^ARG {image.base_arg}=\S+", text, re.M), (image.dockerfile, image.base_arg)
+        froms = re.findall(r"^FROM (\S+)", text, re.M)
+        assert froms and froms[0] == "${" + image.base_arg + "}", (image.dockerfile, froms)
+        # The staged build context holds what the COPY lines read, and nothing else.
+        assert copy_sources(dockerfile=ROOT / image.dockerfile), image.dockerfile
+        for src in copy_sources(dockerfile=ROOT / image.dockerfile):
+            assert (ROOT / src).exists(), src
