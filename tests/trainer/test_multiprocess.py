@@ -71,7 +71,10 @@ def test_sigterm_to_one_node_saves_all_ranks_and_resume_is_bit_exact(s3_env, s3_
         for n in gang:
             n.kill()
     assert codes == [contract.EXIT_PREEMPTED_AFTER_SNAPSHOT] * 2, dump(gang)
-    saved = re.findall(r"rank (\d+): preempted, emergency snapshot at step (\d+): (\S+)", "".join(n.output() for n in gang))
+    # The URI is matched up to its folder name: print() writes the line and its
+    # newline separately, so another rank's output can follow it on the same line.
+    saved = re.findall(r"rank (\d+): preempted, emergency snapshot at step (\d+): (\S+?/epoch_\d+_train_step_\d+)",
+                       "".join(n.output() for n in gang))
     assert sorted(int(r) for r, _, _ in saved) == [0, 1, 2, 3], dump(gang)
     assert len({(s, u) for _, s, u in saved}) == 1, saved  # all four ranks: the same step and snapshot
     step, uri = int(saved[0][1]), saved[0][2]
