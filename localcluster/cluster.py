@@ -105,9 +105,12 @@ class LocalCluster:
         node_config: Per node name (or ``"*"`` for all): ``{"capacity": {"cpu": "8",
             "nvidia.com/gpu": "1"}, "labels": {...}, "taints": [...]}``; the
             scheduler places pods against it (default: the machine's cpu and memory).
+            ``"hollow": True`` makes that node hollow: its pods run no process
+            (:mod:`localcluster.hollow`).
         apiserver_command: argv of the API server (default ``python -m
             localcluster.apiserver --state-dir DIR --port 0``, or ``$LOCALCLUSTER_APISERVER_CMD``).
         bucket: The S3 bucket to create.
+        hollow: Every node hollow (kubemark/KWOK-style; :mod:`localcluster.hollow`).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class LocalCluster:
         bucket: str = DEFAULT_BUCKET,
         crds_dir: str | os.PathLike[str] = CRDS_DIR,
         node_config: dict[str, dict[str, Any]] | None = None,
+        hollow: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
@@ -132,6 +136,7 @@ class LocalCluster:
         self.bucket = bucket
         self.crds_dir = Path(crds_dir)
         self.node_config = dict(node_config or {})
+        self.hollow = hollow
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
@@ -278,6 +283,8 @@ class LocalCluster:
             argv += ["--pod-eviction-seconds", str(self.pod_eviction_seconds)]
         if self.node_config:
             argv += ["--node-config", json.dumps(self.node_config)]
+        if self.hollow:
+            argv.append("--hollow")
         log_path = self.state_dir / "nodeagent.log"
         proc = _spawn(argv, log_path)
         self.processes["nodeagent"] = ManagedProcess("nodeagent", proc.pid, log_path, proc)

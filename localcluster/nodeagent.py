@@ -53,6 +53,8 @@ from typing import Any, Callable, Mapping
 from trainingjob_trainer import contract
 
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
+from localcluster.hollow import RUNTIME_VERSION as HOLLOW_RUNTIME_VERSION
+from localcluster.hollow import HollowContainer, Schedule, ScheduleError
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.kube import ApiError, Client, Obj
 
@@ -376,6 +378,21 @@ class Container:
         self.killed = True
         kill_group(self.proc.pid, signal.SIGKILL, self.uid)
 
+    @property
+    def container_id(self) -> str:
+        return f"localcluster://{self.proc.pid}"
+
+    def reap(self) -> None:
+        """Wait (briefly) for the killed main process and drop its pid file."""
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self.pid_file.unlink()
+        except OSError:
+            pass
+
 
 def read_termination_message(term_path: Path, log_path: Path, policy: str, exit_code: int) -> str:
     """The kubelet's rule: the file (<= 4096 bytes), else the log tail on error."""
@@ -411,6 +428,8 @@ class AgentConfig:
     pod_eviction_seconds: float | None = None
     interval: float = 0.25
     heartbeat_seconds: float = 5.0
+    #: Every node hollow (pods run no process: :mod:`localcluster.hollow`); per node: ``node_config[n]["hollow"]``.
+    hollow: bool = False
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
     nss_wrapper: str | None = None
     #: Per node name (or ``"*"``): ``{"capacity": {...}, "labels": {...}, "taints": [...]}``.
@@ -428,7 +447,7 @@ class NodeAgent(ControlPlaneMixin):
         self.pods_dir = self.state_dir / "pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
         self.hosts = HostsFile(self.state_dir / "hosts")
-        self.containers: dict[str, Container] = {}  # by pod uid
+        self.containers: dict[str, Container | HollowContainer] = {}  # by pod uid
         self.lost: dict[str, LostNode] = {}
         self.ready_nodes: set[str] = set()
         self._last_heartbeat: dict[str, float] = {}
@@ -463,18 +482,11 @@ class NodeAgent(ControlPlaneMixin):
         self._kill_and_reap(list(self.containers.values()))
 
     @staticmethod
-    def _kill_and_reap(victims: list[Container]) -> None:
+    def _kill_and_reap(victims: list[Container | HollowContainer]) -> None:
         for c in victims:
             c.kill()
         for c in victims:
-            try:
-                c.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                c.pid_file.unlink()
-            except OSError:
-                pass
+            c.reap()
 
     def _watch_pods(self) -> None:
         # Its own client: a requests.Session is not shared across threads.
@@ -531,6 +543,10 @@ class NodeAgent(ControlPlaneMixin):
         cfg = self.cfg.node_config
         return cfg.get(name) or cfg.get("*") or {}
 
+    def is_hollow(self, name: str) -> bool:
+        """Pods of this node run no process (``--hollow`` or ``node_config[name]["hollow"]``)."""
+        return self.cfg.hollow or bool(self._node_config(name).get("hollow"))
+
     def _node_resources(self, name: str) -> dict[str, str]:
         """Capacity (= allocatable): the machine's, unless ``node_config`` says otherwise."""
         try:
@@ -562,7 +578,7 @@ class NodeAgent(ControlPlaneMixin):
                 "kubeletVersion": "v1.33.0-localcluster",
                 "operatingSystem": "linux",
                 "architecture": "amd64",
-                "containerRuntimeVersion": "localcluster://process",
+                "containerRuntimeVersion": HOLLOW_RUNTIME_VERSION if self.is_hollow(name) else "localcluster://process",
                 "osImage": "localcluster",
                 "kernelVersion": os.uname().release,
                 "machineID": name,
@@ -580,6 +596,11 @@ class NodeAgent(ControlPlaneMixin):
         if old and old.get("status") == ready and old.get("lastTransitionTime"):
             status["conditions"][0]["lastTransitionTime"] = old["lastTransitionTime"]
         self.client.patch("nodes", name, {"status": status}, subresource="status")
+
+    def _heartbeat_phase(self, name: str) -> float:
+        """Spread the nodes' heartbeats over the period (kubelets do not post in lockstep)."""
+        nodes = self.cfg.nodes
+        return self.cfg.heartbeat_seconds * (nodes.index(name) if name in nodes else 0) / max(1, len(nodes))
 
     def sync_nodes(self) -> None:
         existing = {n["metadata"]["name"]: n for n in self.client.list("nodes")}
@@ -610,7 +631,7 @@ class NodeAgent(ControlPlaneMixin):
                         raise
                     node = self.client.get("nodes", name)
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now
+                self._last_heartbeat[name] = now - self._heartbeat_phase(name)
                 self.ready_nodes.add(name)
                 continue
             lost = ((node["metadata"].get("annotations") or {}).get(LOST_ANNOTATION) == "true")
@@ -620,7 +641,7 @@ class NodeAgent(ControlPlaneMixin):
                 self.recover(node)
             elif not lost and now - self._last_heartbeat.get(name, 0) >= self.cfg.heartbeat_seconds:
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now
+                self._last_heartbeat[name] = now if name in self._last_heartbeat else now - self._heartbeat_phase(name)
                 self.ready_nodes.add(name)
             if lost:
                 self.ready_nodes.discard(name)
@@ -671,7 +692,7 @@ class NodeAgent(ControlPlaneMixin):
         elif not c.running_reported:
             self._report_running(pod, c)
 
-    def _sync_deleting(self, pod: Obj, c: Container | None) -> None:
+    def _sync_deleting(self, pod: Obj, c: Container | HollowContainer | None) -> None:
         md = pod["metadata"]
         if c is not None and c.poll() is None:
             c.terminate()
@@ -755,6 +776,9 @@ class NodeAgent(ControlPlaneMixin):
             return
         if not self._image_pulled(pod, str(ctr.get("image") or "")):
             return
+        if self.is_hollow(spec["nodeName"]):
+            self._start_hollow(pod)
+            return
         try:
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
@@ -796,6 +820,18 @@ class NodeAgent(ControlPlaneMixin):
         self.containers[c.uid] = c
         self._config_errors.pop(c.uid, None)
         log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, proc.pid, argv)
+        self._report_running(pod, c)
+
+    def _start_hollow(self, pod: Obj) -> None:
+        """Start a container of a hollow node: no process, a schedule (:mod:`localcluster.hollow`)."""
+        try:
+            schedule = Schedule.from_pod(pod)
+        except ScheduleError as e:
+            self._report_config_error(pod, "CreateContainerConfigError", str(e))
+            return
+        c = HollowContainer.start(pod=pod, schedule=schedule)
+        self.containers[c.uid] = c
+        self._config_errors.pop(c.uid, None)
         self._report_running(pod, c)
 
     def _image_pulled(self, pod: Obj, image: str) -> bool:
@@ -861,12 +897,12 @@ class NodeAgent(ControlPlaneMixin):
         env[contract.ENV_TERMINATION_MESSAGE_PATH] = str(term_path)
         return env
 
-    def _report_running(self, pod: Obj, c: Container) -> None:
+    def _report_running(self, pod: Obj, c: Container | HollowContainer) -> None:
         def build(p: Obj) -> Obj:
             st = self._base_status(p)
             st["phase"] = "Running"
             st["containerStatuses"] = self._container_status(
-                p, {"running": {"startedAt": c.started_at}}, True, f"localcluster://{c.proc.pid}")
+                p, {"running": {"startedAt": c.started_at}}, True, c.container_id)
             st["conditions"] = merge_conditions(
                 (p.get("status") or {}).get("conditions") or [],
                 [cond("PodScheduled", True), cond("Initialized", True), cond("ContainersReady", True), cond("Ready", True)],
@@ -897,7 +933,7 @@ class NodeAgent(ControlPlaneMixin):
 
         return build
 
-    def _report_terminated(self, pod: Obj, c: Container) -> bool:
+    def _report_terminated(self, pod: Obj, c: Container | HollowContainer) -> bool:
         assert c.exit_status is not None
         log.info("%s/%s exited: %s", c.namespace, c.pod, {k: v for k, v in c.exit_status.items() if k != "message"})
         try:
@@ -934,9 +970,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--node-monitor-grace-seconds", type=float, default=2.0)
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
+    ap.add_argument("--heartbeat-seconds", type=float, default=5.0, help="seconds between a node's status heartbeats")
+    ap.add_argument("--hollow", action="store_true", help="every node hollow: pods run no process (localcluster.hollow)")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
     ap.add_argument("--node-config", default="{}",
-                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...]}')
+                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...], "hollow": true}')
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -945,6 +983,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         node_monitor_grace_seconds=a.node_monitor_grace_seconds,
         pod_eviction_seconds=a.pod_eviction_seconds,
         interval=a.interval,
+        heartbeat_seconds=a.heartbeat_seconds,
+        hollow=a.hollow,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
         node_config=json.loads(a.node_config),
     )
