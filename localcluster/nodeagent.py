@@ -38,6 +38,7 @@ import argparse
 import base64
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -427,7 +428,8 @@ class AgentConfig:
     node_monitor_grace_seconds: float = 2.0
     pod_eviction_seconds: float | None = None
     interval: float = 0.25
-    heartbeat_seconds: float = 5.0
+    #: The kubelet's nodeStatusUpdateFrequency (10 s); the nodes' heartbeats are spread over it.
+    heartbeat_seconds: float = 10.0
     #: Every node hollow (pods run no process: :mod:`localcluster.hollow`); per node: ``node_config[n]["hollow"]``.
     hollow: bool = False
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
@@ -450,7 +452,8 @@ class NodeAgent(ControlPlaneMixin):
         self.containers: dict[str, Container | HollowContainer] = {}  # by pod uid
         self.lost: dict[str, LostNode] = {}
         self.ready_nodes: set[str] = set()
-        self._last_heartbeat: dict[str, float] = {}
+        self._next_heartbeat: dict[str, float] = {}  # node -> time.monotonic() its next heartbeat is due
+        self._heartbeat_epoch = time.monotonic()
         self._binding_supported: bool | None = None
         self._nodes_cache: dict[str, Obj] = {}
         self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
@@ -597,10 +600,18 @@ class NodeAgent(ControlPlaneMixin):
             status["conditions"][0]["lastTransitionTime"] = old["lastTransitionTime"]
         self.client.patch("nodes", name, {"status": status}, subresource="status")
 
-    def _heartbeat_phase(self, name: str) -> float:
-        """Spread the nodes' heartbeats over the period (kubelets do not post in lockstep)."""
-        nodes = self.cfg.nodes
-        return self.cfg.heartbeat_seconds * (nodes.index(name) if name in nodes else 0) / max(1, len(nodes))
+    def _heartbeat_posted(self, name: str) -> None:
+        """Schedule the node's next heartbeat in its own slot of the period.
+
+        Node ``i`` of ``n`` posts at ``epoch + period * (i/n + k)``, so the
+        heartbeats stay spread over the period (kubelets do not post in
+        lockstep), and a node that posted late (after a slow pass) goes back
+        to its slot instead of joining everyone else's.
+        """
+        nodes, period = self.cfg.nodes, self.cfg.heartbeat_seconds
+        slot = self._heartbeat_epoch + period * (nodes.index(name) if name in nodes else 0) / max(1, len(nodes))
+        now = time.monotonic()
+        self._next_heartbeat[name] = slot + (math.floor((now - slot) / period) + 1) * period
 
     def sync_nodes(self) -> None:
         existing = {n["metadata"]["name"]: n for n in self.client.list("nodes")}
@@ -631,7 +642,7 @@ class NodeAgent(ControlPlaneMixin):
                         raise
                     node = self.client.get("nodes", name)
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now - self._heartbeat_phase(name)
+                self._heartbeat_posted(name)
                 self.ready_nodes.add(name)
                 continue
             lost = ((node["metadata"].get("annotations") or {}).get(LOST_ANNOTATION) == "true")
@@ -639,9 +650,9 @@ class NodeAgent(ControlPlaneMixin):
                 self.lose(name)
             elif not lost and name in self.lost:
                 self.recover(node)
-            elif not lost and now - self._last_heartbeat.get(name, 0) >= self.cfg.heartbeat_seconds:
+            elif not lost and now >= self._next_heartbeat.get(name, 0):
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now if name in self._last_heartbeat else now - self._heartbeat_phase(name)
+                self._heartbeat_posted(name)
                 self.ready_nodes.add(name)
             if lost:
                 self.ready_nodes.discard(name)
@@ -970,7 +981,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--node-monitor-grace-seconds", type=float, default=2.0)
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
-    ap.add_argument("--heartbeat-seconds", type=float, default=5.0, help="seconds between a node's status heartbeats")
+    ap.add_argument("--heartbeat-seconds", type=float, default=10.0, help="seconds between a node's status heartbeats")
     ap.add_argument("--hollow", action="store_true", help="every node hollow: pods run no process (localcluster.hollow)")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
     ap.add_argument("--node-config", default="{}",
