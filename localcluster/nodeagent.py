@@ -3,7 +3,8 @@ controller) for a few named nodes, running every container as a local process.
 
     python -m localcluster.nodeagent --kubeconfig K --state-dir DIR --nodes node-0,node-1,node-2
 
-What it does, per tick (woken by a pod watch, at least every ``--interval``):
+What it does, per tick (woken by a pod watch, at least every ``--interval``;
+the pods come from an informer, :mod:`localcluster.informer`, not a LIST per tick):
 
 * registers the Node objects and posts their heartbeat (Ready=True);
 * binds unscheduled pods to a node that passes kube-scheduler's filters
@@ -56,6 +57,7 @@ from trainingjob_trainer import contract
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
 from localcluster.hollow import RUNTIME_VERSION as HOLLOW_RUNTIME_VERSION
 from localcluster.hollow import HollowContainer, Schedule, ScheduleError
+from localcluster.informer import Informer
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.kube import ApiError, Client, Obj
 
@@ -458,9 +460,14 @@ class NodeAgent(ControlPlaneMixin):
         self._nodes_cache: dict[str, Obj] = {}
         self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
         self._pull_failed: dict[str, float] = {}  # pod uid -> when its image pull first failed
+        #: Pod uids whose final status this agent wrote: the informer may still hold the pod as
+        #: it was before (Running), which must not read as "ran under a previous agent".
+        self._finished: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+        #: Every pod, from one LIST and then a WATCH (a pass reads it, it does not LIST).
+        self.pods = Informer(client=self._own_client(), resource="pods", on_event=self._wake.set)
 
     # -------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -468,7 +475,7 @@ class NodeAgent(ControlPlaneMixin):
         self._wake.set()
 
     def run(self) -> None:
-        threading.Thread(target=self._watch_pods, name="pod-watch", daemon=True).start()
+        threading.Thread(target=self.pods.run, args=(self._stop,), name="pod-informer", daemon=True).start()
         try:
             while not self._stop.is_set():
                 try:
@@ -491,23 +498,17 @@ class NodeAgent(ControlPlaneMixin):
         for c in victims:
             c.reap()
 
-    def _watch_pods(self) -> None:
-        # Its own client: a requests.Session is not shared across threads.
-        client = Client(self.client.server, verify=self.client.session.verify, cert=self.client.session.cert,  # type: ignore[arg-type]
-                        token=(self.client.session.headers.get("Authorization") or "").removeprefix("Bearer ") or None)
-        while not self._stop.is_set():
-            try:
-                for _ in client.watch("pods", timeout=30):
-                    self._wake.set()
-                    if self._stop.is_set():
-                        return
-            except Exception:  # noqa: BLE001
-                time.sleep(0.5)
+    def _own_client(self) -> Client:
+        """A client of its own for a thread: a requests.Session is not shared across threads."""
+        return Client(self.client.server, verify=self.client.session.verify, cert=self.client.session.cert,  # type: ignore[arg-type]
+                      token=(self.client.session.headers.get("Authorization") or "").removeprefix("Bearer ") or None)
 
     # -------------------------------------------------------------- one pass
     def tick(self) -> None:
         self.sync_nodes()
-        pods = self.client.list("pods")
+        if not self.pods.synced.is_set():
+            return  # an empty cache is not "every pod is gone"
+        pods = self.pods.items()
         try:
             services = self.client.list("services")
         except ApiError:
@@ -527,6 +528,7 @@ class NodeAgent(ControlPlaneMixin):
                 log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"].get("name"), e)
             except Exception:  # noqa: BLE001
                 log.exception("pod %s/%s", pod["metadata"].get("namespace"), pod["metadata"].get("name"))
+        self._finished &= seen
         for uid in set(self._pull_failed) - seen:
             del self._pull_failed[uid]
         # Pods that vanished from the API (force-deleted): stop their processes.
@@ -689,7 +691,7 @@ class NodeAgent(ControlPlaneMixin):
             self._sync_deleting(pod, c)
             return
         if c is None:
-            if status.get("phase") in TERMINAL:
+            if status.get("phase") in TERMINAL or uid in self._finished:
                 return
             if any("running" in (cs.get("state") or {}) for cs in status.get("containerStatuses") or []):
                 # It ran under a previous incarnation of this kubelet (or a lost node came back).
@@ -699,6 +701,7 @@ class NodeAgent(ControlPlaneMixin):
             return
         if c.poll() is not None:
             if self._report_terminated(pod, c):
+                self._finished.add(uid)
                 del self.containers[uid]
         elif not c.running_reported:
             self._report_running(pod, c)
