@@ -7,6 +7,7 @@ preemption and node loss behave as for process pods.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -59,6 +60,12 @@ def phases(kube: Client) -> dict[str, tuple[str | None, dict[str, Any]]]:
     return {p["metadata"]["name"]: ((p.get("status") or {}).get("phase"), p) for p in kube.list("pods", NS)}
 
 
+def requests_since(lc: LocalCluster, t0: float) -> list[dict[str, Any]]:
+    """The API server's request log (every request, with its verb) from ``t0`` on."""
+    lines = (lc.state_dir / "api-requests.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["ts"] >= t0]
+
+
 def terminated(pod: dict[str, Any]) -> dict[str, Any]:
     return pod["status"]["containerStatuses"][0]["state"]["terminated"]
 
@@ -104,6 +111,16 @@ def test_hollow_100_nodes_serve_1000_pods(hollow_cluster: tuple[LocalCluster, Cl
         state = terminated(pod)
         assert (ph, state["exitCode"], state["message"]) == ("Succeeded" if code == 0 else "Failed", code, message)
         assert state["reason"] == ("Completed" if code == 0 else "Error")
+
+    # Steady state is cheap: over a heartbeat period (many passes) the agent neither
+    # lists every pod nor makes a per-pod request (nothing changed).
+    t0 = time.time()
+    beat = (condition(kube.get("nodes", NODES[0]), "Ready") or {}).get("lastHeartbeatTime")
+    wait_until(lambda: (condition(kube.get("nodes", NODES[0]), "Ready") or {}).get("lastHeartbeatTime") != beat,
+               timeout=30, interval=0.5, what=f"a heartbeat of {NODES[0]}")
+    window = [r for r in requests_since(lc, t0) if r["resource"] == "pods"]
+    assert not [r for r in window if r["verb"] == "list" and r["namespace"] is None], "the agent LISTs all pods per pass"
+    assert not [r for r in window if r["verb"] not in ("list", "watch")], "per-pod requests in a steady state"
 
     # Preemption: DisruptionTarget, SIGTERM honoured at once, the pod is gone.
     victim = forever[0]
