@@ -105,11 +105,14 @@ class LocalCluster:
         node_config: Per node name (or ``"*"`` for all): ``{"capacity": {"cpu": "8",
             "nvidia.com/gpu": "1"}, "labels": {...}, "taints": [...]}``; the
             scheduler places pods against it (default: the machine's cpu and memory).
+            ``"hollow": True`` makes that node hollow: its pods run no process
+            (:mod:`localcluster.hollow`).
         apiserver_command: argv of the API server (default ``python -m
             localcluster.apiserver --state-dir DIR --port 0``, or ``$LOCALCLUSTER_APISERVER_CMD``).
         bucket: The S3 bucket to create.
         runtime: ``process`` (pods as local processes) or ``podman`` (container
             nodes: pods run from their images, see ``localcluster/containers.py``).
+        hollow: Every node hollow (kubemark/KWOK-style; :mod:`localcluster.hollow`).
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class LocalCluster:
         crds_dir: str | os.PathLike[str] = CRDS_DIR,
         node_config: dict[str, dict[str, Any]] | None = None,
         runtime: str = "process",
+        hollow: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
@@ -136,6 +140,7 @@ class LocalCluster:
         self.crds_dir = Path(crds_dir)
         self.node_config = dict(node_config or {})
         self.runtime = runtime
+        self.hollow = hollow
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
@@ -283,6 +288,8 @@ class LocalCluster:
             argv += ["--pod-eviction-seconds", str(self.pod_eviction_seconds)]
         if self.node_config:
             argv += ["--node-config", json.dumps(self.node_config)]
+        if self.hollow:
+            argv.append("--hollow")
         log_path = self.state_dir / "nodeagent.log"
         proc = _spawn(argv, log_path)
         self.processes["nodeagent"] = ManagedProcess("nodeagent", proc.pid, log_path, proc)

@@ -65,7 +65,7 @@ class ControlPlaneMixin:
     """Scheduler and node lifecycle controller of the agent (see the module docstring).
 
     The agent provides the attributes below and ``_write_status``,
-    ``_patch_node_ready``, ``_node_resources`` and ``_kill_and_reap``.
+    ``_patch_node_ready``, ``_node_resources``, ``_heartbeat_posted`` and ``_kill_and_reap``.
     """
 
     client: Client
@@ -74,7 +74,6 @@ class ControlPlaneMixin:
     ready_nodes: set[str]
     containers: dict[str, Any]
     _nodes_cache: dict[str, Obj]
-    _last_heartbeat: dict[str, float]
     _binding_supported: bool | None
 
     # -------------------------------------------------------------- node lifecycle controller
@@ -97,7 +96,7 @@ class ControlPlaneMixin:
         taints = [t for t in (node.get("spec") or {}).get("taints") or [] if not t.get("key", "").startswith("node.kubernetes.io/unreachable")]
         self.client.patch("nodes", name, {"spec": {"taints": taints or None}})
         self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-        self._last_heartbeat[name] = time.monotonic()
+        self._heartbeat_posted(name)
         self.ready_nodes.add(name)
 
     def sync_lost_nodes(self, pods: list[Obj]) -> None:

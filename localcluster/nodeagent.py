@@ -3,7 +3,8 @@ controller) for a few named nodes, running every container as a local process.
 
     python -m localcluster.nodeagent --kubeconfig K --state-dir DIR --nodes node-0,node-1,node-2
 
-What it does, per tick (woken by a pod watch, at least every ``--interval``):
+What it does, per tick (woken by a pod watch, at least every ``--interval``;
+the pods come from an informer, :mod:`localcluster.informer`, not a LIST per tick):
 
 * registers the Node objects and posts their heartbeat (Ready=True);
 * binds unscheduled pods to a node that passes kube-scheduler's filters
@@ -38,6 +39,7 @@ import argparse
 import base64
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -53,15 +55,17 @@ from typing import Any, Callable, Mapping
 from trainingjob_trainer import contract
 
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
+from localcluster.dns import LOOPBACK, HostsFile, dns_names
+from localcluster.hollow import RUNTIME_VERSION as HOLLOW_RUNTIME_VERSION
+from localcluster.hollow import HollowContainer, Schedule, ScheduleError
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
+from localcluster.informer import Informer
 from localcluster.kube import ApiError, Client, Obj
 
 log = logging.getLogger("localcluster.nodeagent")
 
 #: Set to "true" on a Node (by :func:`localcluster.control.lose_node`) to lose it.
 LOST_ANNOTATION = "localcluster.trainingjob.dev/lost"
-LOOPBACK = "127.0.0.1"
-LOOPBACK_V4MAPPED = "::ffff:127.0.0.1"
 #: Written into every pod directory: pid, process start time and pod uid, so
 #: ``LocalCluster.stop`` can make sure no container process outlives the agent.
 PID_FILE = "container.pid"
@@ -108,61 +112,6 @@ NSS_MISSING_MESSAGE = (
     "DNS names (<host>.<subdomain>.<ns>.svc.cluster.local) to 127.0.0.1.\n"
     "Install it with:  python -m localcluster.tools install   (or: apt-get install libnss-wrapper)"
 )
-
-
-# ---------------------------------------------------------------------------
-# DNS: the nss_wrapper hosts file
-# ---------------------------------------------------------------------------
-def dns_names(pods: list[Obj], services: list[Obj]) -> list[str]:
-    """Every name the cluster DNS would answer for these pods and services."""
-    names: set[str] = set()
-    for pod in pods:
-        md, spec = pod.get("metadata", {}), pod.get("spec", {})
-        ns = md.get("namespace", "default")
-        host = spec.get("hostname") or md.get("name")
-        if host:
-            names.add(host)
-        sub = spec.get("subdomain")
-        if host and sub:
-            names.update({f"{host}.{sub}", f"{host}.{sub}.{ns}", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}.{ns}.svc.cluster.local"})
-    for svc in services:
-        md = svc.get("metadata", {})
-        name, ns = md.get("name"), md.get("namespace", "default")
-        if name:
-            names.update({name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"})
-    names.discard("localhost")
-    return sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9.-]+", n))
-
-
-class HostsFile:
-    """An nss_wrapper hosts file, rewritten atomically when the names change.
-
-    nss_wrapper reloads the file when its mtime changes, with a resolution of
-    one second; every rewrite therefore gets a new, strictly increasing
-    whole-second mtime so a process that read it in the same second reloads.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._names: list[str] | None = None
-        self._mtime = 0
-
-    def update(self, names: list[str]) -> bool:
-        if names == self._names and self.path.exists():
-            return False
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
-        lines += [f"{LOOPBACK} {n}" for n in names]
-        # c10d (TCPStore) looks names up as AF_INET6 with AI_V4MAPPED first and
-        # retries that until its timeout; nss_wrapper does not synthesise
-        # v4-mapped answers, so the file carries them explicitly.
-        lines += [f"{LOOPBACK_V4MAPPED} {n}" for n in names]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        self._mtime = max(self._mtime + 1, int(time.time()))
-        os.utime(tmp, (self._mtime, self._mtime))
-        os.replace(tmp, self.path)
-        self._names = names
-        return True
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +325,21 @@ class Container:
         self.killed = True
         kill_group(self.proc.pid, signal.SIGKILL, self.uid)
 
+    @property
+    def container_id(self) -> str:
+        return f"localcluster://{self.proc.pid}"
+
+    def reap(self) -> None:
+        """Wait (briefly) for the killed main process and drop its pid file."""
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self.pid_file.unlink()
+        except OSError:
+            pass
+
 
 def read_termination_message(term_path: Path, log_path: Path, policy: str, exit_code: int) -> str:
     """The kubelet's rule: the file (<= 4096 bytes), else the log tail on error."""
@@ -410,7 +374,10 @@ class AgentConfig:
     node_monitor_grace_seconds: float = 2.0
     pod_eviction_seconds: float | None = None
     interval: float = 0.25
-    heartbeat_seconds: float = 5.0
+    #: The kubelet's nodeStatusUpdateFrequency (10 s); the nodes' heartbeats are spread over it.
+    heartbeat_seconds: float = 10.0
+    #: Every node hollow (pods run no process: :mod:`localcluster.hollow`); per node: ``node_config[n]["hollow"]``.
+    hollow: bool = False
     pass_env: tuple[str, ...] = ("PYTHONPATH", "LANG", "LC_ALL", "TZ")
     nss_wrapper: str | None = None
     #: Per node name (or ``"*"``): ``{"capacity": {...}, "labels": {...}, "taints": [...]}``.
@@ -431,14 +398,18 @@ class NodeAgent(ControlPlaneMixin):
         self.pods_dir = self.state_dir / "pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
         self.hosts = HostsFile(self.state_dir / "hosts")
-        self.containers: dict[str, Container] = {}  # by pod uid
+        self.containers: dict[str, Container | HollowContainer] = {}  # by pod uid
         self.lost: dict[str, LostNode] = {}
         self.ready_nodes: set[str] = set()
-        self._last_heartbeat: dict[str, float] = {}
+        self._next_heartbeat: dict[str, float] = {}  # node -> time.monotonic() its next heartbeat is due
+        self._heartbeat_epoch = time.monotonic()
         self._binding_supported: bool | None = None
         self._nodes_cache: dict[str, Obj] = {}
         self._config_errors: dict[str, str] = {}  # pod uid -> last reported message
         self._pull_failed: dict[str, float] = {}  # pod uid -> when its image pull first failed
+        #: Pod uids whose final status this agent wrote: the informer may still hold the pod as
+        #: it was before (Running), which must not read as "ran under a previous agent".
+        self._finished: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
@@ -447,6 +418,8 @@ class NodeAgent(ControlPlaneMixin):
             from localcluster.containers import PodmanRuntime
 
             self.runtime = PodmanRuntime(state_dir=self.state_dir, hosts_path=self.hosts.path)
+        #: Every pod, from one LIST and then a WATCH (a pass reads it, it does not LIST).
+        self.pods = Informer(client=self._own_client(), resource="pods", on_event=self._wake.set)
 
     # -------------------------------------------------------------- lifecycle
     def stop(self) -> None:
@@ -454,7 +427,7 @@ class NodeAgent(ControlPlaneMixin):
         self._wake.set()
 
     def run(self) -> None:
-        threading.Thread(target=self._watch_pods, name="pod-watch", daemon=True).start()
+        threading.Thread(target=self.pods.run, args=(self._stop,), name="pod-informer", daemon=True).start()
         try:
             while not self._stop.is_set():
                 try:
@@ -471,36 +444,23 @@ class NodeAgent(ControlPlaneMixin):
         self._kill_and_reap(list(self.containers.values()))
 
     @staticmethod
-    def _kill_and_reap(victims: list[Container]) -> None:
+    def _kill_and_reap(victims: list[Container | HollowContainer]) -> None:
         for c in victims:
             c.kill()
         for c in victims:
-            try:
-                c.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                c.pid_file.unlink()
-            except OSError:
-                pass
+            c.reap()
 
-    def _watch_pods(self) -> None:
-        # Its own client: a requests.Session is not shared across threads.
-        client = Client(self.client.server, verify=self.client.session.verify, cert=self.client.session.cert,  # type: ignore[arg-type]
-                        token=(self.client.session.headers.get("Authorization") or "").removeprefix("Bearer ") or None)
-        while not self._stop.is_set():
-            try:
-                for _ in client.watch("pods", timeout=30):
-                    self._wake.set()
-                    if self._stop.is_set():
-                        return
-            except Exception:  # noqa: BLE001
-                time.sleep(0.5)
+    def _own_client(self) -> Client:
+        """A client of its own for a thread: a requests.Session is not shared across threads."""
+        return Client(self.client.server, verify=self.client.session.verify, cert=self.client.session.cert,  # type: ignore[arg-type]
+                      token=(self.client.session.headers.get("Authorization") or "").removeprefix("Bearer ") or None)
 
     # -------------------------------------------------------------- one pass
     def tick(self) -> None:
         self.sync_nodes()
-        pods = self.client.list("pods")
+        if not self.pods.synced.is_set():
+            return  # an empty cache is not "every pod is gone"
+        pods = self.pods.items()
         try:
             services = self.client.list("services")
         except ApiError:
@@ -520,6 +480,7 @@ class NodeAgent(ControlPlaneMixin):
                 log.warning("pod %s/%s: %s", pod["metadata"].get("namespace"), pod["metadata"].get("name"), e)
             except Exception:  # noqa: BLE001
                 log.exception("pod %s/%s", pod["metadata"].get("namespace"), pod["metadata"].get("name"))
+        self._finished &= seen
         for uid in set(self._pull_failed) - seen:
             del self._pull_failed[uid]
         # Pods that vanished from the API (force-deleted): stop their processes.
@@ -538,6 +499,10 @@ class NodeAgent(ControlPlaneMixin):
     def _node_config(self, name: str) -> Mapping[str, Any]:
         cfg = self.cfg.node_config
         return cfg.get(name) or cfg.get("*") or {}
+
+    def is_hollow(self, name: str) -> bool:
+        """Pods of this node run no process (``--hollow`` or ``node_config[name]["hollow"]``)."""
+        return self.cfg.hollow or bool(self._node_config(name).get("hollow"))
 
     def _node_resources(self, name: str) -> dict[str, str]:
         """Capacity (= allocatable): the machine's, unless ``node_config`` says otherwise."""
@@ -570,7 +535,7 @@ class NodeAgent(ControlPlaneMixin):
                 "kubeletVersion": "v1.33.0-localcluster",
                 "operatingSystem": "linux",
                 "architecture": "amd64",
-                "containerRuntimeVersion": "localcluster://process",
+                "containerRuntimeVersion": HOLLOW_RUNTIME_VERSION if self.is_hollow(name) else "localcluster://process",
                 "osImage": "localcluster",
                 "kernelVersion": os.uname().release,
                 "machineID": name,
@@ -588,6 +553,19 @@ class NodeAgent(ControlPlaneMixin):
         if old and old.get("status") == ready and old.get("lastTransitionTime"):
             status["conditions"][0]["lastTransitionTime"] = old["lastTransitionTime"]
         self.client.patch("nodes", name, {"status": status}, subresource="status")
+
+    def _heartbeat_posted(self, name: str) -> None:
+        """Schedule the node's next heartbeat in its own slot of the period.
+
+        Node ``i`` of ``n`` posts at ``epoch + period * (i/n + k)``, so the
+        heartbeats stay spread over the period (kubelets do not post in
+        lockstep), and a node that posted late (after a slow pass) goes back
+        to its slot instead of joining everyone else's.
+        """
+        nodes, period = self.cfg.nodes, self.cfg.heartbeat_seconds
+        slot = self._heartbeat_epoch + period * (nodes.index(name) if name in nodes else 0) / max(1, len(nodes))
+        now = time.monotonic()
+        self._next_heartbeat[name] = slot + (math.floor((now - slot) / period) + 1) * period
 
     def sync_nodes(self) -> None:
         existing = {n["metadata"]["name"]: n for n in self.client.list("nodes")}
@@ -618,7 +596,7 @@ class NodeAgent(ControlPlaneMixin):
                         raise
                     node = self.client.get("nodes", name)
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now
+                self._heartbeat_posted(name)
                 self.ready_nodes.add(name)
                 continue
             lost = ((node["metadata"].get("annotations") or {}).get(LOST_ANNOTATION) == "true")
@@ -626,9 +604,9 @@ class NodeAgent(ControlPlaneMixin):
                 self.lose(name)
             elif not lost and name in self.lost:
                 self.recover(node)
-            elif not lost and now - self._last_heartbeat.get(name, 0) >= self.cfg.heartbeat_seconds:
+            elif not lost and now >= self._next_heartbeat.get(name, 0):
                 self._patch_node_ready(node, "True", "KubeletReady", "kubelet is posting ready status")
-                self._last_heartbeat[name] = now
+                self._heartbeat_posted(name)
                 self.ready_nodes.add(name)
             if lost:
                 self.ready_nodes.discard(name)
@@ -665,7 +643,7 @@ class NodeAgent(ControlPlaneMixin):
             self._sync_deleting(pod, c)
             return
         if c is None:
-            if status.get("phase") in TERMINAL:
+            if status.get("phase") in TERMINAL or uid in self._finished:
                 return
             if any("running" in (cs.get("state") or {}) for cs in status.get("containerStatuses") or []):
                 # It ran under a previous incarnation of this kubelet (or a lost node came back).
@@ -675,11 +653,12 @@ class NodeAgent(ControlPlaneMixin):
             return
         if c.poll() is not None:
             if self._report_terminated(pod, c):
+                self._finished.add(uid)
                 del self.containers[uid]
         elif not c.running_reported:
             self._report_running(pod, c)
 
-    def _sync_deleting(self, pod: Obj, c: Container | None) -> None:
+    def _sync_deleting(self, pod: Obj, c: Container | HollowContainer | None) -> None:
         md = pod["metadata"]
         if c is not None and c.poll() is None:
             c.terminate()
@@ -766,6 +745,9 @@ class NodeAgent(ControlPlaneMixin):
             return
         if not self._image_pulled(pod, str(ctr.get("image") or "")):
             return
+        if self.is_hollow(spec["nodeName"]):
+            self._start_hollow(pod)
+            return
         try:
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
@@ -810,6 +792,18 @@ class NodeAgent(ControlPlaneMixin):
         self.containers[c.uid] = c
         self._config_errors.pop(c.uid, None)
         log.info("started %s/%s on %s: pid %d %s", c.namespace, c.pod, c.node, c.proc.pid, argv)
+        self._report_running(pod, c)
+
+    def _start_hollow(self, pod: Obj) -> None:
+        """Start a container of a hollow node: no process, a schedule (:mod:`localcluster.hollow`)."""
+        try:
+            schedule = Schedule.from_pod(pod)
+        except ScheduleError as e:
+            self._report_config_error(pod, "CreateContainerConfigError", str(e))
+            return
+        c = HollowContainer.start(pod=pod, schedule=schedule)
+        self.containers[c.uid] = c
+        self._config_errors.pop(c.uid, None)
         self._report_running(pod, c)
 
     def _image_pulled(self, pod: Obj, image: str) -> bool:
@@ -890,12 +884,12 @@ class NodeAgent(ControlPlaneMixin):
         env[contract.ENV_TERMINATION_MESSAGE_PATH] = str(term_path)
         return env
 
-    def _report_running(self, pod: Obj, c: Container) -> None:
+    def _report_running(self, pod: Obj, c: Container | HollowContainer) -> None:
         def build(p: Obj) -> Obj:
             st = self._base_status(p)
             st["phase"] = "Running"
             st["containerStatuses"] = self._container_status(
-                p, {"running": {"startedAt": c.started_at}}, True, f"localcluster://{c.proc.pid}")
+                p, {"running": {"startedAt": c.started_at}}, True, c.container_id)
             st["conditions"] = merge_conditions(
                 (p.get("status") or {}).get("conditions") or [],
                 [cond("PodScheduled", True), cond("Initialized", True), cond("ContainersReady", True), cond("Ready", True)],
@@ -926,7 +920,7 @@ class NodeAgent(ControlPlaneMixin):
 
         return build
 
-    def _report_terminated(self, pod: Obj, c: Container) -> bool:
+    def _report_terminated(self, pod: Obj, c: Container | HollowContainer) -> bool:
         assert c.exit_status is not None
         log.info("%s/%s exited: %s", c.namespace, c.pod, {k: v for k, v in c.exit_status.items() if k != "message"})
         try:
@@ -963,9 +957,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     ap.add_argument("--node-monitor-grace-seconds", type=float, default=2.0)
     ap.add_argument("--pod-eviction-seconds", type=float, default=None, help="evict pods of a lost node after this (default: never)")
     ap.add_argument("--interval", type=float, default=0.25, help="seconds between passes when no pod event wakes the agent")
+    ap.add_argument("--heartbeat-seconds", type=float, default=10.0, help="seconds between a node's status heartbeats")
+    ap.add_argument("--hollow", action="store_true", help="every node hollow: pods run no process (localcluster.hollow)")
     ap.add_argument("--pass-env", default="PYTHONPATH,LANG,LC_ALL,TZ", help="agent env vars passed into every container")
     ap.add_argument("--node-config", default="{}",
-                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...]}')
+                    help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...], "hollow": true}')
     ap.add_argument("--runtime", choices=["process", "podman"], default="process",
                     help="process: containers as local processes; podman: the pod's image in a container")
     a = ap.parse_args(argv)
@@ -976,6 +972,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         node_monitor_grace_seconds=a.node_monitor_grace_seconds,
         pod_eviction_seconds=a.pod_eviction_seconds,
         interval=a.interval,
+        heartbeat_seconds=a.heartbeat_seconds,
+        hollow=a.hollow,
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
         node_config=json.loads(a.node_config),
         runtime=a.runtime,

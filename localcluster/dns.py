@@ -1,0 +1,68 @@
+"""Cluster DNS on loopback: every pod's and Service's names in an nss_wrapper hosts file.
+
+Split out of :mod:`localcluster.nodeagent` (which writes the file each pass).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from localcluster.kube import Obj
+
+LOOPBACK = "127.0.0.1"
+LOOPBACK_V4MAPPED = "::ffff:127.0.0.1"
+
+
+def dns_names(pods: list[Obj], services: list[Obj]) -> list[str]:
+    """Every name the cluster DNS would answer for these pods and services."""
+    names: set[str] = set()
+    for pod in pods:
+        md, spec = pod.get("metadata", {}), pod.get("spec", {})
+        ns = md.get("namespace", "default")
+        host = spec.get("hostname") or md.get("name")
+        if host:
+            names.add(host)
+        sub = spec.get("subdomain")
+        if host and sub:
+            names.update({f"{host}.{sub}", f"{host}.{sub}.{ns}", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}.{ns}.svc.cluster.local"})
+    for svc in services:
+        md = svc.get("metadata", {})
+        name, ns = md.get("name"), md.get("namespace", "default")
+        if name:
+            names.update({name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"})
+    names.discard("localhost")
+    return sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9.-]+", n))
+
+
+class HostsFile:
+    """An nss_wrapper hosts file, rewritten atomically when the names change.
+
+    nss_wrapper reloads the file when its mtime changes, with a resolution of
+    one second; every rewrite therefore gets a new, strictly increasing
+    whole-second mtime so a process that read it in the same second reloads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._names: list[str] | None = None
+        self._mtime = 0
+
+    def update(self, names: list[str]) -> bool:
+        if names == self._names and self.path.exists():
+            return False
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
+        lines += [f"{LOOPBACK} {n}" for n in names]
+        # c10d (TCPStore) looks names up as AF_INET6 with AI_V4MAPPED first and
+        # retries that until its timeout; nss_wrapper does not synthesise
+        # v4-mapped answers, so the file carries them explicitly.
+        lines += [f"{LOOPBACK_V4MAPPED} {n}" for n in names]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self._mtime = max(self._mtime + 1, int(time.time()))
+        os.utime(tmp, (self._mtime, self._mtime))
+        os.replace(tmp, self.path)
+        self._names = names
+        return True
