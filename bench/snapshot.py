@@ -234,7 +234,9 @@ def memory_child(backend: str, mib: int, bucket: str) -> dict[str, float]:
     """One backend's 2 GiB save and restore in this (fresh) process: seconds and peak RSS."""
     import torchsnapshot  # noqa: F401 - imported before the baseline: not part of a save's memory
 
-    from trainingjob_trainer.backends import _dcp_s3_writer, _dcp_stager, make_snapshotter
+    from trainingjob_trainer.backends import make_snapshotter
+    from trainingjob_trainer.backends.dcp import _dcp_s3_writer
+    from trainingjob_trainer.backends.staging import _dcp_stager
 
     _dcp_s3_writer(), _dcp_stager()
     base = _rss()

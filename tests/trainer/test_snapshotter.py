@@ -121,9 +121,9 @@ class _Tensors:
 def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeypatch):
     """Packed objects, a tensor past the single-PUT limit (multipart stream) and
     a non-tensor entry all round-trip; the object count follows the packing."""
-    from trainingjob_trainer import backends
+    from trainingjob_trainer.backends import dcp
 
-    monkeypatch.setattr(backends, "DCP_SINGLE_PUT_BYTES", 1 << 20)  # the 2 MiB tensor streams
+    monkeypatch.setattr(dcp, "DCP_SINGLE_PUT_BYTES", 1 << 20)  # the 2 MiB tensor streams
     g = torch.Generator().manual_seed(0)
     tensors = {f"small{i}": torch.randn(1000, generator=g) for i in range(40)}
     tensors["big"] = torch.randn(512 * 1024, generator=g)  # 2 MiB
@@ -144,7 +144,7 @@ def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeyp
 
 
 def test_dcp_pack_items():
-    from trainingjob_trainer.backends import _pack_items
+    from trainingjob_trainer.backends.dcp import _pack_items
 
     assert _pack_items(list("abcde"), [3, 3, 10, 3, 5], 8) == [["c"], ["a", "b"], ["d", "e"]]
     assert _pack_items(list("abc"), [1, 1, 1], 0) == [["a"], ["b"], ["c"]]
@@ -253,7 +253,7 @@ def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, 
 
 
 def test_dcp_stager_reuses_buffers_only_while_the_layout_is_unchanged():
-    from trainingjob_trainer.backends import _dcp_stager
+    from trainingjob_trainer.backends.staging import _dcp_stager
 
     stager = _dcp_stager()(keep=True)
     sd = {"w": torch.arange(6.0), "step": 3, "opt": {"m": [torch.ones(2)]}}

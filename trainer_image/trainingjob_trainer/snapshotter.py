@@ -152,6 +152,25 @@ class Snapshotter(LiveMixin, abc.ABC):
     #: backoff (doubled after each failed try): 1 + 2 + 4 s by default.
     restore_attempts: ClassVar[int] = 4
     restore_backoff_s: ClassVar[float] = 1.0
+    #: Every backend class by its :attr:`backend` name, filled as the backends
+    #: (``trainingjob_trainer.backends``) define them: this module never
+    #: imports them.
+    _by_backend: ClassVar[dict[str, type["Snapshotter"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("backend"):  # a backend's own class, not a subclass of one
+            Snapshotter._by_backend[cls.backend] = cls
+
+    @classmethod
+    def for_backend(cls, name: str, **kwargs: Any) -> "Snapshotter":
+        """A snapshotter of the backend called ``name``."""
+        try:
+            klass = Snapshotter._by_backend[name]
+        except KeyError:
+            raise ValueError(f"unknown snapshot backend {name!r}; expected one of {sorted(Snapshotter._by_backend)}") \
+                from None
+        return klass(**kwargs)
 
     def __init__(
         self,
@@ -342,10 +361,8 @@ class Snapshotter(LiveMixin, abc.ABC):
         t0 = time.monotonic()
         reader: Snapshotter = self
         if marker.backend != self.backend:  # read with the backend that wrote it
-            from trainingjob_trainer.backends import make_snapshotter
-
-            reader = make_snapshotter(backend=marker.backend, uri=self.uri, storage_options=self.storage_options,
-                                      process_group=self.pg, watch_preemption=False)
+            reader = Snapshotter.for_backend(marker.backend, uri=self.uri, storage_options=self.storage_options,
+                                             process_group=self.pg, watch_preemption=False)
         state = dict(app_state if app_state is not None else self.app_state)
         if optional:
             stored = reader._stored_keys(uri.rstrip("/"))
