@@ -44,6 +44,43 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def spawn_until_ready(argv: list[str], *, name: str, endpoint: str, ready: Any, timeout: float,
+                      log_path: Any = None, env: dict[str, str] | None = None, on_start: Any = None,
+                      on_timeout: Any = None, poll_s: float = 0.05) -> subprocess.Popen[bytes]:
+    """Start a test server in a session of its own (output appended to
+    ``log_path``) and wait until ``ready()`` is true.
+
+    ``on_start(proc)`` runs as soon as it is started (so a failing wait can
+    still stop it by PID); ``on_timeout()`` runs before the timeout error.
+
+    Raises:
+        RuntimeError: It exited, or was not ready within ``timeout`` seconds.
+    """
+    out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+    finally:
+        if out is not subprocess.DEVNULL:
+            out.close()
+    if on_start is not None:
+        on_start(proc)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} (log: {log_path})")
+        try:
+            if ready():
+                return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            if on_timeout is not None:
+                on_timeout()
+            raise RuntimeError(f"{name} not answering on {endpoint} after {timeout}s (log: {log_path})")
+        time.sleep(poll_s)
+
+
 def stop_pid(pid: int, *, timeout: float = 10.0, group: bool = True) -> None:
     """SIGTERM ``pid`` (its process group if ``group``), wait, then SIGKILL."""
 
@@ -132,31 +169,13 @@ class _S3Process:
     def start(self, timeout: float = 60.0) -> "_S3Process":
         if not self.port:
             self.port = free_port(self.host)
-        argv = self.argv()
-        out: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self._proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, **self.credentials},
-            )
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        self.pid = self._proc.pid
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self._proc.returncode} (log: {self.log_path})")
-            if self.ready():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{self.name} not answering on {self.endpoint} after {timeout}s (log: {self.log_path})")
-            time.sleep(0.2)
+        self._proc = spawn_until_ready(self.argv(), name=self.name, endpoint=self.endpoint, ready=self.ready,
+                                       timeout=timeout, log_path=self.log_path, on_timeout=self.stop,
+                                       env={**os.environ, **self.credentials}, on_start=self._started, poll_s=0.2)
+        return self
+
+    def _started(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc, self.pid = proc, proc.pid
 
     def client(self) -> Any:
         """A boto3 S3 client for this server."""

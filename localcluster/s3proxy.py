@@ -411,29 +411,17 @@ class S3Proxy:
 
     def start(self, *, timeout: float = 20.0, **faults: Any) -> "S3Proxy":
         """Start the process and wait until its control endpoint answers."""
+        from localcluster.s3 import spawn_until_ready
+
         self.port = self.port or _free_port()
-        out: Any = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "localcluster.s3proxy", "--upstream", self.upstream, "--port", str(self.port),
-                 "--faults", json.dumps(faults)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        self.pid = self._proc.pid
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"s3proxy exited with {self._proc.returncode} (log: {self.log_path})")
-            try:
-                self.stats()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"s3proxy not answering on {self.endpoint} after {timeout}s") from None
-                time.sleep(0.05)
+        argv = [sys.executable, "-m", "localcluster.s3proxy", "--upstream", self.upstream, "--port", str(self.port),
+                "--faults", json.dumps(faults)]
+        spawn_until_ready(argv, name="s3proxy", endpoint=self.endpoint, ready=lambda: self.stats() is not None,
+                          timeout=timeout, log_path=self.log_path, on_start=self._started, on_timeout=self.stop)
+        return self
+
+    def _started(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc, self.pid = proc, proc.pid
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         req = urllib.request.Request(self.endpoint + CONTROL_PREFIX + path, method=method,
