@@ -143,8 +143,11 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     kube.create(TJ, example_job("twice", namespace, cluster, weights), namespace=namespace)
 
     # Preemption 1: a random worker, at a random point after the first snapshot.
-    wait_status(kube, namespace, "twice", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
-                timeout=180, what="first snapshot")
+    # Read from S3 and the gang's log, not from the status: under load the
+    # status lagged so far that the gang had finished all its steps when the
+    # preemption came, and attempt 1 had nothing left to train.
+    wait_status(kube, namespace, "twice", lambda s: s.get("phase") == "Running", timeout=180, what="Running")
+    wait_past_latest_snapshot(cluster, namespace, "twice", attempt=0, timeout=180)
     time.sleep(rng.uniform(0, 1.5))
     victim = f"twice-0-{rng.randrange(2)}"
     control.preempt(kube, namespace, victim, reason="PreemptionByScheduler", message="e2e preemption 1")
@@ -154,7 +157,8 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     # Preemption 2 (once attempt 1 is training), and the operator SIGKILLed while it fences attempt 1.
     deadline = time.monotonic() + 120
     while not re.search(r"start_step=\d+.*\n(.*\n)*.*\[example\] step \d+/", pod_logs(cluster, namespace, "twice", 1)):
-        assert time.monotonic() < deadline, "attempt 1 never trained"
+        assert time.monotonic() < deadline, \
+            f"attempt 1 never trained: {pod_logs(cluster, namespace, 'twice', 1)[-2000:]}"
         time.sleep(0.1)
     time.sleep(rng.uniform(0.2, 1.0))
     victim = f"twice-1-{rng.randrange(2)}"
