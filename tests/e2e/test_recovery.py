@@ -309,8 +309,9 @@ def test_realistic_timing_node_loss_with_real_defaults_is_a_preemption(reference
         control.restore_node(kube, node)
         assert st["restarts"] == {"preemptions": 1, "failures": 0}
         assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
-        # While the lost node was judged (about 110 s), the job stayed Running: never back to Pending.
-        assert set(phases[: phases.index("Restarting")]) == {"Running"}, phases
+        # While the lost node was judged (about 110 s), the job stayed Running: never back to
+        # Pending (phases are polled, so a short Restarting between two polls may not be in the list).
+        assert phases[0] == "Running" and "Pending" not in phases, phases
         assert_same_weights(weights, reference_weights)
     finally:
         lc.stop()

@@ -57,7 +57,9 @@ def events_of(kube: Client, namespace: str, name: str) -> list[dict[str, Any]]:
 
 
 class Recorder:
-    """Polls a job's status and its pods in the background; keeps a timeline."""
+    """Keeps a job's timeline in the background: every phase it passes through
+    (from a watch, so a phase that lasts less than a poll is not missed), and
+    when its pods are first seen and gone (polled)."""
 
     def __init__(self, kube: Client, namespace: str, name: str, interval: float = 0.1) -> None:
         self.kube, self.namespace, self.name, self.interval = kube, namespace, name, interval
@@ -66,19 +68,49 @@ class Recorder:
         self.pod_timeline: list[tuple[float, str, str]] = []
         self._present: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True),
+                         threading.Thread(target=self._watch_phases, daemon=True)]
+        self._watching = threading.Event()
 
     def __enter__(self) -> "Recorder":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
+        self._watching.wait(timeout=10)  # the watch is open before the test creates the job
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)
         # The test may have seen the last change (polling on its own) before
-        # this thread's next sample: take one more so the timeline ends with
+        # the watch delivered it: read it once more so the timeline ends with
         # the state the test saw.
+        try:
+            self._note_phase(status(self.kube, self.namespace, self.name).get("phase"))
+        except ApiError:
+            pass
         self._sample()
+
+    def _note_phase(self, phase: str | None) -> None:
+        if phase and (not self.phases or self.phases[-1] != phase):
+            self.phases.append(phase)
+
+    def _watch_phases(self) -> None:
+        rv = None
+        while not self._stop.is_set():
+            try:
+                stream = self.kube.watch(TJ, self.namespace, field_selector=f"metadata.name={self.name}",
+                                         resource_version=rv, timeout=2)
+                self._watching.set()
+                for typ, obj in stream:
+                    if typ == "ERROR":  # e.g. 410 Gone: start over from the current state
+                        rv = None
+                        break
+                    rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                    self._note_phase((obj.get("status") or {}).get("phase"))
+            except ApiError:
+                rv = None
+                time.sleep(self.interval)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -87,9 +119,6 @@ class Recorder:
 
     def _sample(self) -> None:
         try:
-            phase = status(self.kube, self.namespace, self.name).get("phase")
-            if phase and (not self.phases or self.phases[-1] != phase):
-                self.phases.append(phase)
             names = {p["metadata"]["name"] for p in pods_of(self.kube, self.namespace, self.name)}
         except ApiError:
             names = self._present
