@@ -16,9 +16,34 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_V4MAPPED = "::ffff:127.0.0.1"
 
 
+def _selects(svc: Obj, pod: Obj) -> bool:
+    """Whether a Service's selector matches the pod's labels (an empty selector selects nothing)."""
+    selector = (svc.get("spec") or {}).get("selector") or {}
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _ready(pod: Obj) -> bool:
+    status = pod.get("status") or {}
+    return bool(status.get("podIP")) and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
 def dns_names(pods: list[Obj], services: list[Obj]) -> list[str]:
-    """Every name the cluster DNS would answer for these pods and services."""
+    """Every name the cluster DNS would answer for these pods and services.
+
+    As CoreDNS does for a headless Service: a pod's
+    ``<hostname>.<subdomain>.<ns>.svc.cluster.local`` (and its shorter search
+    forms) exists only while a Service named ``<subdomain>`` in the pod's
+    namespace selects the pod, and the pod has an IP and is Ready, unless the
+    Service sets ``publishNotReadyAddresses``. Every Service's own name
+    resolves. The bare ``<hostname>`` stays in the shared file: a real pod
+    resolves its own name from its ``/etc/hosts``, and all pods of the
+    stand-in share this one file (a gap: other pods can resolve it too).
+    """
     names: set[str] = set()
+    by_name = {((s.get("metadata") or {}).get("namespace", "default"), (s.get("metadata") or {}).get("name")): s
+               for s in services}
     for pod in pods:
         md, spec = pod.get("metadata", {}), pod.get("spec", {})
         ns = md.get("namespace", "default")
@@ -26,7 +51,9 @@ def dns_names(pods: list[Obj], services: list[Obj]) -> list[str]:
         if host:
             names.add(host)
         sub = spec.get("subdomain")
-        if host and sub:
+        svc = by_name.get((ns, sub)) if sub else None
+        if host and svc is not None and _selects(svc, pod) and (
+                _ready(pod) or (svc.get("spec") or {}).get("publishNotReadyAddresses")):
             names.update({f"{host}.{sub}", f"{host}.{sub}.{ns}", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}.{ns}.svc.cluster.local"})
     for svc in services:
         md = svc.get("metadata", {})
