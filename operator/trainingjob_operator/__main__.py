@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # The S3 clients log request headers (credentials) at DEBUG: never below WARNING.
     for noisy in ("aiohttp.access", "botocore", "boto3", "s3fs", "aiobotocore", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from . import handlers, metrics
+    from . import handlers, login, metrics  # noqa: F401 (login registers Kopf's login handler)
     from .leader import ElectionConfig, LeaderElector
 
     handlers.CONTROLLER.resync_seconds = args.resync_seconds

@@ -2,27 +2,24 @@
 
 Kopf watches and caches; this client does the writes the plan asks for
 (create/delete pods and services, patch status, post Events) and reads the
-credentials Secret. It logs in like kubectl: in-cluster service account
-(the token file is re-read, so projected tokens can rotate) or ``$KUBECONFIG``.
+credentials Secret. It logs in as :mod:`.kubeconfig` says (controller-runtime's
+order; token files are re-read so projected tokens rotate; exec plugins).
 Creates treat 409 AlreadyExists as success and deletes treat 404 as success.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import hashlib
 import json
 import os
-import ssl
-import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import aiohttp
-import yaml
 
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+from .kubeconfig import Config, load_config
+
 #: Events whose count this process can bump (LRU): client-go's correlator keeps 4096.
 MAX_REMEMBERED_EVENTS = 4096
 
@@ -33,53 +30,6 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
-
-
-@dataclass
-class _Config:
-    server: str
-    token: str | None = None
-    token_path: str | None = None
-    ssl_context: ssl.SSLContext | bool | None = None
-
-
-def _write_temp(data_b64: str) -> str:
-    f = tempfile.NamedTemporaryFile("wb", delete=False, prefix="tj-kube-")
-    f.write(base64.b64decode(data_b64))
-    f.close()
-    return f.name
-
-
-def load_config() -> _Config:
-    """In-cluster service account first, then ``$KUBECONFIG`` / ~/.kube/config."""
-    token_path = os.path.join(SA_DIR, "token")
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(token_path):
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        ctx = ssl.create_default_context(cafile=os.path.join(SA_DIR, "ca.crt"))
-        return _Config(server=f"https://{host}:{port}", token_path=token_path, ssl_context=ctx)
-    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    ctx_name = cfg.get("current-context")
-    context = next(c["context"] for c in cfg.get("contexts", []) if c["name"] == ctx_name)
-    cluster = next(c["cluster"] for c in cfg.get("clusters", []) if c["name"] == context["cluster"])
-    user = next((u.get("user") or {} for u in cfg.get("users", []) if u["name"] == context.get("user")), {})
-    server = cluster["server"].rstrip("/")
-    sslctx: ssl.SSLContext | bool | None = None
-    if server.startswith("https"):
-        if cluster.get("insecure-skip-tls-verify"):
-            sslctx = False
-        else:
-            cafile = cluster.get("certificate-authority") or (
-                _write_temp(cluster["certificate-authority-data"]) if cluster.get("certificate-authority-data") else None)
-            sslctx = ssl.create_default_context(cafile=cafile)
-        cert = user.get("client-certificate") or (
-            _write_temp(user["client-certificate-data"]) if user.get("client-certificate-data") else None)
-        key = user.get("client-key") or (_write_temp(user["client-key-data"]) if user.get("client-key-data") else None)
-        if cert and isinstance(sslctx, ssl.SSLContext):
-            sslctx.load_cert_chain(cert, key)
-    return _Config(server=server, token=user.get("token"), ssl_context=sslctx)
 
 
 def _plural_path(kind: str) -> tuple[str, str]:
@@ -94,11 +44,10 @@ def _plural_path(kind: str) -> tuple[str, str]:
 class Kube:
     """The operator's API client (one per process)."""
 
-    def __init__(self, config: _Config | None = None, *, user_agent: str = "trainingjob-operator/0.1") -> None:
+    def __init__(self, config: Config | None = None, *, user_agent: str = "trainingjob-operator/0.1") -> None:
         self._config = config or load_config()
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
-        self._token_cache: tuple[float, str] | None = None
         self._events: dict[str, int] = {}  # Event name -> the count this process last wrote
         #: time.monotonic() of the last answer from the API server (any status): readiness.
         self.last_answer: float | None = None
@@ -108,14 +57,10 @@ class Kube:
             await self._session.close()
             self._session = None
 
-    def _token(self) -> str | None:
-        if self._config.token_path:
-            now = time.monotonic()
-            if self._token_cache is None or now - self._token_cache[0] > 60:
-                with open(self._config.token_path, encoding="utf-8") as f:
-                    self._token_cache = (now, f.read().strip())
-            return self._token_cache[1]
-        return self._config.token
+    async def _token(self) -> str | None:
+        if self._config.exec_spec is not None:
+            return await asyncio.to_thread(self._config.bearer_token)  # the plugin may take seconds
+        return self._config.bearer_token()
 
     async def request(self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
                       params: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -125,7 +70,7 @@ class Kube:
                 headers={"User-Agent": self._user_agent},
             )
         headers = {"Accept": "application/json"}
-        token = self._token()
+        token = await self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = None
@@ -140,6 +85,8 @@ class Kube:
                 payload = json.loads(text) if text else {}
             except ValueError:
                 payload = {"message": text[:500]}
+            if resp.status == 401:
+                self._config.unauthorized()
             if resp.status >= 400:
                 raise ApiError(resp.status, payload.get("reason", resp.reason or ""), payload.get("message", ""))
             return payload

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import yaml
+
 from localcluster.apiserver import write_kubeconfig
 from localcluster.kube import ApiError, Client, resource_of_manifest
 
@@ -46,10 +48,23 @@ def install_rbac(kube: Client, objs: Sequence[Mapping[str, Any]], release_namesp
                     pass
 
 
-def operator_kubeconfig(kube: Client, api_url: str, namespace: str, sa: str, path: Path) -> Path:
+def operator_kubeconfig(kube: Client, api_url: str, namespace: str, sa: str, path: Path, *,
+                        exec_plugin: bool = False) -> Path:
+    """A kubeconfig with a token of ``sa``: in the file, or (``exec_plugin``) printed by an exec
+    credential plugin, as EKS, GKE and AKS kubeconfigs get theirs."""
     got = kube.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
                        body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}})
-    write_kubeconfig(path, api_url, token=got["status"]["token"])
+    token = got["status"]["token"]
+    write_kubeconfig(path, api_url, token=None if exec_plugin else token)
+    if exec_plugin:
+        plugin = path.with_suffix(".plugin.py")
+        credential = {"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                      "status": {"token": token}}
+        plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
+        cfg = yaml.safe_load(path.read_text())
+        cfg["users"][0]["user"] = {"exec": {"apiVersion": "client.authentication.k8s.io/v1",
+                                            "command": sys.executable, "args": [str(plugin)]}}
+        path.write_text(yaml.safe_dump(cfg))
     return path
 
 

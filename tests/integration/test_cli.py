@@ -281,3 +281,47 @@ def test_issue12_plugin_makes_exactly_the_api_calls_its_rbac_lists(cluster, name
             for ln in docs.split("RBAC a user of the plugin needs", 1)[1].split("**`resume`**", 1)[0].splitlines()
             if ln.startswith("| `")}
     assert {("" if g == '""' else g, r, v) for g, r, v in rows} == set(ACCESS)  # the docs list the same calls
+
+
+EXEC_PLUGIN = """\
+import json, os, sys
+with open(sys.argv[1], "a") as f:
+    f.write(os.environ["KUBERNETES_EXEC_INFO"] + "\\n")
+if sys.argv[2] == "fail":
+    sys.exit("token service unavailable")
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": sys.argv[2], "expirationTimestamp": "2999-01-01T00:00:00Z"}}))
+"""
+
+
+def _exec_kubeconfig(cluster, tmp_path: Path, token: str) -> tuple[Path, Path]:
+    """The user's kubeconfig with an ``exec`` credential plugin (as EKS, GKE and AKS write them)."""
+    script, calls = tmp_path / "plugin.py", tmp_path / "plugin-calls.jsonl"
+    script.write_text(EXEC_PLUGIN)
+    cfg = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cfg["users"] = [{"name": cfg["contexts"][0]["context"]["user"], "user": {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+        "args": [str(script), str(calls), token], "interactiveMode": "Never"}}}]
+    path = tmp_path / "exec-kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, calls
+
+
+def test_real_clusters_exec_credential_plugin_logs_the_plugin_in_as_its_identity(cluster, kube, namespace, job,
+                                                                                 tmp_path):
+    """EKS/GKE/AKS kubeconfigs log in through an exec plugin: its token is the identity used."""
+    kube.create("serviceaccounts", {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot"}},
+                namespace=namespace)
+    grant = kube.create("serviceaccounts", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                                            "metadata": {"name": "robot"}, "spec": {}},
+                        namespace=namespace, subresource="token")
+    path, calls = _exec_kubeconfig(cluster, tmp_path, grant["status"]["token"])
+    proc = run_cli(cluster, "describe", JOB, "-n", namespace, env=_env(cluster, KUBECONFIG=str(path)))
+    # The robot has no role: the API server refuses it by name (without the plugin, the request
+    # would go out with no token, as the stand-in's loopback admin, and succeed).
+    assert_one_line_error(proc, "403", f"system:serviceaccount:{namespace}:robot")
+    info = json.loads(calls.read_text().splitlines()[0])
+    assert info["kind"] == "ExecCredential" and info["spec"]["interactive"] is False
+    failing, _ = _exec_kubeconfig(cluster, tmp_path, "fail")
+    proc = run_cli(cluster, "describe", JOB, "-n", namespace, env=_env(cluster, KUBECONFIG=str(failing)))
+    assert_one_line_error(proc, "exec plugin", "exited with 1", "token service unavailable")

@@ -16,7 +16,8 @@ import asyncio
 import pytest
 
 from trainingjob_operator.handlers import Controller
-from trainingjob_operator.kube import Kube, _Config
+from trainingjob_operator.kube import Kube
+from trainingjob_operator.kubeconfig import Config
 
 from .helpers import TJ, events_of, job_manifest, status
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def _kube(cluster) -> Kube:
-    return Kube(_Config(server=cluster.api_url))
+    return Kube(Config(server=cluster.api_url))
 
 
 @pytest.mark.timeout(60)
@@ -89,7 +90,7 @@ def test_defect15_events_posted_even_if_killed_after_status_write(cluster, kube,
             await k.close()
 
     with pytest.raises(Killed):
-        asyncio.run(reconcile_with(DiesAfterStatusWrite(_Config(server=cluster.api_url))))
+        asyncio.run(reconcile_with(DiesAfterStatusWrite(Config(server=cluster.api_url))))
     assert status(kube, namespace, name)["reason"] == "InvalidSpec"  # the decision is recorded
     asyncio.run(reconcile_with(_kube(cluster)))  # the next operator process
     evs = [(e["type"], e["reason"], e.get("count")) for e in events_of(kube, namespace, name)]

@@ -21,7 +21,8 @@ import pytest
 
 from localcluster.kube import wait_until
 from trainingjob_operator.handlers import Controller
-from trainingjob_operator.kube import ApiError, Kube, _Config
+from trainingjob_operator.kube import ApiError, Kube
+from trainingjob_operator.kubeconfig import Config
 from trainingjob_operator.reconcile import Action, Plan
 
 from tests.chart.render import RELEASE, RELEASE_NAMESPACE, VALUES_DIR, render
@@ -109,7 +110,7 @@ def test_defect11_stale_status_write_is_refused(cluster, kube, namespace):
 
     async def run() -> None:
         ctl = Controller()
-        ctl.kube = Kube(_Config(server=cluster.api_url))
+        ctl.kube = Kube(Config(server=cluster.api_url))
         try:
             await ctl.execute(stale, plan, dt_now())
         finally:

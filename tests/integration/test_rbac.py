@@ -154,7 +154,10 @@ def _operator_requests_equal_chart_rbac(mode, cluster, kube, namespace, start_op
     args = ["--resync-seconds", "1"] + (["--namespace", namespace] if mode == "namespaces" else [])
     name = f"rbac-{mode}"
     with install_rbac(kube, objs, RELEASE_NAMESPACE):
-        kubeconfig = operator_kubeconfig(kube, cluster.api_url, RELEASE_NAMESPACE, SA, tmp_path / "operator.kubeconfig")
+        # Namespaces mode logs in through an exec credential plugin (Kopf and the operator's own client
+        # both): every request below must still be the ServiceAccount's.
+        kubeconfig = operator_kubeconfig(kube, cluster.api_url, RELEASE_NAMESPACE, SA, tmp_path / "operator.kubeconfig",
+                                         exec_plugin=mode == "namespaces")
         start_operator(args, name=name, command=operator_command(kubeconfig))
         try:
             _run_life_of_a_job(kube, cluster, namespace, "life")

@@ -39,7 +39,7 @@ def _kubeconfig_path() -> str:
 def select_context(context: str | None) -> tuple[str, str | None]:
     """Apply ``--context`` and find the default namespace, as kubectl does.
 
-    The shared loader (:func:`trainingjob_operator.kube.load_config`) uses the
+    The shared loader (:func:`trainingjob_operator.kubeconfig.load_config`) uses the
     kubeconfig's current context; for ``--context`` it is given a private
     copy (mode 0600) whose current context is the one asked for.
 

@@ -2,9 +2,9 @@
 
 The API client is synchronous (a CLI makes a handful of calls) and logs in
 with the operator's own config loader,
-:func:`trainingjob_operator.kube.load_config` (kubeconfig, or the in-cluster
-service account), so the plugin and the operator agree on what a kubeconfig
-means. S3 is read with the trainer's
+:func:`trainingjob_operator.kubeconfig.load_config` (controller-runtime's
+order; token, token file, client certificate or exec plugin), so the plugin
+and the operator agree on what a kubeconfig means. S3 is read with the trainer's
 :class:`~trainingjob_trainer.store.SnapshotStore` (no torch), so the plugin
 applies the very completion rule the pods and the operator apply.
 """
@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from trainingjob_trainer import contract
 
 from .. import kube
+from ..kubeconfig import ConfigError, load_config
 from ..snapshots import S3Access, access_from_secret
 from ..model import SpecError, parse_spec
 
@@ -58,9 +59,9 @@ class Api:
 
     def __init__(self, *, timeout: float = 15.0) -> None:
         try:
-            self._config = kube.load_config()
-        except (OSError, StopIteration, KeyError, TypeError, ValueError) as e:
-            raise CliError(f"cannot load the kubeconfig ($KUBECONFIG or ~/.kube/config): {type(e).__name__}: {e}")
+            self._config = load_config()
+        except ConfigError as e:
+            raise CliError(str(e)) from None
         self._timeout = timeout
         ctx = self._config.ssl_context
         if ctx is False:
@@ -76,10 +77,10 @@ class Api:
         """One API call; raises :class:`kube.ApiError` for an error status, :class:`CliError` if unreachable."""
         url = self._config.server + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        token = self._config.token
-        if self._config.token_path:
-            with open(self._config.token_path, encoding="utf-8") as f:
-                token = f.read().strip()
+        try:
+            token = self._config.bearer_token()
+        except ConfigError as e:
+            raise CliError(str(e)) from None
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = None
@@ -91,6 +92,8 @@ class Api:
             with urllib.request.urlopen(req, timeout=self._timeout, context=self._ssl) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
+            if e.code == 401:
+                self._config.unauthorized()
             payload = _json_or_text(e.read().decode(errors="replace"))
             raise kube.ApiError(e.code, str(payload.get("reason") or e.reason or ""),
                                 str(payload.get("message") or "")) from None
