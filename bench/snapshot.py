@@ -134,6 +134,8 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
             snap2 = make_snapshotter(backend=backend, uri=uri, app_state={"m": target}, watch_preemption=False)
             add(f"{backend} restore", timed(snap2.restore_latest))
             assert all(torch.equal(target.tensors[k], state.tensors[k]) for k in state.tensors)
+            if backend == "dcp":
+                add("dcp restore, DCP's stock reader", timed(lambda: stock_dcp_restore(snap2, target)))
             # Async saves (need a process group; world size 1 here): stall vs
             # sync. Training saves many times per process, so the stall that
             # counts is a later save's; the first save also allocates what
@@ -154,6 +156,18 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
     out["raw parallel upload"] = min(out[label] for label, _ in raw_layouts(len(raw)))
     out["raw parallel download"] = min(out[label.replace("upload", "download")] for label, _ in raw_layouts(len(raw)))
     return out
+
+
+def stock_dcp_restore(snap, target: TensorState) -> None:
+    """The data part of a DCP restore through DCP's own ``FsspecReader`` (one object at a time),
+    for comparison with the backend's parallel reader."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from trainingjob_trainer import s3
+
+    folder = snap.store.latest_complete().uri
+    dcp.load({"m": target}, storage_reader=FsspecReader(folder, **s3.storage_options_from_env({})))
 
 
 def raw_layouts(nbytes: int) -> list[tuple[str, int]]:
@@ -289,6 +303,8 @@ def print_restores(m: dict[str, float], mib: int) -> None:
         r = m[f"{b} restore"]
         print(f"| {b} restore | {r:.2f} | {mib / r:.0f} | {get / r:.2f}x "
               f"| {'met' if get / r >= RESTORE_TARGET else 'missed'} |")
+    r = m["dcp restore, DCP's stock reader"]
+    print(f"| dcp restore data only, DCP's stock reader (before) | {r:.2f} | {mib / r:.0f} | {get / r:.2f}x | |")
 
 
 def main() -> int:

@@ -47,11 +47,11 @@ def _dcp_s3_reader() -> type:
     from trainingjob_trainer.backends.dcp import _dcp_auto_threads
 
     class S3Reader(FsspecReader):
-        def __init__(self, path: str, *, bytes_in_flight: int = DCP_READ_BYTES_IN_FLIGHT,
-                     chunk_bytes: int = DCP_READ_CHUNK_BYTES, **fs_kwargs: Any) -> None:
+        def __init__(self, path: str, *, bytes_in_flight: int | None = None, chunk_bytes: int | None = None,
+                     **fs_kwargs: Any) -> None:
             super().__init__(path, **fs_kwargs)
-            self.bytes_in_flight = int(bytes_in_flight)
-            self.chunk_bytes = max(1, int(chunk_bytes))
+            self.bytes_in_flight = int(DCP_READ_BYTES_IN_FLIGHT if bytes_in_flight is None else bytes_in_flight)
+            self.chunk_bytes = max(1, int(DCP_READ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes))
 
         def read_data(self, plan: Any, planner: Any) -> Any:
             from torch.futures import Future
