@@ -49,9 +49,9 @@ def test_item4_storage_errors_on_rank0_or_one_rank_reach_every_rank_with_their_p
         assert "failed after 4 tries" in s["restore_down"] and "reduce your request rate" in s["restore_down"], s
         assert s["emergency"] == 128 + 15, s
         # A synchronous save failing on rank 1 only: every rank is told in seconds (the group timeout is 20 s).
-        assert s["sync_one_rank"] is None and s["sync_failed_saves"] == 1 and s["sync_one_rank_s"] < 8, s
+        assert s["sync_one_rank"] is None and s["sync_failed_saves"] == 1 and s["sync_one_rank_s"] < 12, s
         assert s["sync_after"] is not None, s
-        assert s["sync_emergency"] == 128 + 15 and s["sync_emergency_s"] < 8, s
+        assert s["sync_emergency"] == 128 + 15 and s["sync_emergency_s"] < 12, s
     msg = contract.parse_termination_message(term.read_text())
     assert msg.reason == contract.TERM_REASON_PREEMPTED_NO_SNAPSHOT and msg.step == 6, msg
     assert msg.message.startswith("emergency snapshot s3://") and "reduce your request rate" in msg.message, msg
