@@ -1,9 +1,12 @@
-"""Snapshot benchmark: backends vs. torch.save-to-S3 and a raw parallel upload.
+"""Snapshot benchmark: backends vs. torch.save-to-S3 and a raw parallel upload and download.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/snapshot.py --sizes 256,1024,256x256``;
 ``256x256`` is a 256 MiB state of 256 tensors, the others have 64).
-Everything is measured in ONE run against a local moto S3 server started
-here, so only the ratios are meaningful (moto on loopback is not AWS).
+Everything is measured in ONE run against one SeaweedFS server (the
+stand-in's S3, ``localcluster/s3.py``: a real S3 server storing on disk)
+started here on loopback, so the raw ceilings come from the same server in
+the same run and only the ratios are meaningful (a local disk-backed server
+is not AWS).
 
 Printed per state size:
 * save / restore MiB/s per backend (a save after the first of its process,
@@ -12,6 +15,9 @@ Printed per state size:
   (a) ``torch.save`` streamed into ``s3fs.open`` and
   (b) a parallel raw upload of the same bytes (the S3 ceiling: the faster of
   16 objects and ~16 MiB objects, all sent at once with ``s3fs.pipe``);
+* restore MiB/s per backend as a ratio to a parallel raw download of the
+  same bytes (the faster of the same two layouts, all fetched at once with
+  ``s3fs.cat``), with issue 11's target (>= 0.9) met or missed;
 * the training stall of an async save (time until ``save()`` returns) as a
   ratio of the sync save time;
 * the per-step cost of the in-band emergency flag check (4 gloo ranks).
@@ -29,6 +35,7 @@ import argparse
 import io
 import json
 import os
+import pathlib
 import socket
 import statistics
 import subprocess
@@ -36,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 
 import torch
@@ -49,28 +55,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    # moto keeps an object in memory only up to MOTO_S3_DEFAULT_KEY_BUFFER_SIZE
-    # (default 5 MiB) and spools larger ones to temp files, so its speed
-    # depended on the object size of each contender (the raw upload's 16-64 MiB
-    # objects vs DCP's 4 MiB ones) and on how much the run had written before
-    # (dirty-page writeback). Keep every object in memory instead; bench_size
-    # deletes each measurement's objects after it to bound that memory.
-    env = dict(os.environ, MOTO_S3_DEFAULT_KEY_BUFFER_SIZE=str(8 << 30))
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto did not start")
 
 
 class TensorState:
@@ -113,6 +97,12 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)
     raw = buf.getvalue()
+    # SeaweedFS allocates its volumes on a bucket's first writes: done before any measurement.
+    warm = {f"{bucket}/warmup/{i}": raw[:16 * MIB] for i in range(16)}
+    fs.pipe(warm)
+    fs.cat(sorted(warm))
+    drop(f"{bucket}/warmup")
+    del warm
     for r in range(repeat):
         def torch_save_stream():
             with fs.open(f"{bucket}/tsave/{r}.pt", "wb") as f:
@@ -120,13 +110,16 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
         add("torch.save->s3fs.open", timed(torch_save_stream))
         drop(f"{bucket}/tsave/{r}.pt")
         # The raw ceiling: the same bytes in 16 objects (the original layout:
-        # 64 MiB objects at 1 GiB, which moto takes slowly when 16 arrive at
+        # 64 MiB objects at 1 GiB, which moto took slowly when 16 arrived at
         # once) and, where that differs, in ~16 MiB objects; the faster wins.
         for label, chunks in raw_layouts(len(raw)):
             size = -(-len(raw) // chunks)
             parts = {f"{bucket}/raw/{r}/part{i}": raw[i * size:(i + 1) * size] for i in range(chunks)}
             add(label, timed(lambda: fs.pipe(parts)))
+            paths = sorted(parts)
             del parts
+            # The restore ceiling: the same objects fetched all at once.
+            add(label.replace("upload", "download"), timed(lambda: fs.cat(paths)))
             drop(f"{bucket}/raw/{r}")
         for backend in ("torchsnapshot", "dcp"):
             uri = f"s3://{bucket}/{backend}-{r}"
@@ -141,6 +134,8 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
             snap2 = make_snapshotter(backend=backend, uri=uri, app_state={"m": target}, watch_preemption=False)
             add(f"{backend} restore", timed(snap2.restore_latest))
             assert all(torch.equal(target.tensors[k], state.tensors[k]) for k in state.tensors)
+            if backend == "dcp":
+                add("dcp restore, DCP's stock reader", timed(lambda: stock_dcp_restore(snap2, target)))
             # Async saves (need a process group; world size 1 here): stall vs
             # sync. Training saves many times per process, so the stall that
             # counts is a later save's; the first save also allocates what
@@ -159,7 +154,20 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
             drop(f"{bucket}/{backend}-{r}-async")
     out = {k: statistics.median(v) for k, v in res.items()}
     out["raw parallel upload"] = min(out[label] for label, _ in raw_layouts(len(raw)))
+    out["raw parallel download"] = min(out[label.replace("upload", "download")] for label, _ in raw_layouts(len(raw)))
     return out
+
+
+def stock_dcp_restore(snap, target: TensorState) -> None:
+    """The data part of a DCP restore through DCP's own ``FsspecReader`` (one object at a time),
+    for comparison with the backend's parallel reader."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from trainingjob_trainer import s3
+
+    folder = snap.store.latest_complete().uri
+    dcp.load({"m": target}, storage_reader=FsspecReader(folder, **s3.storage_options_from_env({})))
 
 
 def raw_layouts(nbytes: int) -> list[tuple[str, int]]:
@@ -280,6 +288,25 @@ def bench_memory(mib: int, bucket: str) -> None:
     print()
 
 
+#: Issue 11's target for restore MiB/s / raw parallel download MiB/s.
+RESTORE_TARGET = 0.9
+
+
+def print_restores(m: dict[str, float], mib: int) -> None:
+    """The restore table: each backend against the raw parallel download of the same bytes."""
+    print("\n| what | seconds | MiB/s | restore vs raw parallel download | target >= 0.9 |")
+    print("|---|---:|---:|---:|---|")
+    get = m["raw parallel download"]
+    for label in [k for k in m if k.startswith("raw parallel download (")]:
+        print(f"| {label} | {m[label]:.2f} | {mib / m[label]:.0f} | {get / m[label]:.2f}x | |")
+    for b in ("torchsnapshot", "dcp"):
+        r = m[f"{b} restore"]
+        print(f"| {b} restore | {r:.2f} | {mib / r:.0f} | {get / r:.2f}x "
+              f"| {'met' if get / r >= RESTORE_TARGET else 'missed'} |")
+    r = m["dcp restore, DCP's stock reader"]
+    print(f"| dcp restore data only, DCP's stock reader (before) | {r:.2f} | {mib / r:.0f} | {get / r:.2f}x | |")
+
+
 def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--memory-child":
         print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
@@ -291,15 +318,18 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=2048,
                     help="MiB of the per-backend save/restore peak-RSS run (0: skip)")
     args = ap.parse_args()
-    proc, url = start_moto()
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from localcluster.s3 import SeaweedS3Server
+
+    server = SeaweedS3Server().start()
     try:
-        os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(server.env())
         import s3fs
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
-        print(f"torch {torch.__version__}, moto S3 on loopback, {os.cpu_count()} CPUs, repeat={args.repeat}\n")
+        print(f"torch {torch.__version__}, SeaweedFS (weed mini) on loopback, {os.cpu_count()} CPUs, "
+              f"repeat={args.repeat}\n")
         if args.memory:
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem().mkdir(bucket)
@@ -310,7 +340,7 @@ def main() -> int:
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             s3fs.S3FileSystem().mkdir(bucket)
             m = bench_size(mib, bucket, args.repeat, tensors=n)
-            base_a, base_b = m["torch.save->s3fs.open"], m["raw parallel upload"]
+            base_a, base_b, base_get = m["torch.save->s3fs.open"], m["raw parallel upload"], m["raw parallel download"]
             print(f"### {mib} MiB state: {n} float32 tensors of {mib / n:g} MiB\n")
             print("| what | seconds | MiB/s | save vs torch.save->s3fs | save vs raw parallel upload |")
             print("|---|---:|---:|---:|---:|")
@@ -319,11 +349,11 @@ def main() -> int:
                 t = m[label]
                 print(f"| {label} | {t:.2f} | {mib / t:.0f} | {base_a / t:.2f}x | {base_b / t:.2f}x |")
             for b in ("torchsnapshot", "dcp"):
-                s, s1, r = m[f"{b} save"], m[f"{b} first save"], m[f"{b} restore"]
+                s, s1 = m[f"{b} save"], m[f"{b} first save"]
                 print(f"| {b} save | {s:.2f} | {mib / s:.0f} | {base_a / s:.2f}x | {base_b / s:.2f}x |")
                 print(f"| {b} first save of a process | {s1:.2f} | {mib / s1:.0f} | {base_a / s1:.2f}x "
                       f"| {base_b / s1:.2f}x |")
-                print(f"| {b} restore | {r:.2f} | {mib / r:.0f} | | |")
+            print_restores(m, mib)
             print("\n| backend | sync save s | async stall s | stall / sync | async total s "
                   "| first async save: stall s | stall / sync |")
             print("|---|---:|---:|---:|---:|---:|---:|")
@@ -336,8 +366,7 @@ def main() -> int:
         per = bench_flag()
         print(f"emergency flag check (all-reduce of 2 ints, 4 gloo ranks): {per * 1e6:.0f} us per step")
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()
     return 0
 
 

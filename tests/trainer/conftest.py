@@ -1,4 +1,4 @@
-"""Fixtures for the trainer tests: a moto S3 server and a fresh bucket per test."""
+"""Fixtures for the trainer tests: one SeaweedFS S3 server per session and a fresh bucket per test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.trainer.trainer_s3server import start_s3_server
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """One moto server for the session, killed by PID at the end."""
+    """One SeaweedFS (the stand-in's S3) for the session, stopped by PID at the end."""
     server = start_s3_server()
     yield server
     server.stop()

@@ -41,6 +41,49 @@ class State:
         self.w.copy_(sd["w"])
 
 
+class RankState(State):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.key = f"w_rank{rank}"
+
+    def state_dict(self):
+        return {self.key: self.w}
+
+    def load_state_dict(self, sd):
+        self.w.copy_(sd[self.key])
+
+
+def sync_save_failing_on_rank1(backend: str, *, rank: int, faults, seen: dict) -> None:
+    """Synchronous saves whose uploads fail on rank 1 only: rank 0 talks to the S3 server
+    directly, rank 1 through the proxy. Every rank must return (periodic) or raise
+    (emergency) within seconds, far below the 20 s group timeout."""
+    endpoint = os.environ["TJ_TEST_UPSTREAM"] if rank == 0 else os.environ[contract.ENV_S3_ENDPOINT]
+    # A key per rank, so that rank 1 writes data of its own on either backend (DCP writes a key
+    # that every rank holds alike from rank 0 only).
+    state = RankState(rank)
+    snap = make_snapshotter(backend=backend, uri=os.environ[contract.ENV_SNAPSHOT_URI] + "-sync", app_state={"s": state},
+                            storage_options={**FAST_FAIL, "endpoint_url": endpoint}, async_save=False,
+                            watcher=PreemptionWatcher(install=False))
+    faults(fail="503", methods=["PUT"])
+    t0 = time.monotonic()
+    seen["sync_one_rank"] = snap.save(step=7)
+    seen["sync_one_rank_s"] = time.monotonic() - t0
+    seen["sync_failed_saves"] = snap.failed_saves
+    faults()
+    seen["sync_after"] = snap.save(step=8)  # training goes on; the next save commits
+    faults(fail="503", methods=["PUT"])
+    if rank == 1:
+        snap.watcher.trigger()
+    t0 = time.monotonic()
+    try:
+        snap.maybe_save(9)
+        seen["sync_emergency"] = "no exit"
+    except EmergencySnapshotFailed as e:
+        seen["sync_emergency"] = e.code
+    seen["sync_emergency_s"] = time.monotonic() - t0
+    faults()
+
+
 def main() -> int:
     backend, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
@@ -104,6 +147,8 @@ def main() -> int:
         seen["restore_down"] = "no error"
     except Exception as e:  # noqa: BLE001
         seen["restore_down"] = f"{type(e).__name__}: {e}"
+
+    sync_save_failing_on_rank1(backend, rank=rank, faults=faults, seen=seen)
 
     # The emergency save fails: PreemptedWithoutSnapshot naming the error, on every rank.
     faults(fail="503", methods=["PUT"])

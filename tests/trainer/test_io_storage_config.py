@@ -7,35 +7,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from tests.trainer.trainer_s3server import S3Server, free_port
 from trainingjob_trainer import contract
 
 SECRET = "wrong-secret-never-shown"
-
-
-@pytest.fixture(scope="module")
-def authenticating_s3():
-    """A moto server that checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``: moto's IAM knows no key)."""
-    import time
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = S3Server(endpoint=f"http://127.0.0.1:{port}", proc=proc)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "moto did not start"
-            time.sleep(0.1)
-    yield server
-    server.stop()
 
 
 def _run_job(tmp_path, env: dict[str, str]) -> tuple[int, contract.TerminationMessage | None, str]:
@@ -57,8 +31,9 @@ def test_item10_unknown_bucket_exits_with_the_config_error(s3_server, tmp_path):
     assert "bucket does not exist" in msg.message and "spec.snapshot.uri" in msg.message, msg
 
 
-def test_item10_refused_credentials_exit_with_the_config_error(authenticating_s3, tmp_path):
-    env = {**authenticating_s3.env(), contract.SECRET_KEY_SECRET_ACCESS_KEY: SECRET,
+def test_item10_refused_credentials_exit_with_the_config_error(s3_server, tmp_path):
+    # SeaweedFS checks signatures: a wrong secret is refused (SignatureDoesNotMatch).
+    env = {**s3_server.env(), contract.SECRET_KEY_SECRET_ACCESS_KEY: SECRET,
            contract.ENV_SNAPSHOT_URI: "s3://some-bucket/snapshots/default/job"}
     code, msg, out = _run_job(tmp_path, env)
     assert code == contract.EXIT_SNAPSHOT_CONFIG_ERROR, out[-4000:]

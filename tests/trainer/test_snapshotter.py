@@ -50,7 +50,7 @@ def test_round_trip_restores_every_tensor_and_rng(s3_root, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_storage_options_reach_listing_saving_loading_pruning(s3_server, bucket, backend, monkeypatch):
-    """No endpoint or credentials in the env: only storage_options can reach moto."""
+    """No endpoint or credentials in the env: only storage_options can reach the S3 server."""
     for k in (contract.ENV_S3_ENDPOINT, contract.SECRET_KEY_ACCESS_KEY_ID, contract.SECRET_KEY_SECRET_ACCESS_KEY):
         monkeypatch.delenv(k, raising=False)
     opts = {"endpoint_url": s3_server.endpoint, "key": ACCESS_KEY, "secret": SECRET_KEY}
@@ -120,10 +120,17 @@ class _Tensors:
 
 def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeypatch):
     """Packed objects, a tensor past the single-PUT limit (multipart stream) and
-    a non-tensor entry all round-trip; the object count follows the packing."""
-    from trainingjob_trainer.backends import dcp
+    a non-tensor entry all round-trip; the object count follows the packing.
+    The restore's parallel reader fetches the big object as several ranged GETs
+    and holds back the next objects while more than its byte budget is in flight."""
+    from trainingjob_trainer.backends import dcp, dcp_read
 
     monkeypatch.setattr(dcp, "DCP_SINGLE_PUT_BYTES", 1 << 20)  # the 2 MiB tensor streams
+    monkeypatch.setattr(dcp_read, "DCP_READ_CHUNK_BYTES", 300_000)  # the 2 MiB object in 7 GETs
+    monkeypatch.setattr(dcp_read, "DCP_READ_BYTES_IN_FLIGHT", 100_000)  # about one object at a time
+    ranges: list[int] = []
+    chunks = dcp_read._chunks
+    monkeypatch.setattr(dcp_read, "_chunks", lambda *a: ranges.append(len(chunks(*a))) or chunks(*a))
     g = torch.Generator().manual_seed(0)
     tensors = {f"small{i}": torch.randn(1000, generator=g) for i in range(40)}
     tensors["big"] = torch.randn(512 * 1024, generator=g)  # 2 MiB
@@ -141,6 +148,7 @@ def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeyp
                              watch_preemption=False)
     assert snap2.restore_latest() == 1
     assert all(torch.equal(dst.tensors[k], v) for k, v in tensors.items())
+    assert max(ranges) == 7, ranges
 
 
 def test_dcp_pack_items():

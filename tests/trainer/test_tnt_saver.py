@@ -1,4 +1,4 @@
-"""The seed's TorchTNT snippet, verbatim, against a real S3 server (moto)."""
+"""The seed's TorchTNT snippet, verbatim, against a real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 

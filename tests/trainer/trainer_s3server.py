@@ -1,41 +1,33 @@
-"""A real local S3 server for tests: ``moto.server`` in a subprocess on loopback."""
+"""The trainer tests' S3 server: the stand-in's SeaweedFS (``localcluster/s3.py``), a real S3 server.
+
+SeaweedFS stores on disk and checks request signatures, as AWS does; the
+trainer tests start one per session (about 1 s) and give each test a bucket
+of its own (``tests/trainer/conftest.py``).
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 
+from localcluster.s3 import ACCESS_KEY_ID as ACCESS_KEY
+from localcluster.s3 import REGION, SeaweedS3Server, free_port
+from localcluster.s3 import SECRET_ACCESS_KEY as SECRET_KEY
 from trainingjob_trainer import contract
 
-ACCESS_KEY = "testing-key"
-SECRET_KEY = "testing-secret"
-REGION = "us-east-1"
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "S3Server", "free_port", "start_s3_server"]
 
 
 @dataclass
 class S3Server:
-    """A running moto server.
+    """A running SeaweedFS.
 
     Attributes:
         endpoint: ``http://127.0.0.1:<port>``.
-        proc: The server process.
+        server: The server (stopped by its PID).
     """
 
     endpoint: str
-    proc: subprocess.Popen
+    server: SeaweedS3Server
 
     def env(self) -> dict[str, str]:
         """The contract env pointing a trainer at this server."""
@@ -47,33 +39,11 @@ class S3Server:
         }
 
     def stop(self) -> None:
-        """Stop the server by PID."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        """Stop the server by PID and remove its data."""
+        self.server.stop()
 
 
 def start_s3_server(*, port: int | None = None) -> S3Server:
-    """Start ``python -m moto.server`` on ``port`` (default: a free loopback port) and wait until it answers."""
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            return S3Server(endpoint=endpoint, proc=proc)
-        except OSError:
-            time.sleep(0.1)
-    S3Server(endpoint=endpoint, proc=proc).stop()
-    raise RuntimeError("moto server did not start in 30 s")
+    """Start SeaweedFS on ``port`` (default: a free loopback port) and wait until it answers."""
+    server = SeaweedS3Server(port=port).start()
+    return S3Server(endpoint=server.endpoint, server=server)

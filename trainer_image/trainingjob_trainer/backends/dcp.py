@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import _dist, s3
 from trainingjob_trainer.backends.base import BACKEND_DCP, _init_optimizer_states
+from trainingjob_trainer.backends.dcp_read import _dcp_s3_reader
 from trainingjob_trainer.backends.staging import _dcp_stager
 from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter
 
@@ -70,6 +71,7 @@ class DCPSnapshotter(Snapshotter):
         # Import DCP now (~0.7 s on this machine) rather than inside the first
         # save, where it would stall training.
         _dcp_s3_writer()
+        _dcp_s3_reader()
         _dcp_stager()
 
     def _fs_kwargs(self, uri: str) -> dict[str, Any]:
@@ -119,7 +121,8 @@ class DCPSnapshotter(Snapshotter):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         _init_optimizer_states(app_state)
-        reader = FsspecReader(uri, **self._fs_kwargs(uri))
+        reader = _dcp_s3_reader()(uri, **self._fs_kwargs(uri)) if s3.is_s3(uri) \
+            else FsspecReader(uri, **self._fs_kwargs(uri))
         dcp.load(dict(app_state), storage_reader=reader, process_group=self.pg)
 
     def _stored_keys(self, uri: str) -> set[str] | None:

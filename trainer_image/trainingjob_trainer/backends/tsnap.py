@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from trainingjob_trainer import s3
+from trainingjob_trainer import _dist, s3
 from trainingjob_trainer.backends.base import BACKEND_TORCHSNAPSHOT, _init_optimizer_states
 from trainingjob_trainer.backends.staging import _as_bytes, _plain_cpu_tensor, _SlabPool
 from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter
@@ -127,6 +127,77 @@ async def _ts_stage_tensor(self: Any, executor: Any = None) -> Any:
     return memoryview(buf)
 
 
+class PeerWriteFailed(RuntimeError):
+    """Another rank's part of a synchronous torchsnapshot take failed (this rank's succeeded)."""
+
+
+def _take_agreed(url: str, *, app_state: dict[str, Any], pg: Any, flag_pg: Any, replicated: list[str],
+                 storage_options: Mapping[str, Any]) -> None:
+    """torchsnapshot 0.1.0's ``Snapshot.take`` with its closing barrier
+    replaced by an agreement on the outcome (collective).
+
+    The stock ``take`` ends with a barrier before rank 0 writes
+    ``.snapshot_metadata``, and a rank whose upload raised leaves it: the
+    other ranks wait in that barrier until the group's timeout (30 min by
+    default). Here every rank, once its own uploads are over (done or
+    failed), all-reduces "did mine fail" on the gloo ``flag_pg``: a rank
+    never waits for anything but the other ranks' uploads, so no timeout
+    has to guess how long a save may take. A failure anywhere raises on
+    every rank (this rank's own error, or :class:`PeerWriteFailed`) and
+    ``.snapshot_metadata`` is not written; else rank 0 writes it and its
+    outcome is broadcast (:func:`_dist.on_rank0`). The same steps as the
+    stock ``take`` otherwise, through its own helpers (the version guard,
+    :mod:`.versions`, pins the torchsnapshot they come from).
+    """
+    import asyncio
+
+    from torchsnapshot import Snapshot
+    from torchsnapshot.pg_wrapper import PGWrapper
+    from torchsnapshot.storage_plugin import url_to_storage_plugin_in_event_loop
+
+    Snapshot._validate_app_state(app_state)
+    loop = asyncio.new_event_loop()
+    storage: Any = None
+    error: Exception | None = None
+    try:
+        # Collectives (path, replicated entries, keys, manifest, memory budget) run on every rank before any
+        # upload starts; an upload error is the one kind of failure that strikes one rank alone.
+        path, coalesced = Snapshot._coalesce_path_and_replicated(
+            path=url, pg_wrapper=PGWrapper(pg=pg), app_state=app_state, replicated=replicated)
+        storage = url_to_storage_plugin_in_event_loop(url_path=path, event_loop=loop,
+                                                      storage_options=dict(storage_options))
+        try:
+            pending, metadata = Snapshot._take_impl(
+                path=path, app_state=app_state, replicated=coalesced, pg_wrapper=PGWrapper(pg=pg), storage=storage,
+                event_loop=loop, is_async_snapshot=False)
+            pending.sync_complete(event_loop=loop)
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+            error = e
+            _cancel_uploads(loop)
+        if _dist.all_reduce_max([int(error is not None)], pg=flag_pg)[0]:
+            if error is not None:
+                raise error
+            raise PeerWriteFailed(f"another rank's upload of {url} failed")
+        _dist.on_rank0(lambda: Snapshot._write_snapshot_metadata(snapshot_metadata=metadata, storage=storage,
+                                                                  event_loop=loop),
+                       pg=flag_pg, what=f"writing {url}/.snapshot_metadata")
+    finally:
+        if storage is not None:
+            storage.sync_close(event_loop=loop)
+        loop.close()
+
+
+def _cancel_uploads(loop: Any) -> None:
+    """Cancel the uploads still running in ``loop`` after one failed (this rank stops writing)."""
+    import asyncio
+
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
 class TorchSnapshotSnapshotter(Snapshotter):
     """Snapshots with torchsnapshot, through this project's ``tjs3`` S3 plugin.
 
@@ -168,9 +239,8 @@ class TorchSnapshotSnapshotter(Snapshotter):
                         url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
                     )
                 else:
-                    Snapshot.take(
-                        url, app_state=dict(app_state), pg=self.pg, replicated=self.replicated, storage_options=opts,
-                    )
+                    _take_agreed(url, app_state=dict(app_state), pg=self.pg, flag_pg=self._flag_pg,
+                                 replicated=self.replicated, storage_options=opts)
         except BaseException:
             pool.settle(ok=False)
             raise
