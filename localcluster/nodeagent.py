@@ -55,12 +55,13 @@ from typing import Any, Callable, Mapping
 from trainingjob_trainer import contract
 
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
-from localcluster.dns import LOOPBACK, HostsFile, dns_names
+from localcluster.dns import LOOPBACK, HostsFile, dns_records
 from localcluster.hollow import RUNTIME_VERSION as HOLLOW_RUNTIME_VERSION
 from localcluster.hollow import HollowContainer, Schedule, ScheduleError
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.informer import Informer
 from localcluster.kube import ApiError, Client, Obj
+from localcluster.netns import NetworkNamespaces, PodNetwork
 
 log = logging.getLogger("localcluster.nodeagent")
 
@@ -131,7 +132,7 @@ def expand(value: str, env: Mapping[str, str]) -> str:
     return _VAR_RE.sub(sub, value)
 
 
-def _field_ref(pod: Obj, path: str) -> str:
+def _field_ref(pod: Obj, path: str, addresses: tuple[str, str] = (LOOPBACK, LOOPBACK)) -> str:
     md = pod.get("metadata", {})
     m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
     if m:
@@ -142,10 +143,10 @@ def _field_ref(pod: Obj, path: str) -> str:
         "metadata.uid": md.get("uid"),
         "spec.nodeName": pod.get("spec", {}).get("nodeName"),
         "spec.serviceAccountName": pod.get("spec", {}).get("serviceAccountName", "default"),
-        "status.podIP": LOOPBACK,
-        "status.podIPs": LOOPBACK,
-        "status.hostIP": LOOPBACK,
-        "status.hostIPs": LOOPBACK,
+        "status.podIP": addresses[0],
+        "status.podIPs": addresses[0],
+        "status.hostIP": addresses[1],
+        "status.hostIPs": addresses[1],
     }
     if path not in simple:
         raise ConfigError("CreateContainerConfigError", f"unsupported fieldRef fieldPath {path!r}")
@@ -155,8 +156,10 @@ def _field_ref(pod: Obj, path: str) -> str:
 class EnvResolver:
     """Builds a container's env from the pod spec, reading Secrets/ConfigMaps."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, addresses: Callable[[Obj], tuple[str, str]] | None = None) -> None:
         self.client = client
+        #: (podIP, hostIP) of a pod, for ``fieldRef`` (default: both 127.0.0.1, the host's network).
+        self.addresses = addresses or (lambda _pod: (LOOPBACK, LOOPBACK))
 
     def _data(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
         resource = "secrets" if kind == "Secret" else "configmaps"
@@ -217,7 +220,7 @@ class EnvResolver:
                     )
                 env[name] = data[ref["key"]]
             elif "fieldRef" in vf:
-                env[name] = _field_ref(pod, vf["fieldRef"].get("fieldPath", ""))
+                env[name] = _field_ref(pod, vf["fieldRef"].get("fieldPath", ""), self.addresses(pod))
             elif "resourceFieldRef" in vf:
                 res = vf["resourceFieldRef"].get("resource", "")
                 kind, _, rname = res.partition(".")
@@ -385,6 +388,8 @@ class AgentConfig:
     #: "process" (the default: a local process per container) or "podman"
     #: (container nodes: the pod's image under podman, see localcluster/containers.py).
     runtime: str = "process"
+    #: With a subnet index: a network namespace per pod (:mod:`localcluster.netns`); None: the host's network.
+    netns_index: int | None = None
 
 
 class NodeAgent(ControlPlaneMixin):
@@ -393,7 +398,7 @@ class NodeAgent(ControlPlaneMixin):
     def __init__(self, config: AgentConfig, client: Client | None = None) -> None:
         self.cfg = config
         self.client = client or Client.from_kubeconfig(config.kubeconfig)
-        self.env_resolver = EnvResolver(self.client)
+        self.env_resolver = EnvResolver(self.client, self._addresses)
         self.state_dir = config.state_dir
         self.pods_dir = self.state_dir / "pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +418,12 @@ class NodeAgent(ControlPlaneMixin):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+        self.netns: NetworkNamespaces | None = None
+        self.pod_nets: dict[str, PodNetwork] = {}  # by pod uid
+        self._dns_input: tuple[list[Obj], list[Obj]] = ([], [])
+        if config.netns_index is not None:
+            self.netns = NetworkNamespaces(index=config.netns_index, state_dir=self.state_dir)
+            self.netns.remove_all()  # an agent that starts runs no pod yet: what is there is a previous agent's
         self.runtime: Any = None
         if config.runtime == "podman":
             from localcluster.containers import PodmanRuntime
@@ -438,6 +449,8 @@ class NodeAgent(ControlPlaneMixin):
                 self._wake.clear()
         finally:
             self.kill_all()
+            if self.netns is not None:
+                self.netns.remove_all()
 
     def kill_all(self) -> None:
         """SIGKILL every container process group this agent started."""
@@ -465,7 +478,8 @@ class NodeAgent(ControlPlaneMixin):
             services = self.client.list("services")
         except ApiError:
             services = []
-        self.hosts.update(dns_names(pods, services))
+        self._dns_input = (pods, services)
+        self._update_hosts()
         self.schedule(pods)
         seen: set[str] = set()
         for pod in pods:
@@ -493,7 +507,43 @@ class NodeAgent(ControlPlaneMixin):
                         c.kill()
                     continue
                 del self.containers[uid]
+        self._remove_pod_networks(seen - {p["metadata"].get("uid", "") for p in pods
+                                          if (p.get("status") or {}).get("phase") in TERMINAL})
         self.sync_lost_nodes(pods)
+
+    # -------------------------------------------------------------- pod networks
+    def _pod_ip(self, pod: Obj) -> str | None:
+        if self.netns is None:
+            return LOOPBACK
+        net = self.pod_nets.get(pod["metadata"].get("uid", ""))
+        return net.ip if net else (pod.get("status") or {}).get("podIP")
+
+    def _addresses(self, pod: Obj) -> tuple[str, str]:
+        """(podIP, hostIP): 127.0.0.1 twice on the host's network; the pod's own and the gateway with netns."""
+        if self.netns is None:
+            return LOOPBACK, LOOPBACK
+        return self._pod_ip(pod) or "", self.netns.gateway
+
+    def _update_hosts(self) -> None:
+        pods, services = self._dns_input
+        self.hosts.update(dns_records(pods, services, pod_ip=self._pod_ip,
+                                      service_fallback=LOOPBACK if self.netns is None else None))
+
+    def _pod_network(self, pod: Obj) -> PodNetwork | None:
+        """The pod's namespace (made on first use, with its name in the hosts file at once), or None."""
+        if self.netns is None:
+            return None
+        uid = pod["metadata"].get("uid", "")
+        if uid not in self.pod_nets:
+            self.pod_nets[uid] = self.netns.create(uid=uid, node=pod["spec"]["nodeName"])
+            self._update_hosts()  # the pod's own name before its process looks it up
+        return self.pod_nets[uid]
+
+    def _remove_pod_networks(self, active: set[str]) -> None:
+        """A namespace goes with its pod: once the pod is gone or terminal and its container stopped."""
+        assert self.netns is not None or not self.pod_nets
+        for uid in [u for u in self.pod_nets if u not in self.containers and (u not in active or u in self._finished)]:
+            self.netns.remove(self.pod_nets.pop(uid))  # type: ignore[union-attr]
 
     # -------------------------------------------------------------- nodes
     def _node_config(self, name: str) -> Mapping[str, Any]:
@@ -520,7 +570,8 @@ class NodeAgent(ControlPlaneMixin):
         return {
             "capacity": resources,
             "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": LOOPBACK}, {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": self.netns.gateway if self.netns else LOOPBACK},
+                          {"type": "Hostname", "address": name}],
             "conditions": [
                 {
                     "type": "Ready",
@@ -681,14 +732,13 @@ class NodeAgent(ControlPlaneMixin):
 
     def _base_status(self, pod: Obj) -> Obj:
         status = pod.get("status") or {}
-        return {
-            "hostIP": LOOPBACK,
-            "hostIPs": [{"ip": LOOPBACK}],
-            "podIP": LOOPBACK,
-            "podIPs": [{"ip": LOOPBACK}],
-            "startTime": status.get("startTime") or now_rfc3339(),
-            "qosClass": status.get("qosClass") or "BestEffort",
-        }
+        pod_ip, host_ip = self._addresses(pod)
+        base: Obj = {"hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
+        if pod_ip:  # a pod without a network yet (a hollow pod with netns) has no podIP, as with the kubelet
+            base.update({"podIP": pod_ip, "podIPs": [{"ip": pod_ip}]})
+        base["startTime"] = status.get("startTime") or now_rfc3339()
+        base["qosClass"] = status.get("qosClass") or "BestEffort"
+        return base
 
     def _container_status(self, pod: Obj, state: Obj, ready: bool, container_id: str | None = None) -> list[Obj]:
         containers = (pod.get("spec") or {}).get("containers") or [{}]
@@ -749,6 +799,7 @@ class NodeAgent(ControlPlaneMixin):
             self._start_hollow(pod)
             return
         try:
+            net = self._pod_network(pod)
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
             self._report_config_error(pod, e.reason, e.message)
@@ -766,9 +817,12 @@ class NodeAgent(ControlPlaneMixin):
         policy = ctr.get("terminationMessagePolicy") or "File"
         started = now_rfc3339()
         try:
+            if net is not None and shutil.which(argv[0], path=env["PATH"]) is None and not os.access(argv[0], os.X_OK):
+                # nsenter would exec it and exit 127; the kubelet's runtime fails the start itself.
+                raise FileNotFoundError(2, "No such file or directory")
             with open(log_path, "ab") as logf:
                 proc = subprocess.Popen(
-                    argv,
+                    (net.exec_prefix() if net is not None else []) + argv,
                     env=env,
                     cwd=cwd,
                     stdin=subprocess.DEVNULL,
@@ -828,10 +882,11 @@ class NodeAgent(ControlPlaneMixin):
     def _start_in_runtime(self, pod: Obj, ctr: Obj) -> None:
         """Container nodes: the runtime (podman) runs the pod's image."""
         try:
+            net = self._pod_network(pod)
             pod_env = self.env_resolver.resolve(pod, ctr)
             pod_dir = self._pod_dir(pod)
             self._prepare_pod_dir(pod_dir, pod["metadata"].get("uid", ""))
-            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir)
+            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir, pod_net=net)
         except ConfigError as e:
             self._report_config_error(pod, e.reason, e.message)
             return
@@ -964,6 +1019,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                     help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...], "hollow": true}')
     ap.add_argument("--runtime", choices=["process", "podman"], default="process",
                     help="process: containers as local processes; podman: the pod's image in a container")
+    ap.add_argument("--netns-index", type=int, default=None,
+                    help="a network namespace per pod on subnet 10.244.N.0/24 (localcluster.netns); default: the host's network")
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -977,6 +1034,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
         node_config=json.loads(a.node_config),
         runtime=a.runtime,
+        netns_index=a.netns_index,
     )
 
 
