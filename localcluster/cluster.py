@@ -43,6 +43,8 @@ DEFAULT_NODES = ("node-0", "node-1", "node-2")
 APISERVER_CMD_ENV = "LOCALCLUSTER_APISERVER_CMD"
 #: Overrides the operator command (shell words) used by :meth:`LocalCluster.start_operator`.
 OPERATOR_CMD_ENV = "LOCALCLUSTER_OPERATOR_CMD"
+#: The default ``network`` of a LocalCluster (``host`` or ``netns``), e.g. to run a whole test layer with netns.
+NETWORK_ENV = "LOCALCLUSTER_NETWORK"
 
 # Re-exported: the disruption helpers.
 preempt = control.preempt
@@ -117,7 +119,7 @@ class LocalCluster:
         network: ``host`` (every pod on the machine's network, 127.0.0.1) or
             ``netns`` (a network namespace and a real IP per pod on a subnet
             of its own; the API server and S3 listen on its gateway, see
-            :mod:`localcluster.netns`).
+            :mod:`localcluster.netns`). Default: ``$LOCALCLUSTER_NETWORK``, else ``host``.
     """
 
     def __init__(
@@ -134,8 +136,9 @@ class LocalCluster:
         node_config: dict[str, dict[str, Any]] | None = None,
         runtime: str = "process",
         hollow: bool = False,
-        network: str = "host",
+        network: str | None = None,
     ) -> None:
+        network = network or os.environ.get(NETWORK_ENV) or "host"
         if network not in ("host", "netns"):
             raise ValueError(f"network must be 'host' or 'netns', not {network!r}")
         self.state_dir = Path(state_dir).resolve()
