@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from localcluster.dns import LOOPBACK
+
 log = logging.getLogger("localcluster.netns")
 
 #: The stand-in's pod network: 10.244.N.0/24 per cluster, like a CNI's default pod CIDR (flannel's 10.244.0.0/16).
@@ -169,6 +171,7 @@ class ClusterNetwork:
 
 
 def delete_link(name: str) -> None:
+    """Remove a network interface (a bridge) if it exists."""
     _run(["ip", "link", "delete", name], check=False)
 
 
@@ -323,3 +326,65 @@ class NetworkNamespaces:
 
     def _of_node(self, node: str) -> Iterable[PodNetwork]:
         return [p for p in self.pods() if p.node == node]
+
+
+class HostNetwork:
+    """Every pod on the machine's network (``network="host"``, the default): 127.0.0.1, no namespace."""
+
+    gateway = LOOPBACK
+    #: A Service that publishes no pod still resolves (to the shared loopback).
+    service_fallback: str | None = LOOPBACK
+
+    def ip(self, pod: dict) -> str | None:
+        return LOOPBACK
+
+    def ensure(self, pod: dict) -> tuple[PodNetwork | None, bool]:
+        return None, False
+
+    def prune(self, *, keep: set[str]) -> None:
+        pass
+
+    def remove_all(self) -> None:
+        pass
+
+
+class PodNetworks(HostNetwork):
+    """The node agent's pod namespaces by pod uid: made on first use, removed with the pod.
+
+    Args:
+        index: The subnet index.
+        state_dir: The stand-in's state folder.
+    """
+
+    service_fallback = None  # a headless Service without endpoints has no record
+
+    def __init__(self, *, index: int, state_dir: str | os.PathLike[str]) -> None:
+        self.namespaces = NetworkNamespaces(index=index, state_dir=state_dir)
+        self.by_uid: dict[str, PodNetwork] = {}
+        self.namespaces.remove_all()  # an agent that starts runs no pod yet: what is there is a previous agent's
+
+    @property  # type: ignore[override]
+    def gateway(self) -> str:
+        return self.namespaces.gateway
+
+    def ip(self, pod: dict) -> str | None:
+        """The pod's address: its namespace's, else the one its status reports (a finished pod), else None."""
+        net = self.by_uid.get(pod["metadata"].get("uid", ""))
+        return net.ip if net else (pod.get("status") or {}).get("podIP")
+
+    def ensure(self, pod: dict) -> tuple[PodNetwork | None, bool]:
+        """The pod's namespace, and whether it was made just now."""
+        uid = pod["metadata"].get("uid", "")
+        if uid in self.by_uid:
+            return self.by_uid[uid], False
+        self.by_uid[uid] = self.namespaces.create(uid=uid, node=pod["spec"]["nodeName"])
+        return self.by_uid[uid], True
+
+    def prune(self, *, keep: set[str]) -> None:
+        """Remove the namespaces of every pod uid not in ``keep``."""
+        for uid in [u for u in self.by_uid if u not in keep]:
+            self.namespaces.remove(self.by_uid.pop(uid))
+
+    def remove_all(self) -> None:
+        self.by_uid.clear()
+        self.namespaces.remove_all()

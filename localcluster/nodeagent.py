@@ -61,7 +61,7 @@ from localcluster.hollow import HollowContainer, Schedule, ScheduleError
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.informer import Informer
 from localcluster.kube import ApiError, Client, Obj
-from localcluster.netns import NetworkNamespaces, PodNetwork
+from localcluster.netns import HostNetwork, PodNetwork, PodNetworks
 
 log = logging.getLogger("localcluster.nodeagent")
 
@@ -418,12 +418,10 @@ class NodeAgent(ControlPlaneMixin):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
-        self.netns: NetworkNamespaces | None = None
-        self.pod_nets: dict[str, PodNetwork] = {}  # by pod uid
+        #: The pods' network: the machine's, or a namespace per pod (:mod:`localcluster.netns`).
+        self.network: HostNetwork = (HostNetwork() if config.netns_index is None
+                                     else PodNetworks(index=config.netns_index, state_dir=self.state_dir))
         self._dns_input: tuple[list[Obj], list[Obj]] = ([], [])
-        if config.netns_index is not None:
-            self.netns = NetworkNamespaces(index=config.netns_index, state_dir=self.state_dir)
-            self.netns.remove_all()  # an agent that starts runs no pod yet: what is there is a previous agent's
         self.runtime: Any = None
         if config.runtime == "podman":
             from localcluster.containers import PodmanRuntime
@@ -449,8 +447,7 @@ class NodeAgent(ControlPlaneMixin):
                 self._wake.clear()
         finally:
             self.kill_all()
-            if self.netns is not None:
-                self.netns.remove_all()
+            self.network.remove_all()
 
     def kill_all(self) -> None:
         """SIGKILL every container process group this agent started."""
@@ -507,43 +504,27 @@ class NodeAgent(ControlPlaneMixin):
                         c.kill()
                     continue
                 del self.containers[uid]
-        self._remove_pod_networks(seen - {p["metadata"].get("uid", "") for p in pods
-                                          if (p.get("status") or {}).get("phase") in TERMINAL})
+        # A pod's namespace goes once the pod is gone or terminal and its container stopped.
+        active = seen - {p["metadata"].get("uid", "") for p in pods if (p.get("status") or {}).get("phase") in TERMINAL}
+        self.network.prune(keep=set(self.containers) | (active - self._finished))
         self.sync_lost_nodes(pods)
 
     # -------------------------------------------------------------- pod networks
-    def _pod_ip(self, pod: Obj) -> str | None:
-        if self.netns is None:
-            return LOOPBACK
-        net = self.pod_nets.get(pod["metadata"].get("uid", ""))
-        return net.ip if net else (pod.get("status") or {}).get("podIP")
-
     def _addresses(self, pod: Obj) -> tuple[str, str]:
         """(podIP, hostIP): 127.0.0.1 twice on the host's network; the pod's own and the gateway with netns."""
-        if self.netns is None:
-            return LOOPBACK, LOOPBACK
-        return self._pod_ip(pod) or "", self.netns.gateway
+        return self.network.ip(pod) or "", self.network.gateway
 
     def _update_hosts(self) -> None:
         pods, services = self._dns_input
-        self.hosts.update(dns_records(pods, services, pod_ip=self._pod_ip,
-                                      service_fallback=LOOPBACK if self.netns is None else None))
+        self.hosts.update(dns_records(pods, services, pod_ip=self.network.ip,
+                                      service_fallback=self.network.service_fallback))
 
     def _pod_network(self, pod: Obj) -> PodNetwork | None:
-        """The pod's namespace (made on first use, with its name in the hosts file at once), or None."""
-        if self.netns is None:
-            return None
-        uid = pod["metadata"].get("uid", "")
-        if uid not in self.pod_nets:
-            self.pod_nets[uid] = self.netns.create(uid=uid, node=pod["spec"]["nodeName"])
+        """The pod's namespace (made on first use, its name in the hosts file at once), or None."""
+        net, created = self.network.ensure(pod)
+        if created:
             self._update_hosts()  # the pod's own name before its process looks it up
-        return self.pod_nets[uid]
-
-    def _remove_pod_networks(self, active: set[str]) -> None:
-        """A namespace goes with its pod: once the pod is gone or terminal and its container stopped."""
-        assert self.netns is not None or not self.pod_nets
-        for uid in [u for u in self.pod_nets if u not in self.containers and (u not in active or u in self._finished)]:
-            self.netns.remove(self.pod_nets.pop(uid))  # type: ignore[union-attr]
+        return net
 
     # -------------------------------------------------------------- nodes
     def _node_config(self, name: str) -> Mapping[str, Any]:
@@ -570,8 +551,7 @@ class NodeAgent(ControlPlaneMixin):
         return {
             "capacity": resources,
             "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": self.netns.gateway if self.netns else LOOPBACK},
-                          {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": self.network.gateway}, {"type": "Hostname", "address": name}],
             "conditions": [
                 {
                     "type": "Ready",
