@@ -27,8 +27,9 @@ the pods come from an informer, :mod:`localcluster.informer`, not a LIST per tic
   (Running, as when a kubelet dies) and after ``--node-monitor-grace-seconds``
   the Node becomes Ready=Unknown (NodeStatusUnknown) and its pods Ready=False;
 * keeps ``DIR/hosts`` (an nss_wrapper hosts file) mapping every pod's and
-  Service's DNS names to 127.0.0.1; every container runs with
-  ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
+  Service's DNS names to 127.0.0.1 (with ``--netns-index``: to the pod's own
+  IP, each pod running in a network namespace of its own, :mod:`localcluster.netns`);
+  every container runs with ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
 
 Deviations from a kubelet are listed in ``localcluster/README.md``.
 """
