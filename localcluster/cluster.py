@@ -166,7 +166,7 @@ class LocalCluster:
         """Where the API server and S3 listen: 127.0.0.1, or the pod subnet's gateway with ``network="netns"``."""
         return self.net.gateway if self.net else "127.0.0.1"
 
-    def namespaces(self) -> NetworkNamespaces:
+    def network_namespaces(self) -> NetworkNamespaces:
         """The pods' network namespaces (``network="netns"``): :meth:`NetworkNamespaces.cut_node` and friends."""
         if self.net is None:
             raise RuntimeError("this stand-in runs on the host's network (LocalCluster(network='netns') has namespaces)")

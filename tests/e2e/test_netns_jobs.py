@@ -41,7 +41,7 @@ def _rendezvous_listeners(lc: LocalCluster, namespace: str, job: str) -> bool:
 
     pod = next((p for p in pods_of(lc.client(), namespace, job) if p["metadata"]["name"].endswith("-0")), None)
     ip = ((pod or {}).get("status") or {}).get("podIP")
-    net = next((n for n in lc.namespaces().pods() if n.ip == ip), None)
+    net = next((n for n in lc.network_namespaces().pods() if n.ip == ip), None)
     if net is None:
         return False
     out = subprocess.run([*net.exec_prefix(), "ss", "-Hltn", f"sport = :{contract.RDZV_PORT}"],

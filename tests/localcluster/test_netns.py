@@ -139,7 +139,7 @@ def test_issue11_cut_node_drops_api_server_traffic_keeps_s3_and_processes(net_cl
         wait_phase(kube, ns, name, "Running")
     for name in ("cut", "other"):
         wait_until(lambda: _last_probe(net_cluster, ns, name) == "probe api=ok s3=ok", timeout=20, what=f"{name} probing")
-    namespaces = net_cluster.namespaces()
+    namespaces = net_cluster.network_namespaces()
     mark = len(pod_log(net_cluster, ns, "cut").splitlines())
     assert len(namespaces.cut_node("node-1")) == 1
     # Every probe after the cut: the API server unreachable, S3 reachable, the process alive.
