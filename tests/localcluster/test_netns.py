@@ -209,3 +209,25 @@ def test_issue11_netns_missing_tools_fail_loudly(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PATH", str(tmp_path))  # no ip, nsenter, iptables
     with pytest.raises(netns.NetnsError, match="localcluster.tools install"):
         netns.ClusterNetwork.claim(state_dir=tmp_path)
+
+
+def test_issue11_netns_dns_records_map_names_to_each_pods_own_ip() -> None:
+    """With a network per pod, names map to the pods' own IPs; a headless Service's name to the
+    pods it publishes, and no record when it publishes none (pure: no cluster)."""
+    from localcluster.dns import dns_records
+
+    def pod(name: str, ip: str) -> dict:
+        return {"metadata": {"name": name, "namespace": "t", "uid": name, "labels": {"job": "j"}},
+                "spec": {"hostname": name, "subdomain": "gang"},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}}
+
+    ips = {"j-0": "10.244.7.2", "j-1": "10.244.7.3"}
+    pods = [pod(n, ip) for n, ip in ips.items()]
+    services = [{"metadata": {"name": "gang", "namespace": "t"}, "spec": {"clusterIP": "None", "selector": {"job": "j"}}},
+                {"metadata": {"name": "empty", "namespace": "t"}, "spec": {"clusterIP": "None", "selector": {"job": "x"}}}]
+    records = dns_records(pods, services, pod_ip=lambda p: ips[p["metadata"]["name"]], service_fallback=None)
+    assert records["j-0"] == ["10.244.7.2"] and records["j-1.gang.t.svc.cluster.local"] == ["10.244.7.3"]
+    assert records["gang.t.svc.cluster.local"] == ["10.244.7.2", "10.244.7.3"]
+    assert not any(n.startswith("empty") for n in records)
+    # A pod without an address yet has no record at all.
+    assert "j-1" not in dns_records(pods, services, pod_ip=lambda p: ips.get(p["metadata"]["name"]) if p["metadata"]["name"] == "j-0" else None)
