@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +17,7 @@ import pytest
 
 from localcluster import netns
 from localcluster.cluster import LocalCluster
-from localcluster.kube import Client, wait_until
+from localcluster.kube import wait_until
 from tests.conftest import fresh_namespace, running_cluster
 from tests.localcluster.test_nodeagent import phase, pod_log, pod_manifest, terminated, wait_phase
 from trainingjob_trainer import contract
