@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-s3", action="store_true")
     up.add_argument("--node-monitor-grace-seconds", type=float, default=2.0)
     up.add_argument("--pod-eviction-seconds", type=float, default=None)
+    up.add_argument("--network", choices=["host", "netns"], default=None,
+                    help="netns: a network namespace and a real IP per pod (localcluster/netns.py)")
     for p in (up, sub.add_parser("down", help="stop everything by PID"), sub.add_parser("status", help="processes, nodes, pods")):
         p.add_argument("--state-dir", default=".localcluster", type=Path)
     a = ap.parse_args(argv)
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             with_s3=not a.no_s3,
             node_monitor_grace_seconds=a.node_monitor_grace_seconds,
             pod_eviction_seconds=a.pod_eviction_seconds,
+            network=a.network,
         ).start()
         print("\n".join(_exports(cluster)))
         if cluster.s3:

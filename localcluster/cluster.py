@@ -30,6 +30,7 @@ import yaml
 
 from localcluster import control
 from localcluster.kube import ApiError, Client, Obj, condition, wait_until
+from localcluster.netns import ClusterNetwork, NetworkNamespaces
 from localcluster.nodeagent import PID_FILE, kill_group, proc_start_time
 from localcluster.s3 import DEFAULT_BUCKET, S3Server, pid_alive, stop_pid
 
@@ -42,6 +43,8 @@ DEFAULT_NODES = ("node-0", "node-1", "node-2")
 APISERVER_CMD_ENV = "LOCALCLUSTER_APISERVER_CMD"
 #: Overrides the operator command (shell words) used by :meth:`LocalCluster.start_operator`.
 OPERATOR_CMD_ENV = "LOCALCLUSTER_OPERATOR_CMD"
+#: The default ``network`` of a LocalCluster (``host`` or ``netns``), e.g. to run a whole test layer with netns.
+NETWORK_ENV = "LOCALCLUSTER_NETWORK"
 
 # Re-exported: the disruption helpers.
 preempt = control.preempt
@@ -113,6 +116,10 @@ class LocalCluster:
         runtime: ``process`` (pods as local processes) or ``podman`` (container
             nodes: pods run from their images, see ``localcluster/containers.py``).
         hollow: Every node hollow (kubemark/KWOK-style; :mod:`localcluster.hollow`).
+        network: ``host`` (every pod on the machine's network, 127.0.0.1) or
+            ``netns`` (a network namespace and a real IP per pod on a subnet
+            of its own; the API server and S3 listen on its gateway, see
+            :mod:`localcluster.netns`). Default: ``$LOCALCLUSTER_NETWORK``, else ``host``.
     """
 
     def __init__(
@@ -129,7 +136,11 @@ class LocalCluster:
         node_config: dict[str, dict[str, Any]] | None = None,
         runtime: str = "process",
         hollow: bool = False,
+        network: str | None = None,
     ) -> None:
+        network = network or os.environ.get(NETWORK_ENV) or "host"
+        if network not in ("host", "netns"):
+            raise ValueError(f"network must be 'host' or 'netns', not {network!r}")
         self.state_dir = Path(state_dir).resolve()
         self.nodes = tuple(nodes)
         self.with_s3 = with_s3
@@ -141,12 +152,26 @@ class LocalCluster:
         self.node_config = dict(node_config or {})
         self.runtime = runtime
         self.hollow = hollow
+        self.network = network
+        #: The claimed subnet with ``network="netns"`` (after :meth:`start`).
+        self.net: ClusterNetwork | None = None
         self.processes: dict[str, ManagedProcess] = {}
         self.api_url: str | None = None
         self.s3: S3Server | None = None
         self._client: Client | None = None
 
     # ------------------------------------------------------------------ props
+    @property
+    def host(self) -> str:
+        """Where the API server and S3 listen: 127.0.0.1, or the pod subnet's gateway with ``network="netns"``."""
+        return self.net.gateway if self.net else "127.0.0.1"
+
+    def network_namespaces(self) -> NetworkNamespaces:
+        """The pods' network namespaces (``network="netns"``): :meth:`NetworkNamespaces.cut_node` and friends."""
+        if self.net is None:
+            raise RuntimeError("this stand-in runs on the host's network (LocalCluster(network='netns') has namespaces)")
+        return NetworkNamespaces(index=self.net.index, state_dir=self.state_dir)
+
     @property
     def kubeconfig(self) -> str:
         return str(self.state_dir / "kubeconfig")
@@ -196,10 +221,14 @@ class LocalCluster:
     def start(self, timeout: float = 60.0) -> "LocalCluster":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.network == "netns":
+                self.net = ClusterNetwork.claim(state_dir=self.state_dir)
+                self._save()
             self._start_apiserver(timeout)
             self.apply_crds()
             if self.with_s3:
-                self.s3 = S3Server(log_path=self.state_dir / "s3.log", data_dir=self.state_dir / "s3-data").start()
+                self.s3 = S3Server(log_path=self.state_dir / "s3.log", data_dir=self.state_dir / "s3-data",
+                                   host=self.host).start()
                 self.s3.create_bucket(self.bucket)
                 self.processes["s3"] = ManagedProcess("s3", self.s3.pid or 0, self.state_dir / "s3.log", self.s3._proc)
                 self._save()
@@ -217,10 +246,13 @@ class LocalCluster:
         if argv is None and os.environ.get(APISERVER_CMD_ENV):
             argv = shlex.split(os.environ[APISERVER_CMD_ENV].replace("{state_dir}", str(self.state_dir)))
         if argv is None:
-            argv = [sys.executable, "-m", "localcluster.apiserver", "--state-dir", str(self.state_dir), "--port", "0"]
+            argv = [sys.executable, "-m", "localcluster.apiserver", "--state-dir", str(self.state_dir), "--port", "0",
+                    "--host", self.host]
         log_path = self.state_dir / "apiserver.log"
         proc = _spawn(argv, log_path)
         self.processes["apiserver"] = ManagedProcess("apiserver", proc.pid, log_path, proc)
+        if self.net is not None:
+            self.net.add_owner(proc.pid)
         self._save()
 
         def ready() -> bool:
@@ -290,9 +322,13 @@ class LocalCluster:
             argv += ["--node-config", json.dumps(self.node_config)]
         if self.hollow:
             argv.append("--hollow")
+        if self.net is not None:
+            argv += ["--netns-index", str(self.net.index)]
         log_path = self.state_dir / "nodeagent.log"
         proc = _spawn(argv, log_path)
         self.processes["nodeagent"] = ManagedProcess("nodeagent", proc.pid, log_path, proc)
+        if self.net is not None:
+            self.net.add_owner(proc.pid)
         self._save()
         client = self.client()
 
@@ -363,6 +399,9 @@ class LocalCluster:
         if self.s3:
             self.s3.pid = None
         self.processes.clear()
+        if self.net is not None:
+            self.net.release()  # every pod namespace (the agent removes them too), the bridge, the claim
+            self.net = None
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -394,6 +433,7 @@ class LocalCluster:
             "kubeconfig": self.kubeconfig,
             "apiUrl": self.api_url,
             "nodes": list(self.nodes),
+            "netnsIndex": self.net.index if self.net else None,
             "s3": ({"endpoint": self.s3.endpoint, "bucket": self.bucket, **self.s3.credentials} if self.s3 else None),
             "processes": {n: {"pid": p.pid, "log": str(p.log_path)} for n, p in self.processes.items()},
         }
@@ -408,6 +448,8 @@ class LocalCluster:
         data = json.loads((state / "cluster.json").read_text())
         c = cls(state, nodes=data.get("nodes") or DEFAULT_NODES, with_s3=bool(data.get("s3")))
         c.api_url = data.get("apiUrl")
+        if data.get("netnsIndex") is not None:
+            c.network, c.net = "netns", ClusterNetwork(index=int(data["netnsIndex"]), state_dir=state)
         if data.get("s3"):
             c.bucket = data["s3"].get("bucket", DEFAULT_BUCKET)
             c.s3 = S3Server.attach(data["s3"]["endpoint"], pid=data.get("processes", {}).get("s3", {}).get("pid", 0))

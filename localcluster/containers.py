@@ -32,7 +32,8 @@ kubelet applies them:
   container waits with ``ErrImageNeverPull`` / ``ErrImagePull``.
 
 Networking: ``--network host`` (every pod shares the machine's loopback, as
-process pods do); ``/etc/hosts`` is a per-pod copy of the agent's hosts file,
+process pods do), or with ``LocalCluster(network="netns")`` the pod's own
+namespace (``--network ns:/run/netns/NAME``, :mod:`localcluster.netns`); ``/etc/hosts`` is a per-pod copy of the agent's hosts file,
 rewritten in place when the agent's changes, without its ``::ffff:127.0.0.1``
 lines: those are for nss_wrapper, and glibc's files backend turns them into
 IPv4 entries that then hide the name from AF_INET6 + AI_V4MAPPED lookups
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from localcluster.netns import PodNetwork
 from localcluster.nodeagent import PID_FILE, ConfigError, Container, expand, now_rfc3339, proc_start_time, read_termination_message
 
 Obj = dict[str, Any]
@@ -148,14 +150,14 @@ def pod_hosts(text: bytes, own: bytes) -> bytes:
     return own + b"".join(line for line in text.splitlines(keepends=True) if not line.startswith(b"::ffff:"))
 
 
-def own_hosts_line(pod: Obj) -> bytes:
-    """``127.0.0.1 <hostname>.<subdomain>.<ns>.svc.cluster.local <hostname>`` (the kubelet's line for the pod)."""
+def own_hosts_line(pod: Obj, ip: str = "127.0.0.1") -> bytes:
+    """``<podIP> <hostname>.<subdomain>.<ns>.svc.cluster.local <hostname>`` (the kubelet's line for the pod)."""
     md, spec = pod["metadata"], pod.get("spec") or {}
     hostname = spec.get("hostname") or md["name"]
     names = [hostname]
     if spec.get("subdomain"):
         names.insert(0, f"{hostname}.{spec['subdomain']}.{md.get('namespace', 'default')}.svc.cluster.local")
-    return f"127.0.0.1 {' '.join(names)}\n".encode()
+    return f"{ip} {' '.join(names)}\n".encode()
 
 
 def _security(pod_spec: Obj, ctr: Obj) -> Obj:
@@ -315,8 +317,13 @@ class PodmanRuntime:
     state_dir: Path
     hosts_path: Path
 
-    def start(self, *, pod: Obj, ctr: Obj, pod_env: Mapping[str, str], pod_dir: Path) -> PodmanContainer:
-        """``podman run`` the pod's container; raises ConfigError for a pod it cannot run."""
+    def start(self, *, pod: Obj, ctr: Obj, pod_env: Mapping[str, str], pod_dir: Path,
+              pod_net: PodNetwork | None = None) -> PodmanContainer:
+        """``podman run`` the pod's container; raises ConfigError for a pod it cannot run.
+
+        With ``pod_net`` the container joins the pod's network namespace
+        (``--network ns:/run/netns/NAME``), else the host's network.
+        """
         md, spec = pod["metadata"], pod.get("spec") or {}
         uid, image = md.get("uid", ""), ctr.get("image") or ""
         if podman("image", "exists", image).returncode != 0:
@@ -333,13 +340,14 @@ class PodmanRuntime:
         log_path, term_path, hosts = pod_dir / f"{cname}.log", pod_dir / f"{cname}.termination-log", pod_dir / "hosts"
         term_path.write_bytes(b"")
         term_path.chmod(0o666)
-        own = own_hosts_line(pod)
+        own = own_hosts_line(pod, pod_net.ip) if pod_net else own_hosts_line(pod)
         hosts.write_bytes(pod_hosts(self.hosts_path.read_bytes(), own))
         term_dest = ctr.get("terminationMessagePath") or "/dev/termination-log"
         name = f"lc-{uid}"
         podman("rm", "--force", "--ignore", name)
         cgroup = PodCgroup(uid, memory)
-        argv = ["podman", "run", "--name", name, "--pull=never", "--network=host", "--hostname", hostname,
+        network = f"--network=ns:{pod_net.path}" if pod_net else "--network=host"
+        argv = ["podman", "run", "--name", name, "--pull=never", network, "--hostname", hostname,
                 "--cgroup-parent", cgroup.parent, "--label", f"{STATE_LABEL}={self.state_dir}",
                 "--label", f"{UID_LABEL}={uid}", "--mount", f"type=bind,source={hosts},destination=/etc/hosts,ro",
                 "--mount", f"type=bind,source={term_path},destination={term_dest}",

@@ -27,8 +27,9 @@ the pods come from an informer, :mod:`localcluster.informer`, not a LIST per tic
   (Running, as when a kubelet dies) and after ``--node-monitor-grace-seconds``
   the Node becomes Ready=Unknown (NodeStatusUnknown) and its pods Ready=False;
 * keeps ``DIR/hosts`` (an nss_wrapper hosts file) mapping every pod's and
-  Service's DNS names to 127.0.0.1; every container runs with
-  ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
+  Service's DNS names to 127.0.0.1 (with ``--netns-index``: to the pod's own
+  IP, each pod running in a network namespace of its own, :mod:`localcluster.netns`);
+  every container runs with ``LD_PRELOAD=libnss_wrapper.so NSS_WRAPPER_HOSTS=DIR/hosts``.
 
 Deviations from a kubelet are listed in ``localcluster/README.md``.
 """
@@ -55,12 +56,13 @@ from typing import Any, Callable, Mapping
 from trainingjob_trainer import contract
 
 from localcluster.controlplane import HOSTNAME_LABEL, TERMINAL, ControlPlaneMixin, LostNode, cond, merge_conditions, now_rfc3339
-from localcluster.dns import LOOPBACK, HostsFile, dns_names
+from localcluster.dns import LOOPBACK, HostsFile, dns_records
 from localcluster.hollow import RUNTIME_VERSION as HOLLOW_RUNTIME_VERSION
 from localcluster.hollow import HollowContainer, Schedule, ScheduleError
 from localcluster.imageref import IMAGE_PULL_BACKOFF_SECONDS, UNPULLABLE_REGISTRY, image_reference_valid
 from localcluster.informer import Informer
 from localcluster.kube import ApiError, Client, Obj
+from localcluster.netns import HostNetwork, PodNetwork, PodNetworks
 
 log = logging.getLogger("localcluster.nodeagent")
 
@@ -131,7 +133,7 @@ def expand(value: str, env: Mapping[str, str]) -> str:
     return _VAR_RE.sub(sub, value)
 
 
-def _field_ref(pod: Obj, path: str) -> str:
+def _field_ref(pod: Obj, path: str, addresses: tuple[str, str] = (LOOPBACK, LOOPBACK)) -> str:
     md = pod.get("metadata", {})
     m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
     if m:
@@ -142,10 +144,10 @@ def _field_ref(pod: Obj, path: str) -> str:
         "metadata.uid": md.get("uid"),
         "spec.nodeName": pod.get("spec", {}).get("nodeName"),
         "spec.serviceAccountName": pod.get("spec", {}).get("serviceAccountName", "default"),
-        "status.podIP": LOOPBACK,
-        "status.podIPs": LOOPBACK,
-        "status.hostIP": LOOPBACK,
-        "status.hostIPs": LOOPBACK,
+        "status.podIP": addresses[0],
+        "status.podIPs": addresses[0],
+        "status.hostIP": addresses[1],
+        "status.hostIPs": addresses[1],
     }
     if path not in simple:
         raise ConfigError("CreateContainerConfigError", f"unsupported fieldRef fieldPath {path!r}")
@@ -155,8 +157,10 @@ def _field_ref(pod: Obj, path: str) -> str:
 class EnvResolver:
     """Builds a container's env from the pod spec, reading Secrets/ConfigMaps."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, addresses: Callable[[Obj], tuple[str, str]] | None = None) -> None:
         self.client = client
+        #: (podIP, hostIP) of a pod, for ``fieldRef`` (default: both 127.0.0.1, the host's network).
+        self.addresses = addresses or (lambda _pod: (LOOPBACK, LOOPBACK))
 
     def _data(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, str] | None:
         resource = "secrets" if kind == "Secret" else "configmaps"
@@ -217,7 +221,7 @@ class EnvResolver:
                     )
                 env[name] = data[ref["key"]]
             elif "fieldRef" in vf:
-                env[name] = _field_ref(pod, vf["fieldRef"].get("fieldPath", ""))
+                env[name] = _field_ref(pod, vf["fieldRef"].get("fieldPath", ""), self.addresses(pod))
             elif "resourceFieldRef" in vf:
                 res = vf["resourceFieldRef"].get("resource", "")
                 kind, _, rname = res.partition(".")
@@ -385,6 +389,8 @@ class AgentConfig:
     #: "process" (the default: a local process per container) or "podman"
     #: (container nodes: the pod's image under podman, see localcluster/containers.py).
     runtime: str = "process"
+    #: With a subnet index: a network namespace per pod (:mod:`localcluster.netns`); None: the host's network.
+    netns_index: int | None = None
 
 
 class NodeAgent(ControlPlaneMixin):
@@ -393,7 +399,7 @@ class NodeAgent(ControlPlaneMixin):
     def __init__(self, config: AgentConfig, client: Client | None = None) -> None:
         self.cfg = config
         self.client = client or Client.from_kubeconfig(config.kubeconfig)
-        self.env_resolver = EnvResolver(self.client)
+        self.env_resolver = EnvResolver(self.client, self._addresses)
         self.state_dir = config.state_dir
         self.pods_dir = self.state_dir / "pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +419,10 @@ class NodeAgent(ControlPlaneMixin):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+        #: The pods' network: the machine's, or a namespace per pod (:mod:`localcluster.netns`).
+        self.network: HostNetwork = (HostNetwork() if config.netns_index is None
+                                     else PodNetworks(index=config.netns_index, state_dir=self.state_dir))
+        self._dns_input: tuple[list[Obj], list[Obj]] = ([], [])
         self.runtime: Any = None
         if config.runtime == "podman":
             from localcluster.containers import PodmanRuntime
@@ -438,6 +448,7 @@ class NodeAgent(ControlPlaneMixin):
                 self._wake.clear()
         finally:
             self.kill_all()
+            self.network.remove_all()
 
     def kill_all(self) -> None:
         """SIGKILL every container process group this agent started."""
@@ -465,7 +476,8 @@ class NodeAgent(ControlPlaneMixin):
             services = self.client.list("services")
         except ApiError:
             services = []
-        self.hosts.update(dns_names(pods, services))
+        self._dns_input = (pods, services)
+        self._update_hosts()
         self.schedule(pods)
         seen: set[str] = set()
         for pod in pods:
@@ -493,7 +505,27 @@ class NodeAgent(ControlPlaneMixin):
                         c.kill()
                     continue
                 del self.containers[uid]
+        # A pod's namespace goes once the pod is gone or terminal and its container stopped.
+        active = seen - {p["metadata"].get("uid", "") for p in pods if (p.get("status") or {}).get("phase") in TERMINAL}
+        self.network.prune(keep=set(self.containers) | (active - self._finished))
         self.sync_lost_nodes(pods)
+
+    # -------------------------------------------------------------- pod networks
+    def _addresses(self, pod: Obj) -> tuple[str, str]:
+        """(podIP, hostIP): 127.0.0.1 twice on the host's network; the pod's own and the gateway with netns."""
+        return self.network.ip(pod) or "", self.network.gateway
+
+    def _update_hosts(self) -> None:
+        pods, services = self._dns_input
+        self.hosts.update(dns_records(pods, services, pod_ip=self.network.ip,
+                                      service_fallback=self.network.service_fallback))
+
+    def _pod_network(self, pod: Obj) -> PodNetwork | None:
+        """The pod's namespace (made on first use, its name in the hosts file at once), or None."""
+        net, created = self.network.ensure(pod)
+        if created:
+            self._update_hosts()  # the pod's own name before its process looks it up
+        return net
 
     # -------------------------------------------------------------- nodes
     def _node_config(self, name: str) -> Mapping[str, Any]:
@@ -520,7 +552,7 @@ class NodeAgent(ControlPlaneMixin):
         return {
             "capacity": resources,
             "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": LOOPBACK}, {"type": "Hostname", "address": name}],
+            "addresses": [{"type": "InternalIP", "address": self.network.gateway}, {"type": "Hostname", "address": name}],
             "conditions": [
                 {
                     "type": "Ready",
@@ -681,14 +713,13 @@ class NodeAgent(ControlPlaneMixin):
 
     def _base_status(self, pod: Obj) -> Obj:
         status = pod.get("status") or {}
-        return {
-            "hostIP": LOOPBACK,
-            "hostIPs": [{"ip": LOOPBACK}],
-            "podIP": LOOPBACK,
-            "podIPs": [{"ip": LOOPBACK}],
-            "startTime": status.get("startTime") or now_rfc3339(),
-            "qosClass": status.get("qosClass") or "BestEffort",
-        }
+        pod_ip, host_ip = self._addresses(pod)
+        base: Obj = {"hostIP": host_ip, "hostIPs": [{"ip": host_ip}]}
+        if pod_ip:  # a pod without a network yet (a hollow pod with netns) has no podIP, as with the kubelet
+            base.update({"podIP": pod_ip, "podIPs": [{"ip": pod_ip}]})
+        base["startTime"] = status.get("startTime") or now_rfc3339()
+        base["qosClass"] = status.get("qosClass") or "BestEffort"
+        return base
 
     def _container_status(self, pod: Obj, state: Obj, ready: bool, container_id: str | None = None) -> list[Obj]:
         containers = (pod.get("spec") or {}).get("containers") or [{}]
@@ -749,6 +780,7 @@ class NodeAgent(ControlPlaneMixin):
             self._start_hollow(pod)
             return
         try:
+            net = self._pod_network(pod)
             pod_env = self.env_resolver.resolve(pod, ctr)
         except ConfigError as e:
             self._report_config_error(pod, e.reason, e.message)
@@ -766,9 +798,12 @@ class NodeAgent(ControlPlaneMixin):
         policy = ctr.get("terminationMessagePolicy") or "File"
         started = now_rfc3339()
         try:
+            if net is not None and shutil.which(argv[0], path=env["PATH"]) is None and not os.access(argv[0], os.X_OK):
+                # nsenter would exec it and exit 127; the kubelet's runtime fails the start itself.
+                raise FileNotFoundError(2, "No such file or directory")
             with open(log_path, "ab") as logf:
                 proc = subprocess.Popen(
-                    argv,
+                    (net.exec_prefix() if net is not None else []) + argv,
                     env=env,
                     cwd=cwd,
                     stdin=subprocess.DEVNULL,
@@ -828,10 +863,11 @@ class NodeAgent(ControlPlaneMixin):
     def _start_in_runtime(self, pod: Obj, ctr: Obj) -> None:
         """Container nodes: the runtime (podman) runs the pod's image."""
         try:
+            net = self._pod_network(pod)
             pod_env = self.env_resolver.resolve(pod, ctr)
             pod_dir = self._pod_dir(pod)
             self._prepare_pod_dir(pod_dir, pod["metadata"].get("uid", ""))
-            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir)
+            c = self.runtime.start(pod=pod, ctr=ctr, pod_env=pod_env, pod_dir=pod_dir, pod_net=net)
         except ConfigError as e:
             self._report_config_error(pod, e.reason, e.message)
             return
@@ -964,6 +1000,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
                     help='JSON: per node name or "*": {"capacity": {...}, "labels": {...}, "taints": [...], "hollow": true}')
     ap.add_argument("--runtime", choices=["process", "podman"], default="process",
                     help="process: containers as local processes; podman: the pod's image in a container")
+    ap.add_argument("--netns-index", type=int, default=None,
+                    help="a network namespace per pod on subnet 10.244.N.0/24 (localcluster.netns); default: the host's network")
     a = ap.parse_args(argv)
     return AgentConfig(
         kubeconfig=a.kubeconfig,
@@ -977,6 +1015,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         pass_env=tuple(n for n in a.pass_env.split(",") if n),
         node_config=json.loads(a.node_config),
         runtime=a.runtime,
+        netns_index=a.netns_index,
     )
 
 

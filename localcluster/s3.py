@@ -129,12 +129,14 @@ class _S3Process:
     Args:
         port: S3 port to listen on (default: a free one).
         log_path: File for the server's output (default: discarded).
+        host: Address to listen on (a stand-in with a network per pod: its gateway, :mod:`localcluster.netns`).
     """
 
     name = "S3 server"
 
-    def __init__(self, *, port: int | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
-        self.host = "127.0.0.1"
+    def __init__(self, *, port: int | None = None, log_path: str | os.PathLike[str] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = port or 0
         self.log_path = Path(log_path) if log_path else None
         self.pid: int | None = None
@@ -144,6 +146,7 @@ class _S3Process:
     def attach(cls, endpoint: str, pid: int) -> "_S3Process":
         """A handle on a server started elsewhere (for stop())."""
         srv = cls()
+        srv.host = endpoint.rsplit(":", 1)[0].split("//", 1)[-1]
         srv.port = int(endpoint.rsplit(":", 1)[1])
         srv.pid = pid
         return srv
@@ -243,8 +246,8 @@ class SeaweedS3Server(_S3Process):
     name = "SeaweedFS (weed mini)"
 
     def __init__(self, *, port: int | None = None, log_path: str | os.PathLike[str] | None = None,
-                 data_dir: str | os.PathLike[str] | None = None) -> None:
-        super().__init__(port=port, log_path=log_path)
+                 data_dir: str | os.PathLike[str] | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__(port=port, log_path=log_path, host=host)
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else None
 

@@ -16,6 +16,9 @@
   them (no CAP_SYS_RESOURCE here: "setrlimit RLIMIT_NPROC: Operation not
   permitted"). A containers.conf not written by this tool is left alone and
   only checked.
+* **iproute2, iptables, util-linux** (Debian: ``ip``, ``iptables``, ``nsenter``)
+  for a network namespace per pod (``LocalCluster(network="netns")``,
+  :mod:`localcluster.netns`).
 
 ``python -m localcluster.tools helm-path`` prints the Helm path (exit 1 when
 it is not installed). Both steps are idempotent and quick when already done.
@@ -132,6 +135,18 @@ def install_container_tools() -> str:
     return f"{version}, {CONTAINERS_CONF}"
 
 
+#: Debian package -> the binary it brings, for the pods' network namespaces.
+NETNS_PACKAGES = {"iproute2": "ip", "iptables": "iptables", "util-linux": "nsenter"}
+
+
+def install_netns_tools() -> str:
+    """ip, iptables and nsenter (the pods' network namespaces and link cuts)."""
+    missing = tuple(pkg for pkg, tool in NETNS_PACKAGES.items() if not shutil.which(tool))
+    if missing:
+        apt_install(missing)
+    return ", ".join(str(shutil.which(tool)) for tool in NETNS_PACKAGES.values())
+
+
 def install_nss_wrapper() -> str:
     from localcluster.nodeagent import find_nss_wrapper
 
@@ -181,6 +196,8 @@ def main(argv: list[str]) -> int:
         _report("kubectl", before, install_kubectl())
         before = shutil.which("podman") and CONTAINERS_CONF.exists()
         _report("podman", before, install_container_tools())
+        before = all(shutil.which(tool) for tool in NETNS_PACKAGES.values())
+        _report("ip, iptables, nsenter", before, install_netns_tools())
         return 0
     if cmd == "helm-path":
         path = helm_path()
