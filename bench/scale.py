@@ -50,7 +50,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -259,6 +262,7 @@ class Run:
         for p in self.proxies.values():
             p.stop()
         self.lc.stop()
+        shutil.rmtree(self.state, ignore_errors=True)
 
     def window(self, seconds: float, finished: set[str]) -> Window:
         """Measure for ``seconds`` (jobs finished at the start of it: ``finished``)."""
@@ -458,6 +462,20 @@ def verdicts(results: list[Result]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def held(path: str | None) -> Any:
+    """An exclusive flock on ``path`` (nothing without one)."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, action="append", help="N (repeatable; default 50, 200, 500)")
@@ -468,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preemptions", type=int, default=None, help="jobs preempted (default min(50, N))")
     p.add_argument("--spread", type=float, default=10.0, help="seconds the preemptions are spread over")
     p.add_argument("--quick", action="store_true", help="a short check: 10 s steady state, no finished stages")
+    p.add_argument("--lock", help="hold this flock(1) file while each N runs (and only then: others run in between)")
     a = p.parse_args(argv)
     if a.quick:
         a.steady = min(a.steady, 10.0)
@@ -478,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in a.jobs or [50, 200, 500]:
         print(f"N={n}: {n} jobs x {cfg.pods} pods on {cfg.nodes} hollow nodes", flush=True)
-        results.append(measure(n, cfg))
+        with held(a.lock):
+            results.append(measure(n, cfg))
         print(table(results[-1]), flush=True)
     print()
     for r in results:
