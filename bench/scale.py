@@ -3,7 +3,7 @@
 Not part of ``make test`` (``make bench`` runs it; ``--quick`` is the small
 check ``tests/localcluster/test_scale_bench.py`` runs). Usage::
 
-    flock /tmp/tj-heavy.lock .venv/bin/python bench/scale.py                    # N = 50, 200, 500, one run
+    .venv/bin/python bench/scale.py --lock                          # N = 50, 200, 500, one run (heavy lock per N)
     flock /tmp/tj-heavy.lock .venv/bin/python bench/scale.py --jobs 500 --pods-per-job 8 --nodes 100
     .venv/bin/python bench/scale.py --jobs 20 --pods-per-job 4 --quick
 
@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import fcntl
 import json
 import shutil
 import statistics
@@ -67,6 +66,7 @@ from trainingjob_trainer.store import SnapshotStore
 
 from localcluster import control, hollow
 from localcluster.cluster import LocalCluster, ManagedProcess
+from localcluster.images import heavy_lock
 from localcluster.kube import Client, wait_until
 from localcluster.s3proxy import S3Proxy
 
@@ -462,20 +462,6 @@ def verdicts(results: list[Result]) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def held(path: str | None) -> Any:
-    """An exclusive flock on ``path`` (nothing without one)."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, action="append", help="N (repeatable; default 50, 200, 500)")
@@ -486,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preemptions", type=int, default=None, help="jobs preempted (default min(50, N))")
     p.add_argument("--spread", type=float, default=10.0, help="seconds the preemptions are spread over")
     p.add_argument("--quick", action="store_true", help="a short check: 10 s steady state, no finished stages")
-    p.add_argument("--lock", help="hold this flock(1) file while each N runs (and only then: others run in between)")
+    p.add_argument("--lock", action="store_true",
+                   help="hold the machine's heavy lock (/tmp/tj-heavy.lock) while each N runs, and only then")
     a = p.parse_args(argv)
     if a.quick:
         a.steady = min(a.steady, 10.0)
@@ -497,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in a.jobs or [50, 200, 500]:
         print(f"N={n}: {n} jobs x {cfg.pods} pods on {cfg.nodes} hollow nodes", flush=True)
-        with held(a.lock):
+        with heavy_lock() if a.lock else contextlib.nullcontext():
             results.append(measure(n, cfg))
         print(table(results[-1]), flush=True)
     print()
