@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         with heavy_lock() if a.lock else contextlib.nullcontext():
             results.append(measure(n, cfg))
         print(table(results[-1]), flush=True)
+        print(f"\n{line(results[-1])}", flush=True)
     print()
     for r in results:
         print(line(r))
