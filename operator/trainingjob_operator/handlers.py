@@ -5,8 +5,9 @@ operator cares about; pods and Services are listed and watched with a
 server-side label selector, so only the operator's own are ever fetched).
 Every event, of a TrainingJob, one of its pods or services, or a node whose
 readiness changed, only *enqueues* the job's key (the handlers are ``async``:
-they run on the loop that owns the queue); a periodic resync enqueues every
-job, behind the event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
+they run on the loop that owns the queue); a periodic resync, spread over
+its period, enqueues every job that has not finished, behind the
+event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
 key to one worker at a time (never two reconciles of the same job at once,
 per-job backoff on errors); a worker reads the job fresh from the API, gathers
 the rest from the caches and S3, call the pure :func:`reconcile`, then write
