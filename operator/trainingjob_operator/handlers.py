@@ -99,23 +99,9 @@ def resync_slot(key: Key, ticks: int) -> int:
     return zlib.crc32("/".join(key).encode()) % max(1, ticks)
 
 
-def gang_steady(status: Mapping[str, Any], pods: tuple[Mapping[str, Any], ...],
-                finished_pods: tuple[Mapping[str, Any], ...], attempt: int) -> bool:
-    """The job's gang is Running and unchanging: every pod of the attempt Running, none deleting or ended.
-
-    Only then may a snapshot listing be reused for long (see
-    :class:`~.snapshots.SnapshotReader`): an ending attempt must see the
-    snapshot its pods committed just before they exited.
-    """
-    if status.get("phase") != "Running" or not status.get("gangCreated"):
-        return False
-    if any(_attempt_label(p) == attempt for p in finished_pods):
-        return False
-    current = [p for p in pods if _attempt_label(p) == attempt]
-    desired = int((status.get("workers") or {}).get("desired") or 0)
-    return len(current) >= max(1, desired) and all(
-        (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")
-        for p in current)
+def ends_job(body: Mapping[str, Any], plan: Plan) -> bool:
+    """The plan moves the job into Succeeded or Failed."""
+    return plan.status.get("phase") in FINISHED and (body.get("status") or {}).get("phase") not in FINISHED
 
 
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,11 +310,17 @@ class Controller:
             raise
         observed = await self.observe(body)
         plan = reconcile(body, observed)
+        if ends_job(body, plan) and (body.get("status") or {}).get("gangCreated"):
+            # The job's last word on its snapshots comes from a fresh listing: its
+            # pods may have committed one just before they exited.
+            observed = await self.observe(body, fresh=True)
+            plan = reconcile(body, observed)
         await self.execute(body, plan, observed.now)
         metrics.observe_job(body, plan.status, time.monotonic() - started)
         return plan.requeue_after
 
-    async def observe(self, body: Mapping[str, Any]) -> Observed:
+    async def observe(self, body: Mapping[str, Any], *, fresh: bool = False) -> Observed:
+        """Everything reconcile reads besides the job: caches, credentials, S3 (``fresh``: list S3 anew)."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         uid = meta.get("uid")
@@ -360,9 +352,10 @@ class Controller:
             access, secret_problem = await self._access(key, spec)
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
+            # While a gang exists its listing is reused (fencing never waits for S3).
             snapshots = await self.snapshots.observe(
-                body, spec, access, force=not status.get("gangCreated"),
-                steady=gang_steady(status, pods, finished_pods, attempt))
+                body, spec, access, force=fresh or not status.get("gangCreated"),
+                steady=bool(status.get("gangCreated")))
             if snapshots is not None and snapshots.error and spec.snapshot.credentials_secret \
                     and self.secrets is not None:
                 self.secrets.invalidate(meta["namespace"], spec.snapshot.credentials_secret)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from .model import JobSpec
 from .reconcile import SnapshotState
 
 log = logging.getLogger(__name__)
+
+#: Listings run in threads of their own (blocking s3fs calls; mostly waiting on S3): 50 preempted jobs
+#: each want a fresh listing before their new gang, and the loop's default pool has cpu + 4 threads.
+_LISTING_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="s3-listing")
 
 
 @dataclass(frozen=True)
@@ -120,12 +125,14 @@ class SnapshotReader:
     How long a listing is reused (issue 10: a listing is one LIST plus one
     GET per snapshot folder, so it is the operator's main S3 cost):
 
-    * a job whose gang is changing (pods starting, ending, being deleted; see
-      ``steady``): ``min_interval`` (a few seconds), so an attempt's end sees
-      the snapshot its pods committed just before exiting;
-    * a steady Running gang: the job's expected snapshot interval (the time
-      between its two newest snapshots), at least ``steady_interval`` and at
-      most ``max_interval``: about one listing per snapshot the job writes;
+    * while the job has a gang (``steady``): the job's expected snapshot
+      interval (the time between its two newest snapshots), at least
+      ``steady_interval`` and at most ``max_interval``: about one listing per
+      snapshot the job writes, and a preemption's fencing never waits for S3;
+    * otherwise ``min_interval`` (a few seconds). The listings that decide
+      something are forced fresh by the caller: before a gang is created (it
+      resumes from the newest snapshot, perhaps the emergency one its
+      predecessor just committed) and when a job ends (its final status);
     * Suspended: ``finished_interval``. (Succeeded and Failed jobs are not
       listed at all: the operator does not ask, see ``handlers.Controller``.)
 
@@ -191,7 +198,7 @@ class SnapshotReader:
     @staticmethod
     async def _read(root: str, access: S3Access) -> SnapshotState:
         try:
-            return await asyncio.to_thread(read_snapshot_state, root, access)
+            return await asyncio.get_running_loop().run_in_executor(_LISTING_POOL, read_snapshot_state, root, access)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)

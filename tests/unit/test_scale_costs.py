@@ -4,7 +4,7 @@ bench/scale.py measures the costs; these pin the rules behind them: a
 finished job is never resynced and reads no Secret and no S3, a Secret read
 is shared and cached until a listing with it fails, a steady gang's snapshot
 listing is reused for its expected snapshot interval (and dropped by what
-changes it), the resync spreads jobs over its period, and a steady gang asks
+changes it; a plan that ends the job is recomputed from a fresh one), the resync spreads jobs over its period, and a steady gang asks
 for no requeue of its own.
 """
 
@@ -67,16 +67,14 @@ def running(attempt: int = 0, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-def test_issue10_gang_steady_only_when_every_pod_of_the_attempt_runs() -> None:
+def test_issue10_a_plan_that_ends_the_job_is_recomputed_from_a_fresh_listing() -> None:
     b = job(status=running())
-    pods = tuple(pod(b, 0, r) for r in range(3))
-    assert handlers.gang_steady(running(), pods, (), 0)
-    assert not handlers.gang_steady(running(), pods[:2], (), 0)  # one pod gone
-    assert not handlers.gang_steady(running(), (*pods[:2], pod(b, 0, 2, deleting=True)), (), 0)
-    assert not handlers.gang_steady(running(), (*pods[:2], pod(b, 0, 2, phase="Failed", exit_code=1)), (), 0)
-    assert not handlers.gang_steady(running(), pods, (pod(b, 0, 2, phase="Succeeded", exit_code=0),), 0)
-    assert not handlers.gang_steady({**running(), "gangCreated": False}, pods, (), 0)
-    assert not handlers.gang_steady({**running(), "phase": "Restarting"}, pods, (), 0)
+    done = [pod(b, 0, r, phase="Succeeded", ready=False, exit_code=0) for r in range(3)]
+    plan = reconcile(b, obs(done, [svc(b, 0)]))
+    assert handlers.ends_job(b, plan)
+    assert not handlers.ends_job(job(status={**running(), "phase": "Succeeded"}), plan)  # already ended
+    still = reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)]))
+    assert not handlers.ends_job(b, still)
 
 
 def test_issue10_steady_listing_reused_for_the_snapshot_interval_and_dropped_by_changes() -> None:
