@@ -47,6 +47,7 @@ demo: venv tools $(if $(filter containers,$(MODE)),images)
 bench: venv tools
 	$(PY) bench/snapshot.py
 	$(PY) bench/recovery.py
+	$(PY) bench/scale.py --lock
 
 clean:
 	rm -rf $(VENV) .tools .localcluster

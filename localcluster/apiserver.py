@@ -351,6 +351,7 @@ class APIServer(KindsMixin, LifecycleMixin, rbac.AuthMixin, kmock.KubernetesEmul
             if route.name is not None:
                 raise ApiError(405, 'MethodNotAllowed', 'the server does not allow this method on the requested resource')
             obj, warnings = self._create(rt, route, data, query, dry_run)
+            entry['created'] = obj['metadata']['name']  # the request log names what a POST made
             return _json_response(self._out(rt, obj, route.version), 201, headers=warnings)
         if verb == 'update':
             obj, warnings = self._update(rt, route, data, query, dry_run)

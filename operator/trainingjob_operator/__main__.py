@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve Kopf's liveness endpoint http://0.0.0.0:PORT/healthz (0: off)")
     p.add_argument("--ready-port", type=int, default=int(env("TJ_OPERATOR_READY_PORT", "0")),
                    help="serve readiness http://0.0.0.0:PORT/readyz (0: off): the API server answers")
-    p.add_argument("--resync-seconds", type=float, default=float(env("TJ_OPERATOR_RESYNC_SECONDS", "10")))
+    p.add_argument("--resync-seconds", type=float,
+                   default=float(env("TJ_OPERATOR_RESYNC_SECONDS")) if env("TJ_OPERATOR_RESYNC_SECONDS") else None,
+                   help="look at every unfinished job this often (default 90: docs/benchmarks.md, Scale)")
     p.add_argument("--workers", type=int, default=int(env("TJ_OPERATOR_WORKERS", "4")))
     p.add_argument("--leader-elect", action="store_true",
                    default=env("TJ_OPERATOR_LEADER_ELECT", "").lower() in ("1", "true", "yes"),
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers, login, metrics  # noqa: F401 (login registers Kopf's login handler)
     from .leader import ElectionConfig, LeaderElector
 
-    handlers.CONTROLLER.resync_seconds = args.resync_seconds
+    if args.resync_seconds is not None:
+        handlers.CONTROLLER.resync_seconds = args.resync_seconds
     handlers.CONTROLLER.workers = args.workers
     stop_flag: asyncio.Event | None = None
     lost: list[bool] = []

@@ -5,8 +5,9 @@ operator cares about; pods and Services are listed and watched with a
 server-side label selector, so only the operator's own are ever fetched).
 Every event, of a TrainingJob, one of its pods or services, or a node whose
 readiness changed, only *enqueues* the job's key (the handlers are ``async``:
-they run on the loop that owns the queue); a periodic resync enqueues every
-job, behind the event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
+they run on the loop that owns the queue); a periodic resync, spread over
+its period, enqueues every job that has not finished, behind the
+event-driven keys. The :class:`~.workqueue.WorkQueue` hands a
 key to one worker at a time (never two reconciles of the same job at once,
 per-job backoff on errors); a worker reads the job fresh from the API, gathers
 the rest from the caches and S3, call the pure :func:`reconcile`, then write
@@ -24,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import time
+import zlib
 from typing import Any, Callable, Mapping
 
 import kopf
@@ -32,11 +34,11 @@ from trainingjob_trainer import contract
 
 from . import metrics
 from .classify import NodeView
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, SecretCache
 from .leader import LeaderElector
-from .model import SpecError, parse_spec
+from .model import JobSpec, SpecError, parse_spec
 from .reconcile import CreateError, Event, Observed, Plan, reconcile
-from .snapshots import SnapshotReader, access_from_secret
+from .snapshots import S3Access, SnapshotReader, access_from_secret
 from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("trainingjob_operator")
@@ -53,6 +55,12 @@ def _copy(body: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Final pod states kept per job (a gang of 8 nodes over two attempts needs 16).
 MAX_FINISHED_PER_JOB = 64
+#: Phases after which a job never runs again: no resync, no Secret or S3 reads (a finished job costs nothing).
+FINISHED = ("Succeeded", "Failed")
+#: Default of ``--resync-seconds``, from bench/scale.py (docs/benchmarks.md, "Scale"): a steady job costs
+#: one GET per resync and, at most once per resync, a snapshot listing (one LIST and two requests per
+#: folder): 90 s keeps both under the issue's 1 API and 6 S3 requests per running job per minute.
+DEFAULT_RESYNC_SECONDS = 90.0
 
 
 def _attempt_label(pod: Mapping[str, Any]) -> int:
@@ -86,6 +94,16 @@ def final_pod_view(body: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def resync_slot(key: Key, ticks: int) -> int:
+    """The job's tick in the resync period (stable across runs: a hash of the key, not Python's salted one)."""
+    return zlib.crc32("/".join(key).encode()) % max(1, ticks)
+
+
+def ends_job(body: Mapping[str, Any], plan: Plan) -> bool:
+    """The plan moves the job into Succeeded or Failed."""
+    return plan.status.get("phase") in FINISHED and (body.get("status") or {}).get("phase") not in FINISHED
+
+
 def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """JSON merge patch turning status ``old`` into ``new`` (``{}`` if equal)."""
     old = {k: v for k, v in (old or {}).items() if k != "kopf"}
@@ -106,11 +124,13 @@ def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[
 class Controller:
     """The operator's state: the work queue, the caches' handles, the API client."""
 
-    def __init__(self, *, workers: int = 4, resync_seconds: float = 10.0, watch_nodes: bool = True) -> None:
+    def __init__(self, *, workers: int = 4, resync_seconds: float = DEFAULT_RESYNC_SECONDS,
+                 watch_nodes: bool = True) -> None:
         self.workers = workers
         self.resync_seconds = resync_seconds
         self.watch_nodes = watch_nodes
         self.kube: Kube | None = None
+        self.secrets: SecretCache | None = None
         self.snapshots = SnapshotReader()
         self.indices: dict[str, Any] = {}
         self.queue: WorkQueue[Key] | None = None
@@ -144,6 +164,9 @@ class Controller:
         self.queue = WorkQueue(base_delay=0.25, max_delay=60.0)
         ua = "trainingjob-operator/0.1" + (f" ({self.elector.config.identity})" if self.elector else "")
         self.kube = Kube(user_agent=ua)
+        self.secrets = SecretCache(self.kube)
+        # A steady job's listing is reused for at least one resync (a resync is when it is looked at).
+        self.snapshots.steady_interval = max(self.snapshots.min_interval, self.resync_seconds)
         try:
             await self.kube.request("GET", "/version")
         except (ApiError, OSError, asyncio.TimeoutError) as e:
@@ -190,18 +213,34 @@ class Controller:
         return time.monotonic() - self.kube.last_answer < max(30.0, 3 * self.resync_seconds)
 
     async def _resync(self) -> None:
+        """Every job that can still run, once per ``resync_seconds``, spread over the period.
+
+        Each job has its slot in the period (a hash of its key), so 500 jobs
+        are 500 keys spread over it, not a burst at its start (event-driven
+        keys go first anyway, see :class:`WorkQueue`). Succeeded and Failed
+        jobs are skipped: only an event of theirs wakes them.
+        """
+        ticks = max(1, int(self.resync_seconds))
+        tick = 0
         while True:
-            await asyncio.sleep(self.resync_seconds)
-            if self.kube is not None and (self.kube.last_answer is None
-                                          or time.monotonic() - self.kube.last_answer > self.resync_seconds):
-                try:  # idle: one cheap request keeps readiness true while the API server answers
-                    await self.kube.request("GET", "/version")
-                except (ApiError, OSError, asyncio.TimeoutError) as e:
-                    log.warning("API server not answering: %s", e)
+            await asyncio.sleep(self.resync_seconds / ticks)
+            tick = (tick + 1) % ticks
+            if tick == 0:
+                await self._keep_ready()
             idx = self.indices.get("tj_index")
-            if idx is not None:
-                for key in list(idx):
+            if idx is None:
+                continue
+            for key in list(idx):
+                if resync_slot(key, ticks) == tick and not any(phase in FINISHED for phase in idx.get(key, ())):
                     self.enqueue(key, source="resync")
+
+    async def _keep_ready(self) -> None:
+        if self.kube is not None and (self.kube.last_answer is None
+                                      or time.monotonic() - self.kube.last_answer > self.resync_seconds):
+            try:  # idle: one cheap request keeps readiness true while the API server answers
+                await self.kube.request("GET", "/version")
+            except (ApiError, OSError, asyncio.TimeoutError) as e:
+                log.warning("API server not answering: %s", e)
 
     async def _worker(self, n: int) -> None:
         assert self.queue is not None
@@ -271,11 +310,17 @@ class Controller:
             raise
         observed = await self.observe(body)
         plan = reconcile(body, observed)
+        if ends_job(body, plan) and (body.get("status") or {}).get("gangCreated"):
+            # The job's last word on its snapshots comes from a fresh listing: its
+            # pods may have committed one just before they exited.
+            observed = await self.observe(body, fresh=True)
+            plan = reconcile(body, observed)
         await self.execute(body, plan, observed.now)
         metrics.observe_job(body, plan.status, time.monotonic() - started)
         return plan.requeue_after
 
-    async def observe(self, body: Mapping[str, Any]) -> Observed:
+    async def observe(self, body: Mapping[str, Any], *, fresh: bool = False) -> Observed:
+        """Everything reconcile reads besides the job: caches, credentials, S3 (``fresh``: list S3 anew)."""
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         uid = meta.get("uid")
@@ -297,28 +342,46 @@ class Controller:
             spec = parse_spec(body.get("spec"))
         except SpecError:
             spec = None
-        if spec is not None and spec.snapshot is not None and not meta.get("deletionTimestamp"):
-            secret = None
-            access = None
-            try:
-                if spec.snapshot.credentials_secret:
-                    assert self.kube is not None
-                    secret = await self.kube.get_secret(meta["namespace"], spec.snapshot.credentials_secret)
-                access, secret_problem = access_from_secret(spec, secret)
-            except ApiError as e:  # 403 and friends: say so, do not loop on tracebacks
-                secret_problem = (f"cannot read credentials Secret {spec.snapshot.credentials_secret!r}: "
-                                  f"{e.status} {e.reason}")
-            if access is not None:
-                self._secret_values[key] = access.secret_values()
+        status = body.get("status") or {}
+        attempt = int(status.get("attempt") or 0)
+        pods = mine("pod_index")
+        finished_pods = self.finished_pods(key, uid, attempt)
+        # A finished job reads neither its Secret nor S3: its last listing was taken when it ended.
+        if spec is not None and spec.snapshot is not None and not meta.get("deletionTimestamp") \
+                and status.get("phase") not in FINISHED:
+            access, secret_problem = await self._access(key, spec)
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
-            fresh = not (body.get("status") or {}).get("gangCreated")
-            snapshots = await self.snapshots.observe(body, spec, access, force=fresh)
-        attempt = int((body.get("status") or {}).get("attempt") or 0)
-        return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
+            # While a gang exists its listing is reused (fencing never waits for S3).
+            snapshots = await self.snapshots.observe(
+                body, spec, access, force=fresh or not status.get("gangCreated"),
+                steady=bool(status.get("gangCreated")))
+            if snapshots is not None and snapshots.error and spec.snapshot.credentials_secret \
+                    and self.secrets is not None:
+                self.secrets.invalidate(meta["namespace"], spec.snapshot.credentials_secret)
+        return Observed(now=now, pods=pods, services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem,
-                        finished_pods=self.finished_pods(key, uid, attempt),
-                        create_error=self.create_errors.get(key))
+                        finished_pods=finished_pods, create_error=self.create_errors.get(key))
+
+    async def _access(self, key: Key, spec: JobSpec) -> tuple[S3Access | None, str | None]:
+        """S3 access from the job's credentials Secret (cached, see :class:`SecretCache`), or the problem."""
+        assert spec.snapshot is not None
+        secret = None
+        access = None
+        secret_problem = None
+        try:
+            if spec.snapshot.credentials_secret:
+                assert self.secrets is not None
+                secret = await self.secrets.get(key[0], spec.snapshot.credentials_secret)
+            access, secret_problem = access_from_secret(spec, secret)
+        except ApiError as e:  # 403 and friends: say so, do not loop on tracebacks
+            secret_problem = (f"cannot read credentials Secret {spec.snapshot.credentials_secret!r}: "
+                              f"{e.status} {e.reason}")
+        if access is not None:
+            self._secret_values[key] = access.secret_values()
+        elif spec.snapshot.credentials_secret and self.secrets is not None:
+            self.secrets.invalidate(key[0], spec.snapshot.credentials_secret)
+        return access, secret_problem
 
     def redact(self, key: Key, value: Any) -> Any:
         """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
@@ -416,8 +479,9 @@ async def _cleanup(**_: Any) -> None:
 
 
 @kopf.index(*TJ)
-def tj_index(namespace: str, name: str, **_: Any) -> dict[Key, bool]:
-    return {(namespace, name): True}
+def tj_index(namespace: str, name: str, status: Mapping[str, Any], **_: Any) -> dict[Key, str]:
+    """Every job, with its phase (the resync skips finished ones)."""
+    return {(namespace, name): str((status or {}).get("phase") or "")}
 
 
 @kopf.index("pods", labels=OURS)

@@ -201,3 +201,40 @@ class Kube:
         self._events[name] = count
         while len(self._events) > MAX_REMEMBERED_EVENTS:
             self._events.pop(next(iter(self._events)))
+
+
+class SecretCache:
+    """Credentials Secrets read through :meth:`Kube.get_secret`, cached per (namespace, name).
+
+    Jobs of a namespace usually share one Secret, so a cached read serves
+    them all. An entry lives ``ttl`` seconds (a rotated Secret is seen within
+    that time) and is dropped at once by :meth:`invalidate`: when S3 refused
+    or failed a listing made with it, the next reconcile reads the Secret
+    again. Absent Secrets are not cached (a user who creates it is seen at
+    the job's next reconcile). Not a watch: watching Secrets would take list
+    and watch on every Secret the operator can read (all of the cluster's,
+    in the default cluster-wide install) and a stream of every change to them.
+    """
+
+    def __init__(self, kube: Kube, *, ttl: float = 300.0, clock: Any = time.monotonic) -> None:
+        self._kube = kube
+        self.ttl = ttl
+        self._clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret (cached while fresh), or ``None`` if it does not exist."""
+        key = (namespace, name)
+        hit = self._cache.get(key)
+        if hit is not None and self._clock() - hit[0] < self.ttl:
+            return hit[1]
+        secret = await self._kube.get_secret(namespace, name)
+        if secret is None:
+            self._cache.pop(key, None)
+        else:
+            self._cache[key] = (self._clock(), secret)
+        return secret
+
+    def invalidate(self, namespace: str, name: str) -> None:
+        """Read this Secret from the API server again next time."""
+        self._cache.pop((namespace, name), None)

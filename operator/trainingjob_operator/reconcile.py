@@ -67,7 +67,6 @@ R_NODE_NOT_READY = "NodeNotReady"
 R_WORKERS_NOT_READY = "WorkersNotReady"
 
 _CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*")
-RESYNC_SECONDS = 10.0
 #: How long a restart waits for an unreadable snapshot folder before starting
 #: the new gang anyway (the trainer then picks the latest complete snapshot).
 SNAPSHOT_STATUS_WAIT_SECONDS = 60
@@ -624,8 +623,9 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
     if c.status.get("phase") in TERMINAL or c.status["attempt"] != attempt:
         return
     _ensure_service(c, attempt, repair=True)
+    # No requeue of a steady gang: its pods' events wake it, and the operator's
+    # resync (spread over --resync-seconds) looks at it once per period.
     _stall_condition(c, spec)
-    c.requeue(RESYNC_SECONDS)
 
 
 def _unschedulable_outcome(unscheduled: list[PodView]) -> Outcome:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from .model import JobSpec
 from .reconcile import SnapshotState
 
 log = logging.getLogger(__name__)
+
+#: Listings run in threads of their own (blocking s3fs calls; mostly waiting on S3): 50 preempted jobs
+#: each want a fresh listing before their new gang, and the loop's default pool has cpu + 4 threads.
+_LISTING_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="s3-listing")
 
 
 @dataclass(frozen=True)
@@ -115,34 +120,63 @@ def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple
 
 
 class SnapshotReader:
-    """Reads each job's snapshot state, at most every ``min_interval`` seconds.
+    """Reads each job's snapshot state from S3, cached per job.
 
-    A listing never holds a reconcile for more than ``timeout`` seconds: a
-    slow or unreachable endpoint (chosen by the job's author) leaves the
-    listing running in its thread, the reconcile goes on with the last known
-    state, and no second listing of that job starts until it ends.
+    How long a listing is reused (issue 10: a listing is one LIST plus one
+    GET per snapshot folder, so it is the operator's main S3 cost):
+
+    * while the job has a gang (``steady``): the job's expected snapshot
+      interval (the time between its two newest snapshots), at least
+      ``steady_interval`` and at most ``max_interval``: about one listing per
+      snapshot the job writes, and a preemption's fencing never waits for S3;
+    * otherwise ``min_interval`` (a few seconds). The listings that decide
+      something are forced fresh by the caller: before a gang is created (it
+      resumes from the newest snapshot, perhaps the emergency one its
+      predecessor just committed) and when a job ends (its final status);
+    * Suspended: ``finished_interval``. (Succeeded and Failed jobs are not
+      listed at all: the operator does not ask, see ``handlers.Controller``.)
+
+    A cached listing is dropped when what it describes may have changed: a new
+    attempt, a spec change (``metadata.generation``), other credentials,
+    ``force`` (before a gang is created), or :meth:`invalidate` (an on-demand
+    snapshot request). A listing never holds a reconcile for more than
+    ``timeout`` seconds: a slow or unreachable endpoint (chosen by the job's
+    author) leaves the listing running in its thread, the reconcile goes on
+    with the last known state, and no second listing of that job starts until
+    it ends.
     """
 
-    def __init__(self, *, min_interval: float = 3.0, finished_interval: float = 60.0, timeout: float = 8.0) -> None:
+    def __init__(self, *, min_interval: float = 3.0, steady_interval: float = 60.0, max_interval: float = 600.0,
+                 finished_interval: float = 60.0, timeout: float = 8.0) -> None:
         self.min_interval = min_interval
+        self.steady_interval = steady_interval
+        self.max_interval = max_interval
         self.finished_interval = finished_interval
         self.timeout = timeout
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
 
+    def reuse_for(self, *, phase: str | None, steady: bool, state: SnapshotState) -> float:
+        """Seconds a listing in ``state`` may be reused for a job in ``phase``."""
+        if phase in ("Succeeded", "Failed", "Suspended"):
+            return self.finished_interval
+        if not steady or state.error:
+            return self.min_interval
+        return min(self.max_interval, max(self.steady_interval, state.interval_seconds or 0.0))
+
     async def observe(self, body: Mapping[str, Any], spec: JobSpec, access: S3Access | None,
-                      *, force: bool = False) -> SnapshotState | None:
+                      *, force: bool = False, steady: bool = False) -> SnapshotState | None:
+        """The job's snapshot state: the cached listing while it may be reused, else a new one."""
         if spec.snapshot is None or access is None:
             return None
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         status = body.get("status") or {}
-        finished = status.get("phase") in ("Succeeded", "Failed", "Suspended")
-        stamp = (meta.get("uid"), status.get("attempt"), finished)
+        stamp = (meta.get("uid"), meta.get("generation"), status.get("attempt"), hash(access))
         cached = self._cache.get(key)
         now = time.monotonic()
-        interval = self.finished_interval if finished else self.min_interval
-        if cached and not force and cached[1] == stamp and now - cached[0] < interval:
+        if cached and not force and cached[1] == stamp and \
+                now - cached[0] < self.reuse_for(phase=status.get("phase"), steady=steady, state=cached[2]):
             return cached[2]
         task = self._inflight.get(key)
         if task is None or task.done():
@@ -157,10 +191,14 @@ class SnapshotReader:
         self._cache[key] = (time.monotonic(), stamp, state)
         return state
 
+    def invalidate(self, key: tuple[str, str]) -> None:
+        """The job's next :meth:`observe` lists S3 anew (e.g. a snapshot was requested)."""
+        self._cache.pop(key, None)
+
     @staticmethod
     async def _read(root: str, access: S3Access) -> SnapshotState:
         try:
-            return await asyncio.to_thread(read_snapshot_state, root, access)
+            return await asyncio.get_running_loop().run_in_executor(_LISTING_POOL, read_snapshot_state, root, access)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)
