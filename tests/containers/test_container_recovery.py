@@ -27,7 +27,7 @@ EVERY = 10
 LAUNCHER = ["python", "-m", "trainingjob_trainer.launch"]  # the image's ENTRYPOINT, spelled out (spec.command is required)
 
 
-def image_job(name: str, namespace: str, cluster, image: str) -> dict:
+def image_job(name: str, namespace: str, cluster, image: str, *, sleep: float = 0.15) -> dict:
     return {
         "apiVersion": "trainingjob.dev/v1alpha1",
         "kind": "TrainingJob",
@@ -36,7 +36,7 @@ def image_job(name: str, namespace: str, cluster, image: str) -> dict:
             "image": image,
             "imagePullPolicy": "Never",
             "command": LAUNCHER,
-            "args": ["-m", "trainingjob_trainer.example", "--steps", str(STEPS), "--sleep-per-step", "0.15",
+            "args": ["-m", "trainingjob_trainer.example", "--steps", str(STEPS), "--sleep-per-step", str(sleep),
                      "--final-weights", "/out/weights.pt"],
             "nodes": 2,
             "procsPerNode": 2,
@@ -66,7 +66,8 @@ def test_issue11_evidence_trainer_image_preempted_once_resumes_bit_identical(pod
     try:
         # One after the other: container nodes share the host's network, so two
         # gangs' rank 0 cannot both listen on the rendezvous port (issue 11 item 3).
-        pkube.create(TJ, image_job("ref", pns, podman_cluster, images["trainer"]), namespace=pns)
+        # The reference needs no sleep per step (it gives the preemption time to land; weights do not depend on it).
+        pkube.create(TJ, image_job("ref", pns, podman_cluster, images["trainer"], sleep=0.0), namespace=pns)
         ref = wait_phase(pkube, pns, "ref", "Succeeded", timeout=300)
         pkube.create(TJ, image_job("pre", pns, podman_cluster, images["trainer"]), namespace=pns)
         wait_status(pkube, pns, "pre", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,

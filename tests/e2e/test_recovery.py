@@ -121,7 +121,9 @@ def reference_weights(cluster, tmp_path_factory) -> Path:
     cluster.create_s3_secret(ns)
     cluster.start_operator(name="operator-ref")
     try:
-        kube.create(TJ, example_job("ref", ns, cluster, out), namespace=ns)
+        # No sleep per step: it only gives the preempting tests time to act, and
+        # the weights do not depend on it (those runs sleep 0.15 or 0.3 s).
+        kube.create(TJ, example_job("ref", ns, cluster, out, sleep=0.0), namespace=ns)
         st = wait_phase(kube, ns, "ref", "Succeeded", timeout=240)
         assert st["restarts"] == {"preemptions": 0, "failures": 0}
         kube.delete(TJ, "ref", namespace=ns)

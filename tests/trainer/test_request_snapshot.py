@@ -7,14 +7,18 @@ its poller has seen it, so the step that serves it is known in advance.
 
 from __future__ import annotations
 
+import json
+import pathlib
 import threading
 import time
+import traceback
 
 import pytest
 import s3fs
 import torch
 
-from tests.trainer.gang import init_ranks, spawn_ranks
+from tests.trainer.gang import init_ranks
+from tests.trainer.test_state_matrix import new_root, run_matrix
 from tests.trainer.trainer_helpers import tiny_model, train_steps
 from trainingjob_trainer import contract
 from trainingjob_trainer.s3 import storage_options_from_env
@@ -69,15 +73,18 @@ def _complete_steps(root: str) -> list[int]:
     return [i.step for i in SnapshotStore(root).scan() if i.complete]
 
 
+#: The trainer's control-object poll and progress intervals in these tests.
+FAST_POLL = {contract.ENV_CONTROL_POLL_SECONDS: "0.1", contract.ENV_PROGRESS_SECONDS: "0.2"}
+
+
 @pytest.fixture
 def fast_poll(monkeypatch):
-    monkeypatch.setenv(contract.ENV_CONTROL_POLL_SECONDS, "0.1")
-    monkeypatch.setenv(contract.ENV_PROGRESS_SECONDS, "0.2")
+    for k, v in FAST_POLL.items():
+        monkeypatch.setenv(k, v)
 
 
 # ------------------------------------------------------------- plain loop
-def _plain_worker(rank: int, world: int, port: int, root: str) -> None:
-    init_ranks(rank, world, port)
+def _plain_part(rank: int, root: str) -> None:
     model, opt, app = _app()
     snap = make_snapshotter(backend="torchsnapshot", uri=root, app_state=app, every_steps=EVERY)
     with snap:
@@ -89,8 +96,8 @@ def _plain_worker(rank: int, world: int, port: int, root: str) -> None:
 
 
 @pytest.mark.slow
-def test_item3_request_plain_loop_two_ranks_snapshot_between_periodic_ones(s3_env, s3_root, fast_poll):
-    spawn_ranks(_plain_worker, s3_root, world=2, timeout=180)
+def test_item3_request_plain_loop_two_ranks_snapshot_between_periodic_ones(s3_env, gang_runs):
+    s3_root = gang_runs("plain")
     assert _complete_steps(s3_root) == [REQUEST_AT, EVERY, 2 * EVERY]
     ack = _ack(s3_root)
     assert ack is not None and ack.value == "plain-1" and ack.step == REQUEST_AT and ack.attempt == 0
@@ -119,14 +126,13 @@ def test_item3_served_request_survives_a_restart_and_a_new_value_is_served(s3_en
 
 
 # ---------------------------------------------------------------- TorchTNT
-def _tnt_worker(rank: int, world: int, port: int, root: str) -> None:
+def _tnt_part(rank: int, root: str) -> None:
     from torchtnt.framework.state import State
     from torchtnt.framework.train import train as tnt_train
 
     from tests.trainer.test_tnt_saver import Unit as PlainUnit
     from trainingjob_trainer.tnt import TorchSnapshotSaver
 
-    init_ranks(rank, world, port)
     holder = {}
 
     class Unit(PlainUnit):
@@ -142,8 +148,8 @@ def _tnt_worker(rank: int, world: int, port: int, root: str) -> None:
 
 
 @pytest.mark.slow
-def test_item3_request_torchtnt_two_ranks_snapshot_between_periodic_ones(s3_env, s3_root, fast_poll):
-    spawn_ranks(_tnt_worker, s3_root, world=2, timeout=180)
+def test_item3_request_torchtnt_two_ranks_snapshot_between_periodic_ones(s3_env, gang_runs):
+    s3_root = gang_runs("tnt")
     infos = [i for i in SnapshotStore(s3_root).scan() if i.complete]
     # The request's, the periodic ones, and on_train_end's (epoch 1).
     assert [(i.epoch, i.step) for i in infos] == [(0, REQUEST_AT), (0, EVERY), (0, 2 * EVERY), (1, 2 * EVERY)]
@@ -175,8 +181,7 @@ class _GatedSnapshotter(TorchSnapshotSnapshotter):
         return PendingWrite(done=lambda: gate.is_set() and handle.done(), wait=wait)
 
 
-def _inflight_worker(rank: int, world: int, port: int, root: str) -> None:
-    init_ranks(rank, world, port)
+def _inflight_part(rank: int, root: str) -> None:
     model, opt, app = _app()
     snap = _GatedSnapshotter(uri=root, app_state=app, every_steps=REQUEST_AT, async_save=True)
     with snap:
@@ -193,8 +198,8 @@ def _inflight_worker(rank: int, world: int, port: int, root: str) -> None:
 
 
 @pytest.mark.slow
-def test_item3_request_during_an_in_flight_async_save_is_served_after_it(s3_env, s3_root, fast_poll):
-    spawn_ranks(_inflight_worker, s3_root, world=2, timeout=180)
+def test_item3_request_during_an_in_flight_async_save_is_served_after_it(s3_env, gang_runs):
+    s3_root = gang_runs("inflight")
     steps = _complete_steps(s3_root)
     ack = _ack(s3_root)
     assert ack is not None and ack.value == "during-save"
@@ -202,3 +207,39 @@ def test_item3_request_during_an_in_flight_async_save_is_served_after_it(s3_env,
     assert REQUEST_AT + 1 not in steps and REQUEST_AT + 2 not in steps, steps
     assert ack.step in (REQUEST_AT + 3, 2 * REQUEST_AT) and ack.step in steps, (ack, steps)
     assert steps[0] == REQUEST_AT
+
+
+# ------------------------------------------- the three 2-rank runs, one gang
+_PARTS = {"plain": _plain_part, "tnt": _tnt_part, "inflight": _inflight_part}
+
+
+def _gang_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    """One 2-rank process group runs every part in turn, each on a root of its own."""
+    init_ranks(rank, world, port)
+    results = {}
+    for name, part in _PARTS.items():
+        try:
+            part(rank, f"{root}-{name}")
+            results[name] = None
+        except Exception:  # noqa: BLE001 - reported by the part's test
+            results[name] = traceback.format_exc()[-3000:]
+    pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def gang_runs(s3_server, tmp_path_factory):
+    """``gang_runs(part)``: the part's snapshot root, once every rank ran it without an error.
+
+    Spawning two ranks (torch, TorchTNT, torchsnapshot imports) costs seconds,
+    so the three 2-rank tests share one process group (with :data:`FAST_POLL`).
+    """
+    root = new_root(s3_server, name="request")
+    results = run_matrix(_gang_worker, s3_server=s3_server, out=tmp_path_factory.mktemp("requests"), name="request",
+                         root=root, env=FAST_POLL)
+
+    def get(part: str) -> str:
+        for rank, res in results.items():
+            assert res[part] is None, f"rank {rank}, {part}: {res[part]}"
+        return f"{root}-{part}"
+
+    return get

@@ -141,13 +141,8 @@ def _matrix_worker(rank: int, world: int, port: int, root: str, out: str) -> Non
     pathlib.Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def run_matrix(worker, *, s3_server, out: pathlib.Path, name: str) -> dict:
-    """Run ``worker(rank, world, port, root, out)`` on 2 ranks against a new bucket.
-
-    Returns:
-        rank -> row -> ``None`` (passed) or what failed, as each rank wrote it.
-    """
-    import os
+def new_root(s3_server, *, name: str) -> str:
+    """A job snapshot root named ``name`` in a new bucket of ``s3_server``."""
     import uuid
 
     import s3fs
@@ -156,10 +151,32 @@ def run_matrix(worker, *, s3_server, out: pathlib.Path, name: str) -> dict:
     bucket = f"tj-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
                       secret=env["AWS_SECRET_ACCESS_KEY"]).mkdir(bucket)
+    return f"s3://{bucket}/snapshots/default/{name}"
+
+
+def run_matrix(worker, *, s3_server, out: pathlib.Path, name: str, root: str | None = None,
+               env: dict[str, str] | None = None) -> dict:
+    """Run ``worker(rank, world, port, root, out)`` on 2 ranks.
+
+    Args:
+        worker: An importable (module-level) function.
+        s3_server: The test S3 server; its env is set for the ranks.
+        out: Where each rank writes ``rank<R>.json``.
+        name: The job name of a new root (``root`` not given).
+        root: The snapshot root (default: :func:`new_root`).
+        env: More env for the ranks (e.g. poll intervals).
+
+    Returns:
+        rank -> row -> ``None`` (passed) or what failed, as each rank wrote it.
+    """
+    import os
+
+    env = {**s3_server.env(), **(env or {})}
+    root = root or new_root(s3_server, name=name)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the spawned ranks inherit it
     try:
-        spawn_ranks(worker, f"s3://{bucket}/snapshots/default/{name}", str(out), timeout=400)
+        spawn_ranks(worker, root, str(out), timeout=400)
     finally:
         for k, v in saved.items():
             if v is None:

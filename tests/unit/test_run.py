@@ -1,0 +1,29 @@
+"""tests/run.py: the side-by-side layers report one exit code, and an empty suite is never a pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import run
+
+
+def test_speed_item3_any_failing_group_fails_the_suite():
+    assert run._combined_code([0, 0]) == 0
+    assert run._combined_code([0, 1]) == 1
+    assert run._combined_code([pytest.ExitCode.NO_TESTS_COLLECTED, 0]) == 0  # a -k that selects one layer only
+    assert run._combined_code([pytest.ExitCode.NO_TESTS_COLLECTED, 1]) == 1
+
+
+def test_speed_item3_no_group_collecting_a_test_is_an_error(capsys, monkeypatch):
+    monkeypatch.delenv(run.JOBS_ENV, raising=False)
+    # Two real pytest processes, over one small file (collecting the whole suite twice costs 10-20 s).
+    monkeypatch.setattr(run, "GROUPS", {"trainer": ["tests/unit/test_run.py"], "cluster": ["tests/unit/test_run.py"]})
+    assert run.main(["-q", "-k", "no_test_has_this_name_anywhere"]) == 1
+    out = capsys.readouterr()
+    assert "collected no tests" in out.err
+    assert "trainer layers: exit 5" in out.out and "cluster layers: exit 5" in out.out
+
+
+def test_speed_item3_named_paths_run_in_one_pytest():
+    assert run._has_paths(["tests/unit", "-k", "x"]) and run._has_paths(["tests/unit/test_run.py::test_a"])
+    assert not run._has_paths(["-q", "-k", "tests", "--durations", "20", "-m", "slow"])  # option values
