@@ -91,10 +91,12 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
     env.pop("KUBECONFIG", None)
     up = subprocess.run([sys.executable, "-m", "localcluster", "up", "--state-dir", str(state), "--nodes", "a,b"],
                         capture_output=True, text=True, timeout=90, env=env)
-    assert up.returncode == 0, up.stderr
-    assert f"export KUBECONFIG={state.resolve() / 'kubeconfig'}" in up.stdout
-    assert "AWS_ENDPOINT_URL=http://127.0.0.1:" in up.stdout
-    try:
+    pids: list[int] = []
+    infra: list[int] = []
+    try:  # `down` runs whatever fails below, so a failing test leaves no stand-in running
+        assert up.returncode == 0, up.stderr
+        assert f"export KUBECONFIG={state.resolve() / 'kubeconfig'}" in up.stdout
+        assert "AWS_ENDPOINT_URL=http://127.0.0.1:" in up.stdout
         kube = Client.from_kubeconfig(state / "kubeconfig")
         kube.create("pods", STUBBORN_POD, "default")
         pids = _running_pids(kube, state.resolve())
