@@ -382,19 +382,20 @@ def snapshot_is_complete(
     return True
 
 
-def snapshot_order(marker: CommitMarker) -> tuple[int, int, str]:
+def snapshot_order(dir_name: str, marker: CommitMarker) -> tuple[int, int, str, bool]:
     """Sort key of complete snapshots: parsed (step, epoch), never mtime; two
     snapshots of one step (a tagged folder beside another run's) by the
-    marker's own ``savedAt``, the later save last."""
-    return marker.step, marker.epoch, marker.saved_at
+    marker's own ``savedAt``, then the tagged one last (a tagged folder is
+    only written while the step's own folder is occupied: it is the later)."""
+    m = SNAPSHOT_DIR_RE.match(dir_name.rstrip("/").rsplit("/", 1)[-1])
+    return marker.step, marker.epoch, marker.saved_at, bool(m and m.group("tag"))
 
 
 def pick_latest(candidates: Iterable[tuple[str, CommitMarker]]) -> tuple[str, CommitMarker] | None:
     """The newest of complete snapshots by :func:`snapshot_order`."""
     best = None
     for item in candidates:
-        _, m = item
-        if best is None or snapshot_order(m) > snapshot_order(best[1]):
+        if best is None or snapshot_order(*item) > snapshot_order(*best):
             best = item
     return best
 

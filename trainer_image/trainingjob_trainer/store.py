@@ -233,8 +233,8 @@ class SnapshotStore:
                 by_dir.setdefault(d, {})[inner] = meta
         infos = [self._info(uri=s3.join(self.root, name), name=name, listing=listing, fs=self.fs,
                             path=self._path(name), fence=fence) for name, listing in by_dir.items()]
-        infos.sort(key=lambda i: contract.snapshot_order(i.marker) if i.complete and i.marker
-                   else (i.step, i.epoch, ""))
+        infos.sort(key=lambda i: contract.snapshot_order(i.name, i.marker) if i.complete and i.marker
+                   else (i.step, i.epoch, "", False))
         return infos
 
     def inspect(self, uri: str) -> SnapshotInfo | None:
