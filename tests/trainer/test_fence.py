@@ -132,3 +132,25 @@ def test_issue8_item3_save_never_overwrites_another_runs_complete_folder(s3_root
     assert now[uri.rsplit("/", 1)[-1]] == second.last_marker.save_id
     # Two snapshots of step 20: the later save is the latest.
     assert SnapshotStore(s3_root).latest_complete().uri == uri
+
+
+def test_issue11_item4_operator_writes_the_fence_once_per_attempt_and_reports_failures(s3_root, s3_env):
+    import asyncio
+
+    from trainingjob_operator.snapshots import FenceWriter, S3Access
+
+    access = S3Access(endpoint=s3_env["AWS_ENDPOINT_URL"], region=None, key=s3_env["AWS_ACCESS_KEY_ID"],
+                      secret=s3_env["AWS_SECRET_ACCESS_KEY"])
+    writer, key = FenceWriter(), ("default", "job")
+    assert asyncio.run(writer.ensure(key, job_uid=UID, attempt=2)) is None  # no target yet: nothing to fence
+    writer.targets[key] = (s3_root, access)
+    assert asyncio.run(writer.ensure(key, job_uid=UID, attempt=2)) is None
+    fence = SnapshotStore(s3_root).read_fence()
+    assert fence is not None and (fence.attempt, fence.job_uid) == (2, UID)
+    # A lower attempt never moves the fence back.
+    assert asyncio.run(writer.ensure(key, job_uid=UID, attempt=1)) is None
+    assert SnapshotStore(s3_root).read_fence() == fence
+    # S3 refusing the operator is reported (the handler then holds back attempt > 0's pods).
+    writer.targets[key] = (s3_root, S3Access(endpoint="http://127.0.0.1:9", region=None))
+    problem = asyncio.run(writer.ensure(key, job_uid=UID, attempt=3))
+    assert problem is not None and contract.FENCE_OBJECT in problem
