@@ -506,7 +506,9 @@ class Snapshotter(LiveMixin, abc.ABC):
             SnapshotFailed: An emergency save failed.
         """
         self.wait()
-        if self.restored_from and contract.parse_snapshot_dir_name(self.restored_from) == (epoch, step):
+        restored = self.restored_from
+        if restored and restored.rsplit("/", 1)[0] == self.store.root \
+                and contract.parse_snapshot_dir_name(restored) == (epoch, step):
             logger.info("%s is the snapshot this run restored from; not saved again", self.restored_from)
             self.last_marker = self._restored_marker or self.last_marker
             return self.restored_from
