@@ -6,6 +6,8 @@
   API server has no ``eviction`` subresource).
 * :func:`lose_node` / :func:`restore_node`: the node agent kills or revives a
   whole node (see ``localcluster.nodeagent``).
+* :func:`partition_node` / :func:`heal_node`: the node is cut off the API
+  server (heartbeats and pod status stop) while its processes keep running.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from typing import Any
 
 from localcluster.kube import ApiError, Client, Obj
-from localcluster.nodeagent import LOST_ANNOTATION, cond, merge_conditions
+from localcluster.nodeagent import LOST_ANNOTATION, PARTITIONED_ANNOTATION, cond, merge_conditions
 
 DISRUPTION_TARGET = "DisruptionTarget"
 
@@ -82,3 +84,13 @@ def lose_node(client: Client, node: str) -> Obj:
 def restore_node(client: Client, node: str) -> Obj:
     """Bring a lost node back (its old pods are then reported Failed)."""
     return client.patch("nodes", node, {"metadata": {"annotations": {LOST_ANNOTATION: None}}})
+
+
+def partition_node(client: Client, node: str) -> Obj:
+    """Partition ``node``: it stops posting heartbeats and pod status, its processes keep running."""
+    return client.patch("nodes", node, {"metadata": {"annotations": {PARTITIONED_ANNOTATION: "true"}}})
+
+
+def heal_node(client: Client, node: str) -> Obj:
+    """Heal a partitioned node: it reports again, and stops the processes of its pods deleted meanwhile."""
+    return client.patch("nodes", node, {"metadata": {"annotations": {PARTITIONED_ANNOTATION: None}}})

@@ -26,6 +26,11 @@ the pods come from an informer, :mod:`localcluster.informer`, not a LIST per tic
   processes are SIGKILLed at once, its pods are left as they are in the API
   (Running, as when a kubelet dies) and after ``--node-monitor-grace-seconds``
   the Node becomes Ready=Unknown (NodeStatusUnknown) and its pods Ready=False;
+* partitions a node whose annotation :data:`PARTITIONED_ANNOTATION` is
+  ``"true"`` (:meth:`NodeAgent.sync_partition`): as a lost node, but its
+  processes keep running (and keep reaching S3); when it heals, the agent
+  sees which of its pods are gone and stops their processes, as a kubelet
+  that reconnects does;
 * keeps ``DIR/hosts`` (an nss_wrapper hosts file) mapping every pod's and
   Service's DNS names to 127.0.0.1 (with ``--netns-index``: to the pod's own
   IP, each pod running in a network namespace of its own, :mod:`localcluster.netns`);
@@ -68,6 +73,9 @@ log = logging.getLogger("localcluster.nodeagent")
 
 #: Set to "true" on a Node (by :func:`localcluster.control.lose_node`) to lose it.
 LOST_ANNOTATION = "localcluster.trainingjob.dev/lost"
+#: Set to "true" on a Node (by :func:`localcluster.control.partition_node`) to cut it
+#: off the API server: no heartbeats, no pod status, its processes keep running.
+PARTITIONED_ANNOTATION = "localcluster.trainingjob.dev/partitioned"
 #: Written into every pod directory: pid, process start time and pod uid, so
 #: ``LocalCluster.stop`` can make sure no container process outlives the agent.
 PID_FILE = "container.pid"
@@ -406,6 +414,8 @@ class NodeAgent(ControlPlaneMixin):
         self.hosts = HostsFile(self.state_dir / "hosts")
         self.containers: dict[str, Container | HollowContainer] = {}  # by pod uid
         self.lost: dict[str, LostNode] = {}
+        #: Partitioned nodes (also in :attr:`lost`: judged as lost), whose processes run on.
+        self.partitioned: set[str] = set()
         self.ready_nodes: set[str] = set()
         self._next_heartbeat: dict[str, float] = {}  # node -> time.monotonic() its next heartbeat is due
         self._heartbeat_epoch = time.monotonic()
@@ -497,7 +507,7 @@ class NodeAgent(ControlPlaneMixin):
             del self._pull_failed[uid]
         # Pods that vanished from the API (force-deleted): stop their processes.
         for uid, c in list(self.containers.items()):
-            if uid not in seen:
+            if uid not in seen and c.node not in self.partitioned:  # a partitioned kubelet does not know
                 if c.poll() is None:
                     if c.term_sent_at is None:
                         c.terminate()
@@ -631,7 +641,10 @@ class NodeAgent(ControlPlaneMixin):
                 self._heartbeat_posted(name)
                 self.ready_nodes.add(name)
                 continue
-            lost = ((node["metadata"].get("annotations") or {}).get(LOST_ANNOTATION) == "true")
+            annotations = node["metadata"].get("annotations") or {}
+            lost = annotations.get(LOST_ANNOTATION) == "true"
+            if self.sync_partition(node, annotations.get(PARTITIONED_ANNOTATION) == "true" and not lost):
+                continue
             if lost and name not in self.lost:
                 self.lose(name)
             elif not lost and name in self.lost:
@@ -643,6 +656,27 @@ class NodeAgent(ControlPlaneMixin):
             if lost:
                 self.ready_nodes.discard(name)
         self._nodes_cache = existing
+
+    def sync_partition(self, node: Obj, wanted: bool) -> bool:
+        """Cut or heal ``node``'s link to the API server; returns whether it is cut.
+
+        Process mode cuts the API side only: no heartbeat (the node
+        lifecycle controller judges it as a lost node: NotReady after the
+        grace, taints, taint eviction), no status write for its pods, no
+        reaction to their deletion; its processes run on and still reach S3.
+        The one place a real link cut (network namespaces) hooks in.
+        """
+        name = node["metadata"]["name"]
+        if wanted and name not in self.partitioned:
+            log.warning("node %s partitioned: no heartbeats or pod status; its processes keep running", name)
+            self.partitioned.add(name)
+            self.lost.setdefault(name, LostNode(since=time.monotonic()))
+            self.ready_nodes.discard(name)
+        elif not wanted and name in self.partitioned:
+            self.partitioned.discard(name)
+            if name in self.lost:
+                self.recover(node)  # the next pass stops the processes of pods deleted meanwhile
+        return wanted
 
     # -------------------------------------------------------------- pods
     def _write_status(self, pod: Obj, build: Callable[[Obj], Obj], *, only_if_changed: bool = False) -> Obj | None:

@@ -37,8 +37,8 @@ from .classify import NodeView
 from .kube import ApiError, Kube, SecretCache
 from .leader import LeaderElector
 from .model import JobSpec, SpecError, parse_spec
-from .reconcile import CreateError, Event, Observed, Plan, reconcile
-from .snapshots import S3Access, SnapshotReader, access_from_secret
+from .reconcile import R_FENCE_NOT_WRITTEN, CreateError, Event, Observed, Plan, reconcile
+from .snapshots import FenceWriter, S3Access, SnapshotReader, access_from_secret
 from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("trainingjob_operator")
@@ -132,6 +132,7 @@ class Controller:
         self.kube: Kube | None = None
         self.secrets: SecretCache | None = None
         self.snapshots = SnapshotReader()
+        self.fences = FenceWriter()
         self.indices: dict[str, Any] = {}
         self.queue: WorkQueue[Key] | None = None
         #: Set when more than one replica may run: workers start only while leading.
@@ -305,6 +306,7 @@ class Controller:
                 if self.queue is not None:
                     self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
+                self.fences.forget(key)
                 metrics.forget_job(namespace, name)
                 return None
             raise
@@ -350,6 +352,9 @@ class Controller:
         if spec is not None and spec.snapshot is not None and not meta.get("deletionTimestamp") \
                 and status.get("phase") not in FINISHED:
             access, secret_problem = await self._access(key, spec)
+            if access is not None:
+                self.fences.targets[key] = (
+                    contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"]), access)
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
             # While a gang exists its listing is reused (fencing never waits for S3).
@@ -424,7 +429,10 @@ class Controller:
                                          resource_version=meta.get("resourceVersion"))
         if not any(a.verb == "create" for a in plan.actions):
             self.create_errors.pop(key, None)
+        unfenced = await self._fence(body, plan, now_iso)
         for a in plan.actions:
+            if a.verb == "create" and a.kind == "Pod" and unfenced:
+                continue
             if a.verb == "create":
                 try:
                     created = await self.kube.create(a.kind, ns, a.body or {})
@@ -442,6 +450,31 @@ class Controller:
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
+
+    async def _fence(self, body: Mapping[str, Any], plan: Plan, now_iso: str) -> bool:
+        """Before the plan creates a pod: the attempt's storage fence is in S3
+        (issue 11 item 4). Returns whether the pods must wait: attempt > 0 and
+        the fence could not be written (a Warning Event says why; the next
+        reconcile retries). Attempt 0 has no older gang to fence: its pods
+        are created anyway, with the same Warning."""
+        if not any(a.verb == "create" and a.kind == "Pod" for a in plan.actions):
+            return False
+        assert self.kube is not None
+        meta = body["metadata"]
+        attempt = int(plan.status.get("attempt") or 0)
+        problem = await self.fences.ensure((meta["namespace"], meta["name"]), job_uid=meta.get("uid", ""),
+                                           attempt=attempt)
+        if problem is None:
+            return False
+        wait = attempt > 0
+        message = self.redact((meta["namespace"], meta["name"]), problem) + (
+            "; the new gang waits for it" if wait else "; attempt 0 starts without it")
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        try:
+            await self.kube.post_event(body, "Warning", R_FENCE_NOT_WRITTEN, message, now_iso)
+        except ApiError as e:
+            log.warning("could not post event %s: %s", R_FENCE_NOT_WRITTEN, e)
+        return wait
 
 
 CONTROLLER = Controller()

@@ -41,6 +41,8 @@ TERMINAL = (SUCCEEDED, FAILED)
 R_INVALID_SPEC = "InvalidSpec"
 R_CREATING = "CreatingGang"
 R_GANG_CREATED = "GangCreated"
+#: The storage fence of an attempt could not be written before its pods (handlers, issue 11 item 4).
+R_FENCE_NOT_WRITTEN = "FenceNotWritten"
 R_RUNNING = "AllWorkersReady"
 R_WAITING_WORKERS = "WaitingForWorkers"
 R_SUCCEEDED = "AllWorkersSucceeded"

@@ -207,3 +207,52 @@ class SnapshotReader:
     def forget(self, key: tuple[str, str]) -> None:
         self._cache.pop(key, None)
         self._inflight.pop(key, None)
+
+
+class FenceWriter:
+    """Writes the storage fence (:data:`contract.FENCE_OBJECT`) of an attempt
+    before its pods are created (issue 11 item 4).
+
+    Once per (job uid, attempt) and operator process; the store's
+    :meth:`~trainingjob_trainer.store.SnapshotStore.write_fence` is itself
+    idempotent per attempt (a restarted operator keeps the fence in S3 as it
+    is). A write never holds a reconcile for more than ``timeout`` seconds.
+    """
+
+    def __init__(self, *, timeout: float = 8.0) -> None:
+        self.timeout = timeout
+        self._done: dict[tuple[str, str], tuple[str, int]] = {}
+        #: Per job: (snapshot root, S3 access), set by the reconcile's observe step.
+        self.targets: dict[tuple[str, str], tuple[str, S3Access]] = {}
+
+    async def ensure(self, key: tuple[str, str], *, job_uid: str, attempt: int) -> str | None:
+        """Write the fence of ``attempt`` if not done yet; ``None`` when it is
+        in S3 (or the job keeps no snapshots), else what went wrong."""
+        target = self.targets.get(key)
+        if target is None or self._done.get(key) == (job_uid, attempt):
+            return None
+        root, access = target
+        try:
+            fence = await asyncio.wait_for(asyncio.to_thread(write_fence, root, access, attempt=attempt,
+                                                             job_uid=job_uid), timeout=self.timeout)
+        except asyncio.TimeoutError:
+            return f"writing {contract.FENCE_OBJECT} under {root} took longer than {self.timeout:.0f}s"
+        except Exception as e:  # S3 down, access denied...: reported, retried at the next reconcile
+            return f"cannot write {contract.FENCE_OBJECT} under {root}: {type(e).__name__}: {str(e)[:300]}"
+        log.info("%s/%s: storage fence at attempt %d (%d older snapshot(s) admitted)", *key, fence.attempt,
+                 len(fence.admitted))
+        self._done[key] = (job_uid, attempt)
+        return None
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._done.pop(key, None)
+        self.targets.pop(key, None)
+
+
+def write_fence(root_uri: str, access: S3Access, *, attempt: int, job_uid: str) -> contract.Fence:
+    """Record ``attempt`` of job ``job_uid`` as the owner of ``root_uri`` (blocking; see
+    :meth:`~trainingjob_trainer.store.SnapshotStore.write_fence`)."""
+    from trainingjob_trainer.store import SnapshotStore
+
+    return SnapshotStore(root_uri, storage_options=access.storage_options()).write_fence(attempt=attempt,
+                                                                                           job_uid=job_uid)

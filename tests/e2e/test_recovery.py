@@ -318,3 +318,66 @@ def test_realistic_timing_node_loss_with_real_defaults_is_a_preemption(reference
     finally:
         lc.stop()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_issue11_item4_partitioned_node_old_gang_saves_on_but_never_corrupts_snapshots(
+        kube, namespace, cluster, start_operator, s3_creds, tmp_path):
+    """A node is partitioned while its gang runs: its process keeps training and
+    saving (it still reaches S3) while the operator declares the node lost and
+    starts attempt 1 elsewhere. The fence in S3 makes the old gang's commits,
+    prunes and folder clearing refused; nothing it commits after the fence is
+    restored; attempt 1's snapshots stay intact; the weights are right.
+
+    One process per pod, without torchrun: in process mode every pod shares one
+    network namespace, and two gangs' rank 0 cannot both bind the rendezvous port.
+    """
+    from trainingjob_trainer import contract
+    from trainingjob_trainer.store import SnapshotStore
+
+    steps, sleep = 60, 0.3
+    reference = tmp_path / "reference.pt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TJ_", "PET_"))}
+    import subprocess  # the same training, uninterrupted, without snapshots
+    subprocess.run([sys.executable, "-m", "trainingjob_trainer.example", "--steps", str(steps),
+                    "--final-weights", str(reference)], env=env, check=True, timeout=120)
+    weights = tmp_path / "weights.pt"
+    start_operator(["--resync-seconds", "1"], name="operator-p")
+    job = example_job("part", namespace, cluster, weights, steps=steps, sleep=sleep, nodes=1, procsPerNode=1)
+    job["spec"]["command"] = [sys.executable, "-m", "trainingjob_trainer.example"]
+    job["spec"]["snapshot"]["keepLast"] = 1  # the old gang's prune would delete attempt 1's snapshots
+    kube.create(TJ, job, namespace=namespace)
+    wait_status(kube, namespace, "part", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
+                timeout=120, what="first snapshot")
+    node = kube.get("pods", "part-0-0", namespace=namespace)["spec"]["nodeName"]
+    control.partition_node(kube, node)
+    try:
+        st = wait_status(kube, namespace, "part", lambda s: s.get("attempt", 0) >= 1 and s.get("phase") == "Running",
+                         timeout=90, what="attempt 1 running")
+        # The old gang trains on past two more snapshot steps after attempt 1 started.
+        past = min(steps, st["snapshot"]["restoredStep"] + 2 * EVERY + 1)
+        deadline = time.monotonic() + 60
+        while max(printed_steps(cluster, namespace, "part", 0), default=0) < past:
+            assert time.monotonic() < deadline, f"the old gang stopped before step {past}:\n" + \
+                pod_logs(cluster, namespace, "part", 0)[-3000:]
+            time.sleep(0.2)
+    finally:
+        control.heal_node(kube, node)  # the agent then stops the old process, as a reconnecting kubelet does
+    st = wait_phase(kube, namespace, "part", "Succeeded", timeout=180)
+    assert st["attempt"] == 1 and st["lastDisruption"]["reason"] == "NodeLost"
+
+    store = SnapshotStore(contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, "part"),
+                          storage_options=cluster.s3_storage_options())
+    fence = store.read_fence()
+    assert fence is not None and fence.attempt == 1
+    old_log = pod_logs(cluster, namespace, "part", 0)
+    assert "fenced: not" in old_log, old_log[-3000:]  # its saves after the fence were refused ...
+    assert "pruned" not in old_log.split("fenced: not", 1)[1]  # ... and it pruned nothing since
+    # Nothing the old gang committed after the fence is restorable, and attempt 1 restored an admitted one.
+    assert st["snapshot"]["restoredFrom"].rsplit("/", 1)[-1] in fence.admitted
+    for info in store.scan():
+        if info.marker is not None and info.marker.attempt == 0 and info.complete:
+            assert fence.admitted.get(info.name) == info.marker.save_id, info.name
+    # Attempt 1's snapshots are intact: its last one is the latest, complete.
+    latest = store.latest_complete()
+    assert latest is not None and latest.marker.attempt == 1 and latest.step == steps
+    assert_same_weights(weights, reference)

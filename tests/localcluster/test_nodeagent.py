@@ -488,3 +488,40 @@ def test_defect3_scheduler_honours_requests_against_node_capacity(kube: Client, 
     fits = pod_manifest("fits", "print(1)", container={"resources": {"requests": {"cpu": "10m", "memory": "1Mi"}}})
     kube.create("pods", fits, namespace)
     assert wait_phase(kube, namespace, "fits", "Succeeded")["spec"]["nodeName"] in cluster.nodes
+
+
+def test_issue11_item4_partitioned_node_keeps_processes_running_until_healed(
+        cluster: LocalCluster, kube: Client, namespace: str) -> None:
+    from localcluster.control import heal_node, partition_node
+
+    node = cluster.nodes[-1]
+    script = """
+        import time
+        while True:
+            print("tick", flush=True)
+            time.sleep(0.05)
+    """
+    kube.create("pods", pod_manifest("cutoff", script, nodeSelector={"kubernetes.io/hostname": node}), namespace)
+    pod = wait_phase(kube, namespace, "cutoff", "Running")
+    main = int(pod["status"]["containerStatuses"][0]["containerID"].rsplit("/", 1)[1])
+    try:
+        partition_node(kube, node)
+        n = kube.wait_for("nodes", node, predicate=lambda n: (condition(n, "Ready") or {}).get("status") == "Unknown",
+                          timeout=10)
+        assert (condition(n, "Ready") or {}).get("reason") == "NodeStatusUnknown"
+        # The node lifecycle controller marked the pod unready; the process runs on.
+        kube.wait_for("pods", "cutoff", namespace, predicate=lambda p: p is not None and (condition(p, "Ready") or {}).get("status") == "False",
+                      timeout=10)
+        assert not pid_gone(main)
+        # Force-deleted from the API (what the operator does on a lost node): the cut-off kubelet does not know.
+        kube.delete("pods", "cutoff", namespace, grace_period=0)
+        wait_until(lambda: kube.get_or_none("pods", "cutoff", namespace) is None, timeout=10, what="the pod to go")
+        ticks = pod_log(cluster, namespace, "cutoff").count("tick")
+        wait_until(lambda: pod_log(cluster, namespace, "cutoff").count("tick") > ticks + 5, timeout=10,
+                   what="the partitioned process to keep running")
+        assert not pid_gone(main)
+    finally:
+        heal_node(kube, node)
+    kube.wait_for("nodes", node, predicate=lambda n: (condition(n, "Ready") or {}).get("status") == "True", timeout=15)
+    # Reconnected, the kubelet finds its pod gone and stops the process.
+    wait_until(lambda: pid_gone(main), timeout=15, what="the healed node to stop the deleted pod's process")

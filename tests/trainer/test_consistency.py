@@ -67,12 +67,16 @@ def test_save_killed_midway_is_never_restored(s3_root, s3_env, backend, tmp_path
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     step, restored, snap = _restore(s3_root, backend)
-    infos = {i.step: i for i in snap.store.scan()}
-    # Step 20 had a complete snapshot; the killed re-save removed its marker first
-    # and then replaced some objects: the folder is now a mix and is NOT complete.
-    assert infos[20].marker is None and not infos[20].complete
-    assert step == 10
-    assert_states_equal(restored, _state_at(10))
+    infos = {i.name: i for i in snap.store.scan()}
+    # Step 20 had a complete snapshot; the re-save of step 20 went beside it
+    # (issue 8 item 3: never into another save's folder), into a folder tagged
+    # with its save id, and was killed there: that one is NOT complete, and the
+    # first step-20 snapshot is untouched and restored.
+    killed = [i for n, i in infos.items() if n.startswith(contract.snapshot_dir_name(0, 20) + "_")]
+    assert len(killed) == 1 and killed[0].marker is None and not killed[0].complete
+    assert infos[contract.snapshot_dir_name(0, 20)].complete
+    assert step == 20
+    assert_states_equal(restored, _state_at(20))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,9 +108,12 @@ def test_half_written_folder_rewritten_by_next_attempt(s3_root, backend):
     new.save(step=20)
     expected = _full(model1, opt1)
 
-    info = new.store.inspect(uri20)
-    assert info.complete and info.marker.attempt == 1
-    assert "stray.bin" not in info.listing  # the old attempt's leftovers were cleared first
+    # The old attempt's leftovers (its writer may still be uploading) are left
+    # alone: the save goes beside them, into a folder tagged with its save id.
+    assert not new.store.inspect(uri20).complete
+    info = new.store.inspect(new.store.latest_complete().uri)
+    assert info.step == 20 and info.complete and info.marker.attempt == 1 and info.name != contract.snapshot_dir_name(0, 20)
+    assert "stray.bin" not in info.listing
     step, restored, _ = _restore(s3_root, backend)
     assert step == 20
     assert_states_equal(restored, expected)

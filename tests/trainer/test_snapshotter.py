@@ -240,8 +240,8 @@ def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, 
     snap = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(tensors)},
                             async_save=True, watch_preemption=False)
     assert snap.async_save
-    # A fenced attempt's leftovers in step 1's folder: the save empties it
-    # first (DCP: in its upload thread, before any rank writes).
+    # A fenced attempt's leftovers in step 1's folder: the save goes beside
+    # them (issue 8 item 3 / issue 11 item 4: never into another save's folder).
     step1 = f"{snap.store._root_path}/{contract.snapshot_dir_name(0, 1)}"
     snap.store.fs.pipe({f"{step1}/old/leftover": b"x", f"{step1}/{contract.COMMIT_MARKER}": b"{}"})
     expected = {}
@@ -250,13 +250,14 @@ def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, 
         snap.save(step=step)
         _mutate(tensors)  # the next step's optimizer update, during the upload
     snap.close()
-    assert not snap.store.fs.exists(f"{step1}/old/leftover")
-    assert [i.step for i in snap.store.scan() if i.complete] == [1, 2]
+    assert snap.store.fs.exists(f"{step1}/old/leftover")
+    complete = {i.step: i.uri for i in snap.store.scan() if i.complete}
+    assert sorted(complete) == [1, 2] and complete[1] != f"{s3_root}/{contract.snapshot_dir_name(0, 1)}"
     for step in (1, 2):
         target = _mixed_tensors(99)
         reader = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(target)},
                                   watch_preemption=False)
-        reader.restore(f"{s3_root}/{contract.snapshot_dir_name(0, step)}")
+        reader.restore(complete[step])
         assert assert_states_equal(target, expected[step]) == len(expected[step])
 
 

@@ -205,7 +205,12 @@ def parse_termination_message(text: str | None) -> TerminationMessage | None:
 # --------------------------------------------------------------------------
 #: Snapshot folders, as TorchTNT names them: ``epoch_{e}_train_step_{s}``.
 SNAPSHOT_DIR_FORMAT = "epoch_{epoch}_train_step_{step}"
-SNAPSHOT_DIR_RE = re.compile(r"^epoch_(?P<epoch>\d+)_train_step_(?P<step>\d+)$")
+#: A save whose folder already holds objects (a complete snapshot of another
+#: run at the same step, or a fenced attempt's leftovers, maybe still being
+#: written) goes beside it, into the folder name tagged with its save id:
+#: ``epoch_{e}_train_step_{s}_{save_id}``. It never writes into another save's folder.
+SNAPSHOT_DIR_TAGGED_FORMAT = SNAPSHOT_DIR_FORMAT + "_{tag}"
+SNAPSHOT_DIR_RE = re.compile(r"^epoch_(?P<epoch>\d+)_train_step_(?P<step>\d+)(?:_(?P<tag>a\d+-[0-9a-f]{12}))?$")
 #: Written LAST into a snapshot folder by the save that produced it. A folder
 #: without it is incomplete and never restored.
 COMMIT_MARKER = "_TJ_COMMIT.json"
@@ -217,8 +222,11 @@ def job_snapshot_root(base_uri: str, namespace: str, name: str) -> str:
     return f"{base_uri.rstrip('/')}/{namespace}/{name}"
 
 
-def snapshot_dir_name(epoch: int, step: int) -> str:
-    """Folder name of the snapshot taken at ``epoch``/``step``."""
+def snapshot_dir_name(epoch: int, step: int, *, tag: str | None = None) -> str:
+    """Folder name of the snapshot taken at ``epoch``/``step`` (``tag``: the
+    save id, for a save beside an occupied folder of the same step)."""
+    if tag:
+        return SNAPSHOT_DIR_TAGGED_FORMAT.format(epoch=int(epoch), step=int(step), tag=tag)
     return SNAPSHOT_DIR_FORMAT.format(epoch=int(epoch), step=int(step))
 
 
@@ -253,6 +261,9 @@ class CommitMarker:
         saved_at: RFC 3339 UTC time the marker was written.
         seconds: How long the save took.
         emergency: True when the snapshot was taken because of SIGTERM.
+        job_uid: ``metadata.uid`` of the TrainingJob whose gang wrote it
+            (``""``: unknown, a run without the operator). The fence
+            (:class:`Fence`) tells a re-created job's gangs from the old one's.
     """
 
     save_id: str
@@ -264,6 +275,7 @@ class CommitMarker:
     saved_at: str
     seconds: float = 0.0
     emergency: bool = False
+    job_uid: str = ""
 
     @property
     def total_bytes(self) -> int:
@@ -282,6 +294,7 @@ class CommitMarker:
                 "savedAt": self.saved_at,
                 "seconds": self.seconds,
                 "emergency": self.emergency,
+                "jobUid": self.job_uid,
             },
             sort_keys=True,
         )
@@ -306,6 +319,7 @@ class CommitMarker:
                 saved_at=str(d["savedAt"]),
                 seconds=float(d.get("seconds", 0.0)),
                 emergency=bool(d.get("emergency", False)),
+                job_uid=str(d.get("jobUid") or ""),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -368,12 +382,20 @@ def snapshot_is_complete(
     return True
 
 
+def snapshot_order(dir_name: str, marker: CommitMarker) -> tuple[int, int, str, bool]:
+    """Sort key of complete snapshots: parsed (step, epoch), never mtime; two
+    snapshots of one step (a tagged folder beside another run's) by the
+    marker's own ``savedAt``, then the tagged one last (a tagged folder is
+    only written while the step's own folder is occupied: it is the later)."""
+    m = SNAPSHOT_DIR_RE.match(dir_name.rstrip("/").rsplit("/", 1)[-1])
+    return marker.step, marker.epoch, marker.saved_at, bool(m and m.group("tag"))
+
+
 def pick_latest(candidates: Iterable[tuple[str, CommitMarker]]) -> tuple[str, CommitMarker] | None:
-    """The newest of complete snapshots by parsed (step, epoch), never by mtime."""
+    """The newest of complete snapshots by :func:`snapshot_order`."""
     best = None
     for item in candidates:
-        _, m = item
-        if best is None or (m.step, m.epoch) > (best[1].step, best[1].epoch):
+        if best is None or snapshot_order(*item) > snapshot_order(*best):
             best = item
     return best
 
@@ -583,3 +605,85 @@ def live_entries(listing: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[
     """
     names = (PROGRESS_OBJECT, SNAPSHOT_REQUEST_OBJECT, SNAPSHOT_ACK_OBJECT)
     return {name: listing[name] for name in names if name in listing}
+
+
+# --------------------------------------------------------------------------
+# Storage-level fencing (issue 11 item 4)
+# --------------------------------------------------------------------------
+#: Written by the operator BEFORE it creates the pods of an attempt (and
+#: never rewritten for the same attempt): the attempt that owns the job's
+#: folder now, and the older attempts' snapshots that were complete then.
+FENCE_OBJECT = f"{LIVE_PREFIX}/fence.json"
+FENCE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The content of :data:`FENCE_OBJECT`.
+
+    Attributes:
+        attempt: The attempt the operator is about to start (or runs).
+        job_uid: ``metadata.uid`` of the TrainingJob.
+        written_at: RFC 3339 UTC time the operator wrote it (for people; no
+            rule reads a clock).
+        admitted: Folder name -> save id of every snapshot of an OLDER
+            attempt (or another job uid) that was complete in the operator's
+            listing made just before this fence was written. Only those stay
+            restorable: a marker an older attempt writes after the fence
+            (its commit raced the trainer's fence check) is in no listing
+            made before the fence, so it is never restored.
+    """
+
+    attempt: int
+    job_uid: str
+    written_at: str
+    admitted: Mapping[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": FENCE_VERSION, "attempt": self.attempt, "jobUid": self.job_uid,
+                           "writtenAt": self.written_at, "admitted": dict(sorted(self.admitted.items()))},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | None) -> "Fence | None":
+        d = _json_obj(text)
+        if d is None or d.get("version") != FENCE_VERSION or not isinstance(d.get("admitted", {}), dict):
+            return None
+        try:
+            return cls(attempt=int(d["attempt"]), job_uid=str(d.get("jobUid") or ""),
+                       written_at=str(d.get("writtenAt") or ""),
+                       admitted={str(k): str(v) for k, v in (d.get("admitted") or {}).items()})
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+def _same_job(a: str, b: str) -> bool:
+    """Two job uids name the same job (an unknown one, ``""``, matches any)."""
+    return not a or not b or a == b
+
+
+def fence_refusal(fence: Fence | None, *, attempt: int, job_uid: str) -> str | None:
+    """Why a gang of ``attempt`` (job ``job_uid``) must not commit, prune or
+    empty a folder under ``fence``; ``None`` when it may."""
+    if fence is None:
+        return None
+    if not _same_job(fence.job_uid, job_uid):
+        return (f"the job's folder now belongs to another TrainingJob of the same name (uid {fence.job_uid}); "
+                f"this gang's job uid is {job_uid}")
+    if fence.attempt > int(attempt):
+        return f"attempt {fence.attempt} of this job has started (S3 fence {FENCE_OBJECT}); this gang is attempt {attempt}"
+    return None
+
+
+def fence_admits(fence: Fence | None, *, dir_name: str, marker: CommitMarker) -> bool:
+    """The restore side of the fence: may the complete snapshot in ``dir_name`` be restored?
+
+    Yes without a fence; yes for a marker of the fence's attempt or a later
+    one of the same job (the current gang's own snapshots); otherwise only
+    if the fence admitted exactly that save (name and save id).
+    """
+    if fence is None:
+        return True
+    if _same_job(fence.job_uid, marker.job_uid) and marker.attempt >= fence.attempt:
+        return True
+    return fence.admitted.get(dir_name) == marker.save_id

@@ -36,7 +36,7 @@ from trainingjob_trainer.preemption import (
     write_termination_message,
 )
 from trainingjob_trainer.progress import LiveMixin, stall_timed
-from trainingjob_trainer.store import SnapshotConfigError, SnapshotStore, config_error, new_save_id
+from trainingjob_trainer.store import SnapshotConfigError, SnapshotStore, Writer, config_error, new_save_id
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,9 @@ class Snapshotter(LiveMixin, abc.ABC):
             raise ValueError(f"every_steps must be positive, got {every_steps}")
         if keep_last is not None and keep_last <= 0:
             raise ValueError(f"keep_last must be positive, got {keep_last}")
-        self.store = SnapshotStore(uri, storage_options=storage_options)
+        # Fencing (issue 11 item 4): commits, prunes and folder clearing check the S3 fence.
+        self.store = SnapshotStore(uri, storage_options=storage_options,
+                                   writer=Writer(int(attempt), os.environ.get(contract.ENV_JOB_UID, "")))
         self.uri = self.store.root
         self.storage_options = dict(storage_options or {})
         self.app_state = dict(app_state or {})
@@ -458,7 +460,7 @@ class Snapshotter(LiveMixin, abc.ABC):
             self.wait()
             committed = self.last_marker is not None and (self.last_marker.step, self.last_marker.epoch) == (step, epoch)
             if not committed:
-                self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False)
+                uri = self.save(step=step, epoch=epoch, app_state=app_state, emergency=True, asynchronous=False) or uri
         except Exception as e:  # noqa: BLE001 - reported, then the job exits as preempted without snapshot
             logger.error("rank %d: emergency snapshot %s failed: %s", _dist.rank(self.pg), uri, e)
             write_termination_message(contract.TerminationMessage(
@@ -504,11 +506,12 @@ class Snapshotter(LiveMixin, abc.ABC):
             SnapshotFailed: An emergency save failed.
         """
         self.wait()
-        uri = self.store.uri_for(epoch=epoch, step=step)
-        if uri == self.restored_from:
-            logger.info("%s is the snapshot this run restored from; not saved again", uri)
+        restored = self.restored_from
+        if restored and restored.rsplit("/", 1)[0] == self.store.root \
+                and contract.parse_snapshot_dir_name(restored) == (epoch, step):
+            logger.info("%s is the snapshot this run restored from; not saved again", self.restored_from)
             self.last_marker = self._restored_marker or self.last_marker
-            return uri
+            return self.restored_from
         asynchronous = self.async_save if asynchronous is None else asynchronous
         t0 = time.monotonic()
         # Empty the folder (a fenced attempt's leftovers): in the upload when
@@ -516,16 +519,21 @@ class Snapshotter(LiveMixin, abc.ABC):
         # trips off the training thread), else here.
         in_upload = asynchronous and self._prepares_async_writes
 
-        def start() -> str:
+        def start() -> tuple[str, str]:
+            save_id = new_save_id(self.attempt)
+            # Never into another save's folder (issue 8 item 3, issue 11 item 4).
+            name = self.store.folder_for_save(epoch=epoch, step=step, save_id=save_id)
             if not in_upload:
-                self.store.begin(epoch=epoch, step=step)
-            return new_save_id(self.attempt)
+                self.store.begin(epoch=epoch, step=step, name=name)
+            return save_id, name
 
+        uri = self.store.uri_for(epoch=epoch, step=step)
         try:
-            save_id = _dist.on_rank0(start, pg=self._flag_pg, what=f"preparing {uri}")
+            save_id, name = _dist.on_rank0(start, pg=self._flag_pg, what=f"preparing {uri}")
         except Exception as e:  # noqa: BLE001 - the save's failure policy
             return self._save_failed(uri, emergency=emergency, error=e)
-        prepare = functools.partial(self.store.begin, epoch=epoch, step=step) \
+        uri = s3.join(self.store.root, name)
+        prepare = functools.partial(self.store.begin, epoch=epoch, step=step, name=name) \
             if in_upload and _dist.rank(self.pg) == 0 else None
         handle, error = None, None
         written = self._writing = {} if s3.is_s3(uri) else None
@@ -595,7 +603,7 @@ class Snapshotter(LiveMixin, abc.ABC):
         """Rank 0: write the marker, then prune (best effort: retried at the next save)."""
         marker = self.store.commit(epoch=fl.epoch, step=fl.step, save_id=fl.save_id, attempt=self.attempt,
                                    backend=self.backend, seconds=time.monotonic() - fl.started,
-                                   emergency=fl.emergency, written=written)
+                                   emergency=fl.emergency, written=written, name=fl.uri.rsplit("/", 1)[-1])
         logger.info("committed %s (%d bytes, %.2fs)", fl.uri, marker.total_bytes, marker.seconds)
         protect = {fl.uri} | ({self.restored_from} if self.restored_from else set())
         try:

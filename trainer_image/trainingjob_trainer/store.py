@@ -9,6 +9,13 @@ save, a re-used folder or a late stale upload is never restored.
 
 The store never decides by modification time: snapshots are ordered by their
 parsed ``(step, epoch)``.
+
+Fencing (issue 11 item 4): the operator writes :data:`contract.FENCE_OBJECT`
+before it creates a gang (:meth:`SnapshotStore.write_fence`). A store opened
+for a writer (``writer=Writer(attempt, job_uid)``) reads it before every
+commit, before emptying a folder and before each deletion of a prune, and
+refuses (:class:`Fenced`) when it names a newer attempt; every scan applies
+its restore rule (:func:`contract.fence_admits`).
 """
 
 from __future__ import annotations
@@ -49,6 +56,22 @@ class SnapshotInfo:
     complete: bool
     listing: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     foreign_version: int | None = None
+    #: Complete by the completion rule, but written by an older attempt after
+    #: the fence (or not admitted by it): never restored.
+    fenced: bool = False
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who writes through a store: the gang attempt and the job's uid (``""``: unknown)."""
+
+    attempt: int
+    job_uid: str = ""
+
+
+class Fenced(RuntimeError):
+    """A newer attempt owns the job's folder (its fence is in S3): this gang
+    must not commit, prune or empty a folder."""
 
 
 class SnapshotConfigError(RuntimeError):
@@ -85,11 +108,16 @@ class SnapshotStore:
         root: The job's snapshot folder (``s3://bucket/prefix/ns/name`` or a
             local path).
         storage_options: s3fs options over the contract env.
+        writer: The gang writing through this store; its commits, prunes and
+            folder clearing are checked against the fence. ``None``: a
+            reader (the operator, a CLI), never refused.
     """
 
-    def __init__(self, root: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, root: str, *, storage_options: Mapping[str, Any] | None = None,
+                 writer: Writer | None = None) -> None:
         self.root = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        self.writer = writer
         self.fs, self._root_path = s3.filesystem(self.root, self.storage_options)
 
     # ------------------------------------------------------------------ paths
@@ -99,6 +127,63 @@ class SnapshotStore:
 
     def _path(self, name: str) -> str:
         return f"{self._root_path}/{name}"
+
+    # ---------------------------------------------------------------- fencing
+    def read_fence(self) -> contract.Fence | None:
+        """The fence in S3 (``None``: none, or one this release cannot parse)."""
+        try:
+            text = self.fs.cat_file(f"{self._root_path}/{contract.FENCE_OBJECT}")
+        except FileNotFoundError:
+            return None
+        fence = contract.Fence.from_json(text)
+        if fence is None:
+            logger.warning("%s/%s does not parse; ignored", self.root, contract.FENCE_OBJECT)
+        return fence
+
+    def check_fence(self, what: str) -> None:
+        """Raise :class:`Fenced` if the fence forbids this store's writer to do ``what``.
+
+        Raises:
+            Fenced: A newer attempt (or another job of the same name) owns the folder.
+        """
+        if self.writer is None:
+            return
+        why = contract.fence_refusal(self.read_fence(), attempt=self.writer.attempt, job_uid=self.writer.job_uid)
+        if why:
+            logger.error("fenced: not %s: %s", what, why)
+            raise Fenced(f"fenced: not {what}: {why}")
+
+    def write_fence(self, *, attempt: int, job_uid: str) -> contract.Fence:
+        """The operator's side: record ``attempt`` as the folder's owner (before its pods exist).
+
+        Idempotent per attempt: a fence already written for this attempt (or
+        a later one) of the same job is kept as it is, so its ``admitted``
+        set is never widened by a later listing. Otherwise the complete
+        snapshots of one listing made now (under the fence in place) become
+        the new fence's ``admitted`` set, and the fence is written after it.
+
+        Returns:
+            The fence in force.
+        """
+        old = self.read_fence()
+        if old is not None and old.job_uid == job_uid and old.attempt >= int(attempt):
+            return old
+        admitted = {i.name: i.marker.save_id for i in self.scan(fence=old) if i.complete and i.marker is not None}
+        fence = contract.Fence(attempt=int(attempt), job_uid=job_uid, admitted=admitted,
+                               written_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.fs.pipe_file(f"{self._root_path}/{contract.FENCE_OBJECT}", fence.to_json().encode())
+        self.fs.invalidate_cache()
+        return fence
+
+    def _info(self, *, uri: str, name: str, listing: dict[str, dict[str, Any]], fs: Any, path: str,
+              fence: contract.Fence | None) -> SnapshotInfo:
+        """One folder's state: its marker, the completion rule and the fence's restore rule."""
+        epoch, step = contract.parse_snapshot_dir_name(name)  # type: ignore[misc]
+        marker, foreign = self._marker_at(fs, path) if contract.COMMIT_MARKER in listing else (None, None)
+        complete = contract.snapshot_is_complete(marker, name, listing)
+        fenced = complete and marker is not None and not contract.fence_admits(fence, dir_name=name, marker=marker)
+        return SnapshotInfo(uri=uri, name=name, epoch=epoch, step=step, marker=marker, complete=complete and not fenced,
+                            listing=listing, foreign_version=foreign, fenced=fenced)
 
     # ---------------------------------------------------------------- listing
     def _find(self, path: str) -> dict[str, dict[str, Any]]:
@@ -130,11 +215,15 @@ class SnapshotStore:
         foreign = version if version is not None and version != contract.COMMIT_MARKER_VERSION else None
         return contract.CommitMarker.from_json(text), foreign
 
-    def scan(self) -> list[SnapshotInfo]:
+    _NO_FENCE: Any = object()
+
+    def scan(self, *, fence: Any = _NO_FENCE) -> list[SnapshotInfo]:
         """Every snapshot folder under the root, oldest first (by step, epoch).
 
-        One recursive listing, plus one GET per folder that has a marker.
+        One GET of the fence (``fence``: the one to apply instead), one
+        recursive listing, plus one GET per folder that has a marker.
         """
+        fence = self.read_fence() if fence is SnapshotStore._NO_FENCE else fence
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
         for rel, meta in self._find(self._root_path).items():
             if "/" not in rel:
@@ -142,24 +231,10 @@ class SnapshotStore:
             d, inner = rel.split("/", 1)
             if contract.parse_snapshot_dir_name(d) is not None:
                 by_dir.setdefault(d, {})[inner] = meta
-        infos = []
-        for name, listing in by_dir.items():
-            epoch, step = contract.parse_snapshot_dir_name(name)  # type: ignore[misc]
-            marker, foreign = self._marker_at(self.fs, self._path(name)) if contract.COMMIT_MARKER in listing \
-                else (None, None)
-            infos.append(
-                SnapshotInfo(
-                    uri=s3.join(self.root, name),
-                    name=name,
-                    epoch=epoch,
-                    step=step,
-                    marker=marker,
-                    complete=contract.snapshot_is_complete(marker, name, listing),
-                    listing=listing,
-                    foreign_version=foreign,
-                )
-            )
-        infos.sort(key=lambda i: (i.step, i.epoch))
+        infos = [self._info(uri=s3.join(self.root, name), name=name, listing=listing, fs=self.fs,
+                            path=self._path(name), fence=fence) for name, listing in by_dir.items()]
+        infos.sort(key=lambda i: contract.snapshot_order(i.name, i.marker) if i.complete and i.marker
+                   else (i.step, i.epoch, "", False))
         return infos
 
     def inspect(self, uri: str) -> SnapshotInfo | None:
@@ -169,18 +244,10 @@ class SnapshotStore:
         if parsed is None:
             return None
         fs, path = s3.filesystem(uri, self.storage_options)
-        listing = self._find(path)
-        marker, foreign = self._marker_at(fs, path) if contract.COMMIT_MARKER in listing else (None, None)
-        return SnapshotInfo(
-            uri=uri.rstrip("/"),
-            name=name,
-            epoch=parsed[0],
-            step=parsed[1],
-            marker=marker,
-            complete=contract.snapshot_is_complete(marker, name, listing),
-            listing=listing,
-            foreign_version=foreign,
-        )
+        # The fence of the folder holding ``uri`` (another job's snapshot: that job's fence).
+        fence = SnapshotStore(uri.rstrip("/").rsplit("/", 1)[0], storage_options=self.storage_options).read_fence() \
+            if uri.rstrip("/").rsplit("/", 1)[0] != self.root else self.read_fence()
+        return self._info(uri=uri.rstrip("/"), name=name, listing=self._find(path), fs=fs, path=path, fence=fence)
 
     def latest_complete(self) -> SnapshotInfo | None:
         """The newest restorable snapshot by parsed (step, epoch), or ``None``."""
@@ -206,16 +273,42 @@ class SnapshotStore:
             raise config_error(e) or SnapshotConfigError(f"cannot list {self.root}: {e}") from e
 
     # ----------------------------------------------------------------- writes
-    def begin(self, *, epoch: int, step: int) -> str:
+    def folder_for_save(self, *, epoch: int, step: int, save_id: str) -> str:
+        """The folder a new save writes: the step's own name when nothing is
+        there, else the name tagged with ``save_id`` beside it (issue 8 item 3).
+
+        A folder that holds objects is another save's: a complete snapshot of
+        another run at the same step (after an explicit resume from an older
+        snapshot), or leftovers of a killed or fenced save, whose writer may
+        still be uploading (a partitioned node). A save never writes into it.
+
+        Returns:
+            The folder name.
+        """
+        name = contract.snapshot_dir_name(epoch, step)
+        if self._find(self._path(name)):
+            tagged = contract.snapshot_dir_name(epoch, step, tag=save_id)
+            logger.info("%s holds another save's objects; this save goes beside it, into %s", name, tagged)
+            return tagged
+        return name
+
+    def begin(self, *, epoch: int, step: int, name: str | None = None) -> str:
         """Prepare a folder for a new save: drop its marker FIRST, then its objects.
 
         A save killed after this leaves a folder without a marker, which is
         never restored, even if it still holds a previous save's objects.
 
+        Args:
+            name: The folder (:meth:`folder_for_save`); default: the step's own name.
+
         Returns:
             The folder URI.
+
+        Raises:
+            Fenced: A newer attempt owns the job's folder.
         """
-        name = contract.snapshot_dir_name(epoch, step)
+        name = name or contract.snapshot_dir_name(epoch, step)
+        self.check_fence(f"emptying {name} for a save")
         path = self._path(name)
         marker_path = f"{path}/{contract.COMMIT_MARKER}"
         try:
@@ -236,10 +329,14 @@ class SnapshotStore:
         seconds: float,
         emergency: bool = False,
         written: Mapping[str, Mapping[str, Any]] | None = None,
+        name: str | None = None,
     ) -> contract.CommitMarker:
         """Write the commit marker of a finished save (all ranks' writes done).
 
+        The fence is read first: a fenced gang never writes a marker.
+
         Args:
+            name: The save's folder (:meth:`folder_for_save`); default: the step's own name.
             written: Every object the save wrote (path, with or without the
                 scheme -> ``{"size", "etag"}`` as S3 answered its PUT). The
                 marker then lists exactly those; other objects in the folder
@@ -253,8 +350,10 @@ class SnapshotStore:
         Raises:
             RuntimeError: Nothing to commit, or an object of the save was
                 replaced or removed before the commit.
+            Fenced: A newer attempt owns the job's folder.
         """
-        name = contract.snapshot_dir_name(epoch, step)
+        name = name or contract.snapshot_dir_name(epoch, step)
+        self.check_fence(f"committing {name}")
         listing = self._find(self._path(name))
         listing.pop(contract.COMMIT_MARKER, None)
         if written is not None:
@@ -271,6 +370,7 @@ class SnapshotStore:
             saved_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             seconds=round(float(seconds), 3),
             emergency=emergency,
+            job_uid=self.writer.job_uid if self.writer else "",
         )
         self.fs.pipe_file(f"{self._path(name)}/{contract.COMMIT_MARKER}", marker.to_json().encode())
         return marker
@@ -326,10 +426,15 @@ class SnapshotStore:
         ``protect`` are leftovers of killed or fenced saves and are deleted.
         Nothing is deleted when ``keep_last`` is ``None``. A folder whose
         marker another release wrote (an unknown version: a newer image
-        before a rollback) is never deleted.
+        before a rollback) is never deleted. The fence is read before the
+        scan and again before each deletion: a fenced gang deletes nothing.
+
+        Raises:
+            Fenced: A newer attempt owns the job's folder.
         """
         if keep_last is None:
             return []
+        self.check_fence("pruning")
         protect = {p.rstrip("/") for p in protect}
         infos = self.scan()
         complete = [i for i in infos if i.complete]
@@ -343,6 +448,7 @@ class SnapshotStore:
                             info.uri, info.foreign_version)
                 continue
             t0 = time.monotonic()
+            self.check_fence(f"pruning {info.name}")
             self.delete(info.uri)
             logger.info("pruned %s (%s) in %.2fs", info.uri, "complete" if info.complete else "incomplete", time.monotonic() - t0)
             deleted.append(info.uri)
