@@ -347,6 +347,12 @@ class HostNetwork:
     def remove_all(self) -> None:
         pass
 
+    def cut_node(self, node: str) -> None:
+        """No link to cut on the shared network: a partition there is the agent's side only."""
+
+    def restore_node(self, node: str) -> None:
+        """See :meth:`cut_node`."""
+
 
 class PodNetworks(HostNetwork):
     """The node agent's pod namespaces by pod uid: made on first use, removed with the pod.
@@ -388,3 +394,10 @@ class PodNetworks(HostNetwork):
     def remove_all(self) -> None:
         self.by_uid.clear()
         self.namespaces.remove_all()
+
+    def cut_node(self, node: str) -> None:
+        """Drop the node's pods' traffic to the API server (S3 and other pods stay reachable)."""
+        self.namespaces.cut_node(node)
+
+    def restore_node(self, node: str) -> None:
+        self.namespaces.restore_node(node)

@@ -660,19 +660,22 @@ class NodeAgent(ControlPlaneMixin):
     def sync_partition(self, node: Obj, wanted: bool) -> bool:
         """Cut or heal ``node``'s link to the API server; returns whether it is cut.
 
-        Process mode cuts the API side only: no heartbeat (the node
-        lifecycle controller judges it as a lost node: NotReady after the
-        grace, taints, taint eviction), no status write for its pods, no
-        reaction to their deletion; its processes run on and still reach S3.
-        The one place a real link cut (network namespaces) hooks in.
+        The agent's side: no heartbeat (the node lifecycle controller judges
+        it as a lost node: NotReady after the grace, taints, taint eviction),
+        no status write for its pods, no reaction to their deletion; its
+        processes run on and still reach S3. With a network per pod
+        (``--netns-index``) the link is really cut as well: the node's pods
+        cannot reach the API server either (:meth:`PodNetworks.cut_node`).
         """
         name = node["metadata"]["name"]
         if wanted and name not in self.partitioned:
             log.warning("node %s partitioned: no heartbeats or pod status; its processes keep running", name)
+            self.network.cut_node(name)
             self.partitioned.add(name)
             self.lost.setdefault(name, LostNode(since=time.monotonic()))
             self.ready_nodes.discard(name)
         elif not wanted and name in self.partitioned:
+            self.network.restore_node(name)
             self.partitioned.discard(name)
             if name in self.lost:
                 self.recover(node)  # the next pass stops the processes of pods deleted meanwhile

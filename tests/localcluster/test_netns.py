@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from localcluster import netns
+from localcluster import control, netns
 from localcluster.cluster import LocalCluster
 from localcluster.kube import wait_until
 from tests.conftest import fresh_namespace, running_cluster
@@ -229,3 +229,22 @@ def test_issue11_netns_dns_records_map_names_to_each_pods_own_ip() -> None:
     assert not any(n.startswith("empty") for n in records)
     # A pod without an address yet has no record at all.
     assert "j-1" not in dns_records(pods, services, pod_ip=lambda p: ips.get(p["metadata"]["name"]) if p["metadata"]["name"] == "j-0" else None)
+
+
+def test_issue11_partition_node_cuts_the_pods_link_to_the_api_server(net_cluster: LocalCluster, ns: str) -> None:
+    """``control.partition_node`` with a network per pod: the agent's side and the real link go together."""
+    kube = net_cluster.client()
+    gw, api, s3 = net_cluster.net.gateway, net_cluster.api_url.rsplit(":", 1)[1], net_cluster.s3_endpoint.rsplit(":", 1)[1]
+    body = pod_manifest("parted", PROBE, nodeName="node-1")
+    body["spec"]["containers"][0]["args"] = [gw, api, s3]
+    kube.create("pods", body, ns)
+    wait_phase(kube, ns, "parted", "Running")
+    wait_until(lambda: _last_probe(net_cluster, ns, "parted") == "probe api=ok s3=ok", timeout=20, what="probing")
+    control.partition_node(kube, "node-1")
+    try:
+        wait_until(lambda: _last_probe(net_cluster, ns, "parted") == "probe api=down s3=ok", timeout=20,
+                   what="the partitioned pod cut from the API server, still reaching S3")
+    finally:
+        control.heal_node(kube, "node-1")
+    wait_until(lambda: _last_probe(net_cluster, ns, "parted") == "probe api=ok s3=ok", timeout=20, what="healed")
+    assert phase(kube.get("pods", "parted", ns)) == "Running"
