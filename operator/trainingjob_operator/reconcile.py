@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
-from . import builders
+from . import builders, progress_status
 from .classify import (
     FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
     PodView, classify, node_suspect, parse_time, short_text,
@@ -84,6 +84,10 @@ class SnapshotState:
     #: The gang attempt that wrote ``latest`` (from its commit marker).
     latest_attempt: int | None = None
     error: str | None = None
+    #: The trainer's ``_tj/progress.json`` as last read (``None``: absent or unreadable).
+    progress: contract.Progress | None = None
+    #: Its ETag: it is read again only when the listing shows another one.
+    progress_etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,15 @@ class _Ctx:
 
 def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     """Compute the plan for one TrainingJob. Pure: no I/O, no clock."""
+    plan = _lifecycle(body, observed)
+    if not body["metadata"].get("deletionTimestamp"):
+        snaps = observed.snapshots
+        progress_status.update(plan.status, progress=snaps.progress if snaps else None)
+    return plan
+
+
+def _lifecycle(body: Mapping[str, Any], observed: Observed) -> Plan:
+    """The plan of the job's lifecycle (phases, gangs, restarts); progress and goodput follow it."""
     c = _Ctx(body, observed)
     if body["metadata"].get("deletionTimestamp"):
         return c.plan  # ownerReferences garbage-collect the gang

@@ -21,6 +21,7 @@ from trainingjob_trainer import contract
 
 from .classify import parse_time
 from .model import JobSpec
+from .progress_status import MAX_PROGRESS_BYTES
 from .reconcile import SnapshotState
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,48 @@ class S3Access:
         return opts
 
 
-def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
+def read_progress(store: Any, live: Mapping[str, Mapping[str, Any]],
+                  seen: tuple[str | None, contract.Progress | None]) -> tuple[str | None, contract.Progress | None]:
+    """The trainer's progress object, from the listing's ``_tj/`` entries (blocking).
+
+    One GET only when the listing shows an ETag other than the one read last
+    (``seen``: ``(etag, parsed)``); none when it is unchanged, absent or larger
+    than :data:`~.progress_status.MAX_PROGRESS_BYTES`. A GET that fails keeps
+    nothing (the next pass tries again); a malformed object reads as ``None``.
+    """
+    from trainingjob_trainer import s3
+
+    meta = live.get(contract.PROGRESS_OBJECT)
+    if meta is None or int(meta.get("size") or 0) > MAX_PROGRESS_BYTES:
+        return None, None
+    etag = str(meta.get("etag") or "") or None
+    if etag is not None and etag == seen[0]:
+        return seen
+    _, path = s3.filesystem(contract.live_object_uri(store.root, contract.PROGRESS_OBJECT), store.storage_options)
+    try:
+        text = store.fs.cat_file(path)
+    except FileNotFoundError:  # deleted between the listing and the GET
+        return None, None
+    return etag, contract.Progress.from_json(text)
+
+
+def read_snapshot_state(root_uri: str, access: S3Access,
+                        seen: tuple[str | None, contract.Progress | None] = (None, None)) -> SnapshotState:
     """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
     Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
     torch): the operator and the pods apply the very same rule to the very
-    same listing.
+    same listing. The same listing finds the trainer's progress object
+    (:func:`read_progress`; ``seen``: the ETag and content read last).
     """
     from trainingjob_trainer.store import SnapshotStore
 
     store = SnapshotStore(root_uri, storage_options=access.storage_options())
-    complete = [i for i in store.scan() if i.complete and i.marker is not None]
+    infos, live = store.scan_with_live()
+    etag, progress = read_progress(store, live, seen)
+    complete = [i for i in infos if i.complete and i.marker is not None]
     if not complete:
-        return SnapshotState(latest=None, count=0)
+        return SnapshotState(latest=None, count=0, progress=progress, progress_etag=etag)
     newest = complete[-1]  # scan() orders by parsed (step, epoch)
     m = newest.marker
     assert m is not None
@@ -86,7 +116,8 @@ def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
             interval = (b - a).total_seconds()
     latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
-    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt)
+    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt,
+                         progress=progress, progress_etag=etag)
 
 
 def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple[S3Access | None, str | None]:
@@ -147,7 +178,8 @@ class SnapshotReader:
         task = self._inflight.get(key)
         if task is None or task.done():
             root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
-            task = asyncio.create_task(self._read(root, access))
+            seen = (cached[2].progress_etag, cached[2].progress) if cached else (None, None)
+            task = asyncio.create_task(self._read(root, access, seen))
             self._inflight[key] = task
         try:
             state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
@@ -158,9 +190,10 @@ class SnapshotReader:
         return state
 
     @staticmethod
-    async def _read(root: str, access: S3Access) -> SnapshotState:
+    async def _read(root: str, access: S3Access,
+                    seen: tuple[str | None, contract.Progress | None]) -> SnapshotState:
         try:
-            return await asyncio.to_thread(read_snapshot_state, root, access)
+            return await asyncio.to_thread(read_snapshot_state, root, access, seen)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)

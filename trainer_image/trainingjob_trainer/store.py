@@ -135,8 +135,19 @@ class SnapshotStore:
 
         One recursive listing, plus one GET per folder that has a marker.
         """
+        return self.scan_with_live()[0]
+
+    def scan_with_live(self) -> tuple[list[SnapshotInfo], dict[str, Mapping[str, Any]]]:
+        """:meth:`scan`, and the ``_tj/`` live objects found in the same listing.
+
+        Returns:
+            ``(snapshots, live)``: ``live`` is :func:`contract.live_entries` of
+            the listing (``{PROGRESS_OBJECT: {"size", "etag"}, ...}``), so the
+            operator reads the progress object only when its ETag changed.
+        """
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
-        for rel, meta in self._find(self._root_path).items():
+        listing = self._find(self._root_path)
+        for rel, meta in listing.items():
             if "/" not in rel:
                 continue
             d, inner = rel.split("/", 1)
@@ -160,7 +171,7 @@ class SnapshotStore:
                 )
             )
         infos.sort(key=lambda i: (i.step, i.epoch))
-        return infos
+        return infos, contract.live_entries(listing)
 
     def inspect(self, uri: str) -> SnapshotInfo | None:
         """The state of one snapshot folder given by full URI (``None`` if not one)."""
