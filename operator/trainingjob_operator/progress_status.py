@@ -27,6 +27,7 @@ Terms (docs/architecture.md, "Progress and goodput", defines them for users):
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import math
 from dataclasses import dataclass
@@ -163,7 +164,6 @@ def goodput_view(ended: Mapping[str, float], live: Run | None) -> dict[str, Any]
     view: dict[str, Any] = {
         "productiveSeconds": round(productive, 1), "lostSeconds": round(lost, 1),
         "redoneSeconds": round(redone, 1), "recoverySeconds": round(recovery, 1), "stalledSeconds": round(stalled, 1),
-        "endedAttempts": {k: round(float(ended.get(k, 0.0)), 3) for k in _SECONDS},
     }
     if productive + lost > 0:
         view["percent"] = round(100.0 * productive / (productive + lost), 1)
@@ -187,9 +187,9 @@ def update(status: dict[str, Any], *, progress: contract.Progress | None) -> Non
 
     Only the current attempt's object is shown in ``status.progress``; when
     the attempt moves on, the ended attempt's last progress waits in
-    ``status.goodput.endedAttempt`` until the next attempt that trains reports
-    its first step (what it resumed from, and when), and is then added to
-    ``status.goodput.endedAttempts``.
+    ``status.goodputLedger.endedAttempt`` until the next attempt that trains
+    reports its first step (what it resumed from, and when), and is then added
+    to the sums in ``status.goodputLedger.endedAttempts``.
 
     Args:
         status: The status reconcile computed (``attempt``, ``phase``,
@@ -197,9 +197,9 @@ def update(status: dict[str, Any], *, progress: contract.Progress | None) -> Non
         progress: The object in S3 (``None``: absent or unreadable).
     """
     attempt = int(status.get("attempt") or 0)
-    goodput = status.get("goodput") or {}
-    ended = dict(goodput.get("endedAttempts") or {})
-    pending = dict(goodput["endedAttempt"]) if goodput.get("endedAttempt") else None
+    ledger = status.get("goodputLedger") or {}
+    ended = dict(ledger.get("endedAttempts") or {})
+    pending = copy.deepcopy(ledger["endedAttempt"]) if ledger.get("endedAttempt") else None
     shown = status.get("progress")
     if shown and shown.get("attempt") != attempt:
         status.pop("progress")
@@ -222,11 +222,12 @@ def update(status: dict[str, Any], *, progress: contract.Progress | None) -> Non
     live = Run.from_view(status["progress"]) if status.get("progress") else None
     if live is None and not ended and pending is None:
         status.pop("goodput", None)
+        status.pop("goodputLedger", None)
         return
-    view = goodput_view(ended, live)
+    status["goodput"] = goodput_view(ended, live)
+    status["goodputLedger"] = {"endedAttempts": {k: round(float(ended.get(k, 0.0)), 3) for k in _SECONDS}}
     if pending is not None:
-        view["endedAttempt"] = pending
-    status["goodput"] = view
+        status["goodputLedger"]["endedAttempt"] = pending
 
 
 def _fold(ended: dict[str, Any], pending: Mapping[str, Any], *, next_start_step: int | None,

@@ -53,7 +53,7 @@ def test_issue12_item1_goodput_of_a_preempted_and_resumed_job():
                   lastDisruption={"kind": "Preemption", "attempt": 0, "at": "2026-11-28T12:00:50Z"})
     update(status, progress=progress(step=41, wall=40.0, stalled=4.0, rate=1.0, total=100))
     assert "progress" not in status, "the ended attempt's progress is not the current attempt's"
-    assert status["goodput"]["endedAttempt"]["attempt"] == 0
+    assert status["goodputLedger"]["endedAttempt"]["attempt"] == 0
     # Attempt 1 resumed from the snapshot at step 30; first step boundary at T0+70 s, then 20 s more.
     status["phase"] = "Running"
     update(status, progress=progress(attempt=1, step=51, start=30, first=70.0, wall=20.0, stalled=2.0, rate=1.0,
@@ -67,7 +67,7 @@ def test_issue12_item1_goodput_of_a_preempted_and_resumed_job():
     assert g["percent"] == 49.0
     # Productive + lost covers the whole time from the first step to the last progress, once.
     assert g["productiveSeconds"] + g["lostSeconds"] == 90.0
-    assert "endedAttempt" not in g and status["progress"]["attempt"] == 1
+    assert "endedAttempt" not in status["goodputLedger"] and status["progress"]["attempt"] == 1
 
 
 def test_issue12_item1_the_ended_attempts_late_write_refines_its_accounting():
@@ -77,7 +77,7 @@ def test_issue12_item1_the_ended_attempts_late_write_refines_its_accounting():
     status.update(attempt=1, lastDisruption={"attempt": 0, "at": "2026-11-28T12:00:50Z"})
     update(status, progress=progress(step=45, wall=44.0))
     assert "progress" not in status
-    assert status["goodput"]["endedAttempt"]["run"]["step"] == 45
+    assert status["goodputLedger"]["endedAttempt"]["run"]["step"] == 45
 
 
 def test_issue12_item1_an_attempt_that_never_trained_is_recovery_time():
@@ -88,7 +88,7 @@ def test_issue12_item1_an_attempt_that_never_trained_is_recovery_time():
     update(status, progress=None)
     status.update(attempt=2, lastDisruption={"attempt": 1, "at": at(30.0)})
     update(status, progress=None)
-    assert status["goodput"]["endedAttempt"]["endedAt"] == at(10.0)
+    assert status["goodputLedger"]["endedAttempt"]["endedAt"] == at(10.0)
     update(status, progress=progress(attempt=2, step=12, start=11, first=45.0, wall=0.0))
     g = status["goodput"]
     assert g["recoverySeconds"] == 35.0 and g["redoneSeconds"] == 0.0 and g["productiveSeconds"] == 10.0
@@ -111,7 +111,8 @@ def test_issue12_item1_a_finished_job_accounts_its_last_ended_attempt():
     status.update(attempt=1, phase="Failed", lastDisruption={"attempt": 0, "at": at(25.0)})
     update(status, progress=None)
     g = status["goodput"]
-    assert "endedAttempt" not in g and g["productiveSeconds"] == 20.0 and g["percent"] == 100.0
+    assert "endedAttempt" not in status["goodputLedger"]
+    assert g["productiveSeconds"] == 20.0 and g["percent"] == 100.0
 
 
 def test_issue12_item1_unusable_progress_objects_never_reach_status():
