@@ -71,7 +71,9 @@ def usable(p: contract.Progress | None) -> contract.Progress | None:
 
 
 def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC, rounded to the nearest second."""
+    t = t.astimezone(dt.timezone.utc) + dt.timedelta(microseconds=500_000)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def progress_view(p: contract.Progress) -> dict[str, Any]:
@@ -93,7 +95,7 @@ def progress_view(p: contract.Progress) -> dict[str, Any]:
         if left == 0:
             view["eta"] = _iso(updated)
         elif p.steps_per_second:
-            view["eta"] = _iso(updated + dt.timedelta(seconds=math.ceil(left / p.steps_per_second)))
+            view["eta"] = _iso(updated + dt.timedelta(seconds=round(left / p.steps_per_second)))
     return view
 
 

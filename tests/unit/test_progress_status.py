@@ -157,3 +157,17 @@ def test_issue12_item1_reconcile_shows_the_current_attempts_progress_only():
     plan = reconcile(body, obs(pods, [svc(body, 1)], snapshots=SnapshotState(progress=old, progress_etag="e0")))
     assert "progress" not in plan.status
 
+
+
+def test_issue12_item1_spec_progress_seconds_reaches_the_pods_env():
+    from trainingjob_operator import builders
+    from trainingjob_operator.model import parse_spec
+
+    def env(body):
+        p = builders.get_pod(body, parse_spec(body["spec"]), attempt=0, rank=0, resume_from=None)
+        return {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+
+    body = job()
+    assert contract.ENV_PROGRESS_SECONDS not in env(body)  # the trainer's default
+    body["spec"]["snapshot"]["progressSeconds"] = 2
+    assert env(body)[contract.ENV_PROGRESS_SECONDS] == "2"
