@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from localcluster import control
-from tests.integration.helpers import TJ, events_of, pods_of, wait_phase, wait_status
+from tests.integration.helpers import TJ, events_of, kubectl_get_tj, pods_of, wait_phase, wait_status
 
 pytestmark = [pytest.mark.slow]
 
@@ -196,14 +195,6 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     assert reasons.count("Preempted") == 2 and "AllWorkersSucceeded" in reasons
 
 
-def kubectl_get(cluster, namespace: str, name: str, *args: str) -> dict[str, str]:
-    """``kubectl get tj NAME`` (server-side printed columns): header -> cell."""
-    out = subprocess.run(["kubectl", "get", "tj", name, "-n", namespace, *args], capture_output=True, text=True,
-                         env={**os.environ, "KUBECONFIG": cluster.kubeconfig}, timeout=30, check=True).stdout
-    header, row = out.strip().splitlines()
-    return dict(zip(header.split(), row.split()))
-
-
 class ProgressWatch:
     """The job's ``status.progress`` of one attempt next to the trainer's own log, sampled together.
 
@@ -263,7 +254,7 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
 
     try:
         st = wait_status(kube, namespace, "lost", mid_run, timeout=300, what="attempt 1 mid-run progress")
-        mid, columns = st["progress"], kubectl_get(cluster, namespace, "lost")
+        mid, (columns,) = st["progress"], kubectl_get_tj(cluster.kubeconfig, namespace)
         st = wait_status(kube, namespace, "lost",
                          lambda s: bool(watch.sample(s)) and s.get("phase") == "Succeeded"
                          and s["progress"]["step"] == STEPS, timeout=300, what="Succeeded with the last progress")
@@ -283,7 +274,7 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     assert float(columns["PROGRESS"]) >= mid["percent"] and columns["ETA"].endswith("Z"), columns
     assert st["progress"]["percent"] == 100.0
     g = st["goodput"]
-    wide = kubectl_get(cluster, namespace, "lost", "-o", "wide")
+    (wide,) = kubectl_get_tj(cluster.kubeconfig, namespace, "-o", "wide")
     assert float(wide["GOODPUT"]) == g["percent"] and int(wide["STEP"]) == STEPS, wide
     # The node loss cost re-done steps (at least their 0.3 s sleep each) and a recovery.
     assert 0 < g["percent"] < 100 and g["recoverySeconds"] > 0, g
