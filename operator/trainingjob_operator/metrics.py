@@ -26,27 +26,27 @@ SNAPSHOT_TIME = Gauge("trainingjob_latest_snapshot_timestamp_seconds",
                       "Unix time the newest complete snapshot was saved (age = time() - this)", ["namespace", "job"])
 LOST_STEPS = Gauge("trainingjob_lost_work_steps", "Train steps redone because of disruptions, cumulative",
                    ["namespace", "job"])
-SNAPSHOT_SAVE_SECONDS = Gauge("trainingjob_latest_snapshot_save_seconds",
-                              "Wall seconds the newest complete snapshot took to save", ["namespace", "job"])
+
+
+def _job_gauge(name: str, documentation: str) -> Gauge:
+    """A per-job gauge (labels ``namespace``, ``job``)."""
+    return Gauge(name, documentation, ["namespace", "job"])
+
+
+SNAPSHOT_SAVE_SECONDS = _job_gauge("trainingjob_latest_snapshot_save_seconds",
+                                   "Wall seconds the newest complete snapshot took to save")
 JOB_PHASE = Gauge("trainingjob_job_phase", "1 for the job's current phase, 0 for the others",
                   ["namespace", "job", "phase"])
-PROGRESS_STEP = Gauge("trainingjob_progress_step", "Last train step the current attempt reported",
-                      ["namespace", "job"])
-PROGRESS_TOTAL = Gauge("trainingjob_progress_total_steps", "The run's total train steps (when known)",
-                       ["namespace", "job"])
-PROGRESS_PERCENT = Gauge("trainingjob_progress_percent", "Percent of the total train steps done",
-                         ["namespace", "job"])
-PROGRESS_RATE = Gauge("trainingjob_progress_steps_per_second", "Train steps per second over the trainer's window",
-                      ["namespace", "job"])
-PROGRESS_ETA = Gauge("trainingjob_progress_eta_timestamp_seconds",
-                     "Unix time the last step is expected (remaining = this - time())", ["namespace", "job"])
-GOODPUT_PERCENT = Gauge("trainingjob_goodput_percent", "Productive share of the job's training time, percent",
-                        ["namespace", "job"])
-GOODPUT_PRODUCTIVE = Gauge("trainingjob_goodput_productive_seconds", "Training seconds whose steps were kept",
-                           ["namespace", "job"])
-GOODPUT_LOST = Gauge("trainingjob_goodput_lost_seconds",
-                     "Seconds lost: re-done steps + disruption to next first step + snapshot stalls",
-                     ["namespace", "job"])
+PROGRESS_STEP = _job_gauge("trainingjob_progress_step", "Last train step the current attempt reported")
+PROGRESS_TOTAL = _job_gauge("trainingjob_progress_total_steps", "The run's total train steps (when known)")
+PROGRESS_PERCENT = _job_gauge("trainingjob_progress_percent", "Percent of the total train steps done")
+PROGRESS_RATE = _job_gauge("trainingjob_progress_steps_per_second", "Train steps per second over the trainer's window")
+PROGRESS_ETA = _job_gauge("trainingjob_progress_eta_timestamp_seconds",
+                          "Unix time the last step is expected (remaining = this - time())")
+GOODPUT_PERCENT = _job_gauge("trainingjob_goodput_percent", "Productive share of the job's training time, percent")
+GOODPUT_PRODUCTIVE = _job_gauge("trainingjob_goodput_productive_seconds", "Training seconds whose steps were kept")
+GOODPUT_LOST = _job_gauge("trainingjob_goodput_lost_seconds",
+                          "Seconds lost: re-done steps + disruption to next first step + snapshot stalls")
 RECONCILE_SECONDS = Histogram("trainingjob_reconcile_duration_seconds", "Duration of one reconcile pass",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 EVENTS = Counter("trainingjob_events_total", "Events posted by the operator, by reason", ["reason"])
