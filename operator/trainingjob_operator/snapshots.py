@@ -15,7 +15,7 @@ import base64
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from trainingjob_trainer import contract
 
@@ -23,6 +23,9 @@ from .classify import parse_time
 from .model import JobSpec
 from .progress_status import MAX_PROGRESS_BYTES
 from .reconcile import SnapshotState
+
+if TYPE_CHECKING:
+    from trainingjob_trainer.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +67,15 @@ class S3Access:
         return opts
 
 
-def read_progress(store: Any, live: Mapping[str, Mapping[str, Any]],
+def read_progress(store: SnapshotStore, live: Mapping[str, Mapping[str, Any]],
                   seen: tuple[str | None, contract.Progress | None]) -> tuple[str | None, contract.Progress | None]:
     """The trainer's progress object, from the listing's ``_tj/`` entries (blocking).
 
     One GET only when the listing shows an ETag other than the one read last
     (``seen``: ``(etag, parsed)``); none when it is unchanged, absent or larger
-    than :data:`~.progress_status.MAX_PROGRESS_BYTES`. A GET that fails keeps
-    nothing (the next pass tries again); a malformed object reads as ``None``.
+    than :data:`~.progress_status.MAX_PROGRESS_BYTES`. A GET that fails
+    returns ``seen`` (the next pass tries again: the ETag still differs) and
+    never fails the listing; a malformed object reads as ``None``.
     """
     from trainingjob_trainer import s3
 
@@ -86,6 +90,9 @@ def read_progress(store: Any, live: Mapping[str, Mapping[str, Any]],
         text = store.fs.cat_file(path)
     except FileNotFoundError:  # deleted between the listing and the GET
         return None, None
+    except Exception as e:  # best effort: the snapshot state stands; the changed ETag is retried next pass
+        log.warning("reading %s failed: %s: %s", contract.PROGRESS_OBJECT, type(e).__name__, str(e)[:200])
+        return seen
     return etag, contract.Progress.from_json(text)
 
 

@@ -66,3 +66,24 @@ def test_issue12_item1_progress_is_read_in_the_listing_pass_and_only_when_its_et
     fs.pipe_file(progress_path, b"x" * 70_000)  # not a progress object, and too big to fetch
     big = read_snapshot_state(root, access, (moved.progress_etag, moved.progress))
     assert big.progress is None and _gets(proxy) - g3 == g2 - g1
+
+
+def test_issue12_item1_a_failing_progress_get_never_fails_the_snapshot_listing(proxied_s3):
+    import s3fs
+
+    server, proxy = proxied_s3
+    bucket = f"tj-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, key=ACCESS_KEY, secret=SECRET_KEY, use_listings_cache=False)
+    fs.mkdir(bucket)
+    root = contract.job_snapshot_root(f"s3://{bucket}/runs", "ml", "job")
+    fs.pipe_file(contract.live_object_uri(root, contract.PROGRESS_OBJECT), _progress(10).encode())
+    access = S3Access(endpoint=proxy.endpoint, region=REGION, key=ACCESS_KEY, secret=SECRET_KEY)
+    earlier = contract.Progress.from_json(_progress(5))
+    proxy.set_faults(fail="503", methods=["GET"], path_contains="progress.json")
+    try:
+        st = read_snapshot_state(root, access, ("an-older-etag", earlier))
+    finally:
+        proxy.set_faults()
+    assert st.error is None and st.progress == earlier and st.progress_etag == "an-older-etag"
+    again = read_snapshot_state(root, access, (st.progress_etag, st.progress))
+    assert again.progress is not None and again.progress.step == 10
