@@ -44,6 +44,8 @@ MAX_PROGRESS_BYTES = 64 * 1024
 CLOCK_SKEW_SECONDS = 30.0
 #: Largest step or total accepted (JSON integers past this lose precision).
 MAX_STEP = 2**53
+#: Largest seconds figure accepted, and the furthest ETA shown (about 30 years).
+MAX_SECONDS = 1e9
 _TERMINAL = ("Succeeded", "Failed")
 _SECONDS = ("productiveSeconds", "redoneSeconds", "recoverySeconds", "stalledSeconds")
 
@@ -51,7 +53,12 @@ _SECONDS = ("productiveSeconds", "redoneSeconds", "recoverySeconds", "stalledSec
 def _finite(x: float | None, *, allow_none: bool = True) -> bool:
     if x is None:
         return allow_none
-    return math.isfinite(x) and x >= 0
+    return math.isfinite(x) and 0 <= x <= MAX_SECONDS
+
+
+def _aware_time(value: str | None) -> bool:
+    t = parse_time(value)
+    return t is not None and t.tzinfo is not None
 
 
 def usable(p: contract.Progress | None) -> contract.Progress | None:
@@ -66,7 +73,7 @@ def usable(p: contract.Progress | None) -> contract.Progress | None:
     total_ok = p.total_steps is None or 0 < p.total_steps < MAX_STEP
     floats_ok = all(_finite(v, allow_none=False) for v in (p.wall_seconds, p.stalled_seconds)) \
         and _finite(p.steps_per_second)
-    times_ok = parse_time(p.updated_at) is not None and (p.first_step_at is None or parse_time(p.first_step_at))
+    times_ok = _aware_time(p.updated_at) and (p.first_step_at is None or _aware_time(p.first_step_at))
     return p if ints_ok and total_ok and floats_ok and times_ok else None
 
 
@@ -94,7 +101,7 @@ def progress_view(p: contract.Progress) -> dict[str, Any]:
         assert updated is not None  # usable() checked it
         if left == 0:
             view["eta"] = _iso(updated)
-        elif p.steps_per_second:
+        elif p.steps_per_second and left / p.steps_per_second <= MAX_SECONDS:
             view["eta"] = _iso(updated + dt.timedelta(seconds=round(left / p.steps_per_second)))
     return view
 

@@ -125,7 +125,10 @@ def test_issue12_item1_unusable_progress_objects_never_reach_status():
     bad_time = contract.Progress(attempt=0, step=1, epoch=0, start_step=0, total_steps=None, wall_seconds=1.0,
                                  steps_per_second=None, window_seconds=1.0, stalled_seconds=0.0,
                                  first_step_at="yesterday", updated_at="now")
-    for p in (nan, negative, huge, zero_total, bad_time, None):
+    naive = contract.Progress.from_json('{"version": 1, "attempt": 0, "step": 10, "wallSeconds": 1.0, '
+                                        '"updatedAt": "2026-11-28T12:00:00", "firstStepAt": "2026-11-28T11:59:59"}')
+    ages = progress(step=10, wall=5.0, stalled=1e12)
+    for p in (nan, negative, huge, zero_total, bad_time, naive, ages, None):
         status = {"attempt": 0, "phase": "Running"}
         update(status, progress=p)
         assert "progress" not in status and "goodput" not in status, p
@@ -171,3 +174,9 @@ def test_issue12_item1_spec_progress_seconds_reaches_the_pods_env():
     assert contract.ENV_PROGRESS_SECONDS not in env(body)  # the trainer's default
     body["spec"]["snapshot"]["progressSeconds"] = 2
     assert env(body)[contract.ENV_PROGRESS_SECONDS] == "2"
+
+
+def test_issue12_item1_a_rate_that_gives_no_sensible_eta_shows_none():
+    status = {"attempt": 0, "phase": "Running"}
+    update(status, progress=progress(step=10, wall=5.0, rate=1e-300, total=100))
+    assert status["progress"]["percent"] == 10.0 and "eta" not in status["progress"]
