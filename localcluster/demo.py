@@ -160,8 +160,12 @@ def run(args: argparse.Namespace) -> int:
                         message="demo: a higher-priority pod needs this node")
         st = w.until(lambda s: s.get("phase") in ("Succeeded", "Failed"), 300, "the job to finish")
         # The trainer's last progress write (100%) is read on the operator's next pass.
-        st = w.until(lambda s: s.get("phase") == "Failed" or (s.get("progress") or {}).get("percent") == 100.0
-                     and "percent" in (s.get("goodput") or {}), 30, "the last progress")
+        try:
+            st = w.until(lambda s: s.get("phase") == "Failed" or (s.get("progress") or {}).get("percent") == 100.0
+                         and "percent" in (s.get("goodput") or {}), 30, "the last progress")
+        except TimeoutError:
+            tl.say("the trainer's last progress did not reach the status within 30 s")
+            st = w.poll()
         print(flush=True)
         print("$ kubectl get tj -o wide", flush=True)
         print(kubectl(cluster, "get", "tj", "-n", NS, "-o", "wide"), flush=True)

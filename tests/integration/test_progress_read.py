@@ -45,6 +45,8 @@ def test_issue12_item1_progress_is_read_in_the_listing_pass_and_only_when_its_et
     root = contract.job_snapshot_root(f"s3://{bucket}/runs", "ml", "job")
     progress_path = contract.live_object_uri(root, contract.PROGRESS_OBJECT)
     fs.pipe_file(progress_path, _progress(10).encode())
+    # A snapshot folder beside it, as in every real job root (listed after _tj/).
+    fs.pipe_file(f"{root}/{contract.snapshot_dir_name(0, 10)}/__0_0.distcp", b"x")
     access = S3Access(endpoint=proxy.endpoint, region=REGION, key=ACCESS_KEY, secret=SECRET_KEY)
 
     g0 = _gets(proxy)

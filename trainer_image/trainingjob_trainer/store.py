@@ -146,8 +146,8 @@ class SnapshotStore:
             operator reads the progress object only when its ETag changed.
         """
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
-        listing = self._find(self._root_path)
-        for rel, meta in listing.items():
+        everything = self._find(self._root_path)
+        for rel, meta in everything.items():
             if "/" not in rel:
                 continue
             d, inner = rel.split("/", 1)
@@ -171,7 +171,7 @@ class SnapshotStore:
                 )
             )
         infos.sort(key=lambda i: (i.step, i.epoch))
-        return infos, contract.live_entries(listing)
+        return infos, contract.live_entries(everything)
 
     def inspect(self, uri: str) -> SnapshotInfo | None:
         """The state of one snapshot folder given by full URI (``None`` if not one)."""
