@@ -31,23 +31,28 @@ def _progress(step: int) -> str:
                              updated_at=f"2026-11-28T12:00:{step:02d}.000Z").to_json()
 
 
+def _job_root(server, proxy: S3Proxy):
+    """A fresh job root holding a progress object (step 10) and, as in every real job, a snapshot
+    folder (listed after ``_tj/``); returns ``(fs, root, access through the proxy)``."""
+    import s3fs
+
+    bucket = f"tj-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, key=ACCESS_KEY, secret=SECRET_KEY, use_listings_cache=False)
+    fs.mkdir(bucket)
+    root = contract.job_snapshot_root(f"s3://{bucket}/runs", "ml", "job")
+    fs.pipe_file(contract.live_object_uri(root, contract.PROGRESS_OBJECT), _progress(10).encode())
+    fs.pipe_file(f"{root}/{contract.snapshot_dir_name(0, 10)}/__0_0.distcp", b"x")
+    return fs, root, S3Access(endpoint=proxy.endpoint, region=REGION, key=ACCESS_KEY, secret=SECRET_KEY)
+
+
 def _gets(proxy: S3Proxy) -> int:
     return int(proxy.stats()["by_method"].get("GET", 0))
 
 
 def test_issue12_item1_progress_is_read_in_the_listing_pass_and_only_when_its_etag_changed(proxied_s3):
-    import s3fs
-
-    server, proxy = proxied_s3
-    bucket = f"tj-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, key=ACCESS_KEY, secret=SECRET_KEY, use_listings_cache=False)
-    fs.mkdir(bucket)
-    root = contract.job_snapshot_root(f"s3://{bucket}/runs", "ml", "job")
+    fs, root, access = _job_root(*proxied_s3)
     progress_path = contract.live_object_uri(root, contract.PROGRESS_OBJECT)
-    fs.pipe_file(progress_path, _progress(10).encode())
-    # A snapshot folder beside it, as in every real job root (listed after _tj/).
-    fs.pipe_file(f"{root}/{contract.snapshot_dir_name(0, 10)}/__0_0.distcp", b"x")
-    access = S3Access(endpoint=proxy.endpoint, region=REGION, key=ACCESS_KEY, secret=SECRET_KEY)
+    proxy = proxied_s3[1]
 
     g0 = _gets(proxy)
     first = read_snapshot_state(root, access)
@@ -71,15 +76,8 @@ def test_issue12_item1_progress_is_read_in_the_listing_pass_and_only_when_its_et
 
 
 def test_issue12_item1_a_failing_progress_get_never_fails_the_snapshot_listing(proxied_s3):
-    import s3fs
-
-    server, proxy = proxied_s3
-    bucket = f"tj-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, key=ACCESS_KEY, secret=SECRET_KEY, use_listings_cache=False)
-    fs.mkdir(bucket)
-    root = contract.job_snapshot_root(f"s3://{bucket}/runs", "ml", "job")
-    fs.pipe_file(contract.live_object_uri(root, contract.PROGRESS_OBJECT), _progress(10).encode())
-    access = S3Access(endpoint=proxy.endpoint, region=REGION, key=ACCESS_KEY, secret=SECRET_KEY)
+    _, root, access = _job_root(*proxied_s3)
+    proxy = proxied_s3[1]
     earlier = contract.Progress.from_json(_progress(5))
     proxy.set_faults(fail="reset", methods=["GET"], path_contains="progress.json")
     try:
