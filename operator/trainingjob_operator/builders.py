@@ -129,6 +129,8 @@ def get_env(
         ]
         if snap.endpoint:
             env.append(_env(contract.ENV_S3_ENDPOINT, snap.endpoint))
+        if snap.progress_seconds:
+            env.append(_env(contract.ENV_PROGRESS_SECONDS, snap.progress_seconds))
         if snap.credentials_secret:
             for key in contract.SECRET_KEYS_REQUIRED + contract.SECRET_KEYS_OPTIONAL:
                 ref = {"name": snap.credentials_secret, "key": key}

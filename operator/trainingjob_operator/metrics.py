@@ -26,6 +26,27 @@ SNAPSHOT_TIME = Gauge("trainingjob_latest_snapshot_timestamp_seconds",
                       "Unix time the newest complete snapshot was saved (age = time() - this)", ["namespace", "job"])
 LOST_STEPS = Gauge("trainingjob_lost_work_steps", "Train steps redone because of disruptions, cumulative",
                    ["namespace", "job"])
+
+
+def _job_gauge(name: str, documentation: str) -> Gauge:
+    """A per-job gauge (labels ``namespace``, ``job``)."""
+    return Gauge(name, documentation, ["namespace", "job"])
+
+
+SNAPSHOT_SAVE_SECONDS = _job_gauge("trainingjob_latest_snapshot_save_seconds",
+                                   "Wall seconds the newest complete snapshot took to save")
+JOB_PHASE = Gauge("trainingjob_job_phase", "1 for the job's current phase, 0 for the others",
+                  ["namespace", "job", "phase"])
+PROGRESS_STEP = _job_gauge("trainingjob_progress_step", "Last train step the current attempt reported")
+PROGRESS_TOTAL = _job_gauge("trainingjob_progress_total_steps", "The run's total train steps (when known)")
+PROGRESS_PERCENT = _job_gauge("trainingjob_progress_percent", "Percent of the total train steps done")
+PROGRESS_RATE = _job_gauge("trainingjob_progress_steps_per_second", "Train steps per second over the trainer's window")
+PROGRESS_ETA = _job_gauge("trainingjob_progress_eta_timestamp_seconds",
+                          "Unix time the last step is expected (remaining = this - time())")
+GOODPUT_PERCENT = _job_gauge("trainingjob_goodput_percent", "Productive share of the job's training time, percent")
+GOODPUT_PRODUCTIVE = _job_gauge("trainingjob_goodput_productive_seconds", "Training seconds whose steps were kept")
+GOODPUT_LOST = _job_gauge("trainingjob_goodput_lost_seconds",
+                          "Seconds lost: re-done steps + disruption to next first step + snapshot stalls")
 RECONCILE_SECONDS = Histogram("trainingjob_reconcile_duration_seconds", "Duration of one reconcile pass",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 EVENTS = Counter("trainingjob_events_total", "Events posted by the operator, by reason", ["reason"])
@@ -112,6 +133,45 @@ def observe_job(body: Mapping[str, Any], status: Mapping[str, Any], seconds: flo
         if t is not None:
             SNAPSHOT_TIME.labels(**labels).set(t.timestamp())
     LOST_STEPS.labels(**labels).set(int((status.get("lostWork") or {}).get("steps", 0)))
+    if isinstance(latest.get("seconds"), (int, float)):
+        SNAPSHOT_SAVE_SECONDS.labels(**labels).set(latest["seconds"])
+    if status.get("phase"):
+        for phase in PHASES:
+            JOB_PHASE.labels(phase=phase, **labels).set(1 if phase == status["phase"] else 0)
+    _progress_gauges(labels, status)
+
+
+#: status.progress / status.goodput field -> its per-job gauge (absent field: the gauge is removed).
+_LIVE_GAUGES = (
+    ("progress", "step", PROGRESS_STEP), ("progress", "totalSteps", PROGRESS_TOTAL),
+    ("progress", "percent", PROGRESS_PERCENT), ("progress", "stepsPerSecond", PROGRESS_RATE),
+    ("goodput", "percent", GOODPUT_PERCENT), ("goodput", "productiveSeconds", GOODPUT_PRODUCTIVE),
+    ("goodput", "lostSeconds", GOODPUT_LOST),
+)
+
+
+def _progress_gauges(labels: Mapping[str, str], status: Mapping[str, Any]) -> None:
+    """The same figures as ``status.progress`` and ``status.goodput`` (none while a restart has no progress yet)."""
+    from .classify import parse_time
+
+    values: list[tuple[Gauge, float | None]] = []
+    for part, field, gauge in _LIVE_GAUGES:
+        v = (status.get(part) or {}).get(field)
+        values.append((gauge, float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None))
+    eta = parse_time((status.get("progress") or {}).get("eta"))
+    values.append((PROGRESS_ETA, eta.timestamp() if eta else None))
+    for gauge, value in values:
+        if value is not None:
+            gauge.labels(**labels).set(value)
+        else:
+            _remove(gauge, labels["namespace"], labels["job"])
+
+
+def _remove(metric: Any, *labelvalues: str) -> None:
+    try:
+        metric.remove(*labelvalues)
+    except KeyError:
+        pass
 
 
 def forget_job(namespace: str, name: str) -> None:
@@ -119,8 +179,8 @@ def forget_job(namespace: str, name: str) -> None:
     _phase_of.pop(key, None)
     _seen_restarts.pop(key, None)
     _refresh_phases()
-    for metric in (PREEMPTIONS, FAILURES, RESTARTS, SNAPSHOT_STEP, SNAPSHOT_TIME, LOST_STEPS):
-        try:
-            metric.remove(namespace, name)
-        except KeyError:
-            pass
+    for metric in (PREEMPTIONS, FAILURES, RESTARTS, SNAPSHOT_STEP, SNAPSHOT_TIME, LOST_STEPS, SNAPSHOT_SAVE_SECONDS,
+                   *(g for _, _, g in _LIVE_GAUGES), PROGRESS_ETA):
+        _remove(metric, namespace, name)
+    for phase in PHASES:
+        _remove(JOB_PHASE, namespace, name, phase)

@@ -62,6 +62,8 @@ class SnapshotSpec:
     credentials_secret: str | None = None
     resume_from: str | None = None
     stall_after_intervals: int = 3
+    #: Seconds between two progress writes of the trainer (``None``: its default, 15).
+    progress_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
             credentials_secret=snap.get("credentialsSecret") or None,
             resume_from=snap.get("resumeFrom") or None,
             stall_after_intervals=_int(snap, "stallAfterIntervals", 3),
+            progress_seconds=_int(snap, "progressSeconds", 0) or None,
         )
     rec = spec.get("recovery") or {}
     if not isinstance(rec, Mapping):

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
-from . import builders
+from . import builders, progress_status
 from .classify import (
     FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
     PodView, classify, node_suspect, parse_time, short_text,
@@ -36,6 +36,9 @@ PENDING, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
 )
 TERMINAL = (SUCCEEDED, FAILED)
+#: A job with ``spec.snapshot.progressSeconds`` is looked at once per that period, at most this often
+#: (the snapshot listing's own minimum reuse: ``snapshots.SnapshotReader.min_interval``).
+PROGRESS_MIN_REFRESH_SECONDS = 3.0
 
 # Reasons (CamelCase constants, used in status, conditions and Events)
 R_INVALID_SPEC = "InvalidSpec"
@@ -85,6 +88,10 @@ class SnapshotState:
     #: The gang attempt that wrote ``latest`` (from its commit marker).
     latest_attempt: int | None = None
     error: str | None = None
+    #: The trainer's ``_tj/progress.json`` as last read (``None``: absent or unreadable).
+    progress: contract.Progress | None = None
+    #: Its ETag: it is read again only when the listing shows another one.
+    progress_etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,15 @@ class _Ctx:
 
 def reconcile(body: Mapping[str, Any], observed: Observed) -> Plan:
     """Compute the plan for one TrainingJob. Pure: no I/O, no clock."""
+    plan = _lifecycle(body, observed)
+    if not body["metadata"].get("deletionTimestamp"):
+        snaps = observed.snapshots
+        progress_status.update(plan.status, progress=snaps.progress if snaps else None)
+    return plan
+
+
+def _lifecycle(body: Mapping[str, Any], observed: Observed) -> Plan:
+    """The plan of the job's lifecycle (phases, gangs, restarts); progress and goodput follow it."""
     c = _Ctx(body, observed)
     if body["metadata"].get("deletionTimestamp"):
         return c.plan  # ownerReferences garbage-collect the gang
@@ -626,7 +642,10 @@ def _observe_gang(c: _Ctx, spec: JobSpec, current: list[Mapping[str, Any]]) -> N
         return
     _ensure_service(c, attempt, repair=True)
     # No requeue of a steady gang: its pods' events wake it, and the operator's
-    # resync (spread over --resync-seconds) looks at it once per period.
+    # resync (spread over --resync-seconds) looks at it once per period; except
+    # a job that asks for fresh progress (spec.snapshot.progressSeconds).
+    if spec.snapshot is not None and spec.snapshot.progress_seconds:
+        c.requeue(max(PROGRESS_MIN_REFRESH_SECONDS, float(spec.snapshot.progress_seconds)))
     _stall_condition(c, spec)
 
 

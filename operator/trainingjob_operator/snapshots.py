@@ -16,13 +16,17 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from trainingjob_trainer import contract
 
 from .classify import parse_time
 from .model import JobSpec
+from .progress_status import MAX_PROGRESS_BYTES
 from .reconcile import SnapshotState
+
+if TYPE_CHECKING:
+    from trainingjob_trainer.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +72,52 @@ class S3Access:
         return opts
 
 
-def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
+def read_progress(store: SnapshotStore, live: Mapping[str, Mapping[str, Any]],
+                  seen: tuple[str | None, contract.Progress | None]) -> tuple[str | None, contract.Progress | None]:
+    """The trainer's progress object, from the listing's ``_tj/`` entries (blocking).
+
+    One GET only when the listing shows an ETag other than the one read last
+    (``seen``: ``(etag, parsed)``); none when it is unchanged, absent or larger
+    than :data:`~.progress_status.MAX_PROGRESS_BYTES`. A GET that fails
+    returns ``seen`` (the next pass tries again: the ETag still differs) and
+    never fails the listing; a malformed object reads as ``None``.
+    """
+    from trainingjob_trainer import s3
+
+    meta = live.get(contract.PROGRESS_OBJECT)
+    if meta is None or int(meta.get("size") or 0) > MAX_PROGRESS_BYTES:
+        return None, None
+    etag = str(meta.get("etag") or "") or None
+    if etag is not None and etag == seen[0]:
+        return seen
+    _, path = s3.filesystem(contract.live_object_uri(store.root, contract.PROGRESS_OBJECT), store.storage_options)
+    try:
+        text = store.fs.cat_file(path)
+    except FileNotFoundError:  # deleted between the listing and the GET
+        return None, None
+    except Exception as e:  # best effort: the snapshot state stands; the changed ETag is retried next pass
+        log.warning("reading %s failed: %s: %s", contract.PROGRESS_OBJECT, type(e).__name__, str(e)[:200])
+        return seen
+    return etag, contract.Progress.from_json(text)
+
+
+def read_snapshot_state(root_uri: str, access: S3Access,
+                        seen: tuple[str | None, contract.Progress | None] = (None, None)) -> SnapshotState:
     """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
     Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
     torch): the operator and the pods apply the very same rule to the very
-    same listing.
+    same listing. The same listing finds the trainer's progress object
+    (:func:`read_progress`; ``seen``: the ETag and content read last).
     """
     from trainingjob_trainer.store import SnapshotStore
 
     store = SnapshotStore(root_uri, storage_options=access.storage_options())
-    complete = [i for i in store.scan() if i.complete and i.marker is not None]
+    infos, live = store.scan_with_live()
+    etag, progress = read_progress(store, live, seen)
+    complete = [i for i in infos if i.complete and i.marker is not None]
     if not complete:
-        return SnapshotState(latest=None, count=0)
+        return SnapshotState(latest=None, count=0, progress=progress, progress_etag=etag)
     newest = complete[-1]  # scan() orders by parsed (step, epoch)
     m = newest.marker
     assert m is not None
@@ -91,7 +128,8 @@ def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
             interval = (b - a).total_seconds()
     latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
-    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt)
+    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt,
+                         progress=progress, progress_etag=etag)
 
 
 def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple[S3Access | None, str | None]:
@@ -129,6 +167,8 @@ class SnapshotReader:
       interval (the time between its two newest snapshots), at least
       ``steady_interval`` and at most ``max_interval``: about one listing per
       snapshot the job writes, and a preemption's fencing never waits for S3;
+      a job that sets ``spec.snapshot.progressSeconds`` is listed once per
+      that period instead (its status' progress is that fresh);
     * otherwise ``min_interval`` (a few seconds). The listings that decide
       something are forced fresh by the caller: before a gang is created (it
       resumes from the newest snapshot, perhaps the emergency one its
@@ -156,13 +196,23 @@ class SnapshotReader:
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
 
-    def reuse_for(self, *, phase: str | None, steady: bool, state: SnapshotState) -> float:
-        """Seconds a listing in ``state`` may be reused for a job in ``phase``."""
+    def reuse_for(self, *, phase: str | None, steady: bool, state: SnapshotState,
+                  progress_seconds: float | None = None) -> float:
+        """Seconds a listing in ``state`` may be reused for a job in ``phase``.
+
+        ``progress_seconds``: the job's explicit ``spec.snapshot.progressSeconds``.
+        A job that sets it asks for its status' progress that fresh, and pays
+        one listing per period (at most one per ``min_interval``); without it
+        progress is as fresh as the steady listing (docs/architecture.md).
+        """
         if phase in ("Succeeded", "Failed", "Suspended"):
             return self.finished_interval
         if not steady or state.error:
             return self.min_interval
-        return min(self.max_interval, max(self.steady_interval, state.interval_seconds or 0.0))
+        steady_for = min(self.max_interval, max(self.steady_interval, state.interval_seconds or 0.0))
+        if progress_seconds:
+            steady_for = min(steady_for, max(self.min_interval, float(progress_seconds)))
+        return steady_for
 
     async def observe(self, body: Mapping[str, Any], spec: JobSpec, access: S3Access | None,
                       *, force: bool = False, steady: bool = False) -> SnapshotState | None:
@@ -176,12 +226,14 @@ class SnapshotReader:
         cached = self._cache.get(key)
         now = time.monotonic()
         if cached and not force and cached[1] == stamp and \
-                now - cached[0] < self.reuse_for(phase=status.get("phase"), steady=steady, state=cached[2]):
+                now - cached[0] < self.reuse_for(phase=status.get("phase"), steady=steady, state=cached[2],
+                                                 progress_seconds=spec.snapshot.progress_seconds):
             return cached[2]
         task = self._inflight.get(key)
         if task is None or task.done():
             root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
-            task = asyncio.create_task(self._read(root, access))
+            seen = (cached[2].progress_etag, cached[2].progress) if cached else (None, None)
+            task = asyncio.create_task(self._read(root, access, seen))
             self._inflight[key] = task
         try:
             state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
@@ -196,9 +248,11 @@ class SnapshotReader:
         self._cache.pop(key, None)
 
     @staticmethod
-    async def _read(root: str, access: S3Access) -> SnapshotState:
+    async def _read(root: str, access: S3Access,
+                    seen: tuple[str | None, contract.Progress | None]) -> SnapshotState:
         try:
-            return await asyncio.get_running_loop().run_in_executor(_LISTING_POOL, read_snapshot_state, root, access)
+            return await asyncio.get_running_loop().run_in_executor(
+                _LISTING_POOL, read_snapshot_state, root, access, seen)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)

@@ -14,13 +14,14 @@ import re
 import signal
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
 from localcluster import control
-from tests.integration.helpers import TJ, events_of, pods_of, wait_phase, wait_status
+from tests.integration.helpers import TJ, events_of, kubectl_get_tj, pods_of, wait_phase, wait_status
 
 pytestmark = [pytest.mark.slow]
 
@@ -196,11 +197,47 @@ def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
     assert reasons.count("Preempted") == 2 and "AllWorkersSucceeded" in reasons
 
 
+class ProgressWatch:
+    """The job's ``status.progress`` of one attempt next to the trainer's own log, sampled together.
+
+    Each sample records the wall time and the highest step the attempt's
+    ranks printed by then, so a progress object (as of its ``updatedAt``) can be
+    compared with what the trainer had really reached at that time.
+    """
+
+    def __init__(self, cluster, namespace: str, job: str, *, attempt: int) -> None:
+        self.cluster, self.namespace, self.job, self.attempt = cluster, namespace, job, attempt
+        self.log: list[tuple[float, int]] = []
+        self.seen: list[dict] = []  # distinct status.progress of the attempt, in order
+
+    def sample(self, st: dict) -> dict | None:
+        """Record the log and ``st``'s progress; returns the progress when it is this attempt's."""
+        self.log.append((time.time(), max(printed_steps(self.cluster, self.namespace, self.job, self.attempt),
+                                          default=0)))
+        p = st.get("progress") or {}
+        if p.get("attempt") != self.attempt:
+            return None
+        if not self.seen or self.seen[-1]["updatedAt"] != p["updatedAt"]:
+            self.seen.append(p)
+        return p
+
+    def log_step_at(self, when: str) -> int:
+        t = datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+        before = [step for at, step in self.log if at <= t]
+        assert before, f"no log sample before {when}"
+        return before[-1]
+
+
 def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
         kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
+    """Also issue 12, item 6: progress moves while attempt 1 runs, its percent and ETA are right
+    within 20% mid-run (against the trainer's log, and the run's real end), the columns show in
+    ``kubectl get tj``, and the node loss shows in the goodput."""
     weights = tmp_path / "weights.pt"
     start_operator(["--resync-seconds", "1"], name="operator-c")
-    kube.create(TJ, example_job("lost", namespace, cluster, weights, sleep=0.3), namespace=namespace)
+    body = example_job("lost", namespace, cluster, weights, sleep=0.3)
+    body["spec"]["snapshot"]["progressSeconds"] = 1
+    kube.create(TJ, body, namespace=namespace)
     st = wait_status(kube, namespace, "lost", lambda s: s.get("phase") == "Running" and latest_step(s) >= EVERY,
                      timeout=180, what="first snapshot")
     assert latest_step(st) < STEPS - EVERY, "training outran the test"
@@ -210,10 +247,41 @@ def test_node_lost_without_sigterm_resumes_from_periodic_snapshot(
     pod = kube.get("pods", "lost-0-1", namespace=namespace)
     node = pod["spec"]["nodeName"]
     control.lose_node(kube, node)  # SIGKILL, no grace, no emergency snapshot
+    watch = ProgressWatch(cluster, namespace, "lost", attempt=1)
+
+    def mid_run(s: dict) -> bool:
+        # Far enough in for a rate, and at least 15 steps (4.5 s) from the end: an ETA worth checking.
+        p = watch.sample(s)
+        return bool(p) and p["step"] >= p["startStep"] + 4 and STEPS - p["step"] >= 15 and "eta" in p
+
     try:
-        st = wait_phase(kube, namespace, "lost", "Succeeded", timeout=300)
+        st = wait_status(kube, namespace, "lost", mid_run, timeout=300, what="attempt 1 mid-run progress")
+        mid, (columns,) = st["progress"], kubectl_get_tj(cluster.kubeconfig, namespace)
+        st = wait_status(kube, namespace, "lost",
+                         lambda s: bool(watch.sample(s)) and s.get("phase") == "Succeeded"
+                         and s["progress"]["step"] == STEPS, timeout=300, what="Succeeded with the last progress")
     finally:
         control.restore_node(kube, node)
+    # Progress moved while the attempt ran, and never showed attempt 0's.
+    steps_seen = [p["step"] for p in watch.seen]
+    assert len(steps_seen) >= 3 and steps_seen == sorted(steps_seen), steps_seen
+    # Mid-run percent against the step the trainer's log had reached at the progress' updatedAt ...
+    true_pct = 100 * watch.log_step_at(mid["updatedAt"]) / STEPS
+    assert abs(mid["percent"] - true_pct) <= 0.2 * true_pct, (mid, true_pct)
+    # ... and the ETA against the run's real end (the trainer's last progress write).
+    eta, end, then = (datetime.fromisoformat(x.replace("Z", "+00:00")).timestamp()
+                      for x in (mid["eta"], st["progress"]["updatedAt"], mid["updatedAt"]))
+    assert abs(eta - end) <= 0.2 * (end - then), (mid, st["progress"])
+    assert columns["STEP"].isdigit() and int(columns["STEP"]) >= mid["step"], columns
+    assert float(columns["PROGRESS"]) >= mid["percent"] and columns["ETA"].endswith("Z"), columns
+    assert st["progress"]["percent"] == 100.0
+    g = st["goodput"]
+    (wide,) = kubectl_get_tj(cluster.kubeconfig, namespace, "-o", "wide")
+    assert float(wide["GOODPUT"]) == g["percent"] and int(wide["STEP"]) == STEPS, wide
+    # The node loss cost re-done steps (at least their 0.3 s sleep each) and a recovery.
+    assert 0 < g["percent"] < 100 and g["recoverySeconds"] > 0, g
+    assert g["redoneSeconds"] >= 0.8 * 0.3 * st["lostWork"]["steps"], (g, st["lostWork"])
+    assert abs(g["lostSeconds"] - (g["redoneSeconds"] + g["recoverySeconds"] + g["stalledSeconds"])) <= 0.15, g
     assert st["restarts"] == {"preemptions": 1, "failures": 0}
     last = st["lastDisruption"]
     assert last["reason"] == "NodeLost" and last["node"] == node

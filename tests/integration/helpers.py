@@ -135,3 +135,21 @@ class Recorder:
     def last(self, prefix: str, what: str) -> float | None:
         ts = [t for t, n, w in self.pod_timeline if n.startswith(prefix) and w == what]
         return max(ts) if ts else None
+
+
+def kubectl_get_tj(kubeconfig: str, namespace: str, *args: str) -> list[dict[str, str]]:
+    """``kubectl get tj`` (the server-side printed columns), one ``{HEADER: cell}`` per row.
+
+    Cells are cut at the header's column offsets (kubectl pads with spaces and
+    leaves an absent value empty).
+    """
+    import os
+    import re
+    import subprocess
+
+    out = subprocess.run(["kubectl", "get", "tj", "-n", namespace, *args], capture_output=True, text=True,
+                         env={**os.environ, "KUBECONFIG": kubeconfig}, timeout=30, check=True).stdout
+    header, *rows = out.rstrip("\n").splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    return [{n: row[a:b].strip() for n, a, b in zip(names, starts, [*starts[1:], None])} for row in rows]

@@ -223,9 +223,20 @@ class SnapshotStore:
         One GET of the fence (``fence``: the one to apply instead), one
         recursive listing, plus one GET per folder that has a marker.
         """
+        return self.scan_with_live(fence=fence)[0]
+
+    def scan_with_live(self, *, fence: Any = _NO_FENCE) -> tuple[list[SnapshotInfo], dict[str, Mapping[str, Any]]]:
+        """:meth:`scan`, and the ``_tj/`` live objects found in the same listing.
+
+        Returns:
+            ``(snapshots, live)``: ``live`` is :func:`contract.live_entries` of
+            the listing (``{PROGRESS_OBJECT: {"size", "etag"}, ...}``), so the
+            operator reads the progress object only when its ETag changed.
+        """
         fence = self.read_fence() if fence is SnapshotStore._NO_FENCE else fence
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
-        for rel, meta in self._find(self._root_path).items():
+        everything = self._find(self._root_path)
+        for rel, meta in everything.items():
             if "/" not in rel:
                 continue
             d, inner = rel.split("/", 1)
@@ -235,7 +246,7 @@ class SnapshotStore:
                             path=self._path(name), fence=fence) for name, listing in by_dir.items()]
         infos.sort(key=lambda i: contract.snapshot_order(i.name, i.marker) if i.complete and i.marker
                    else (i.step, i.epoch, "", False))
-        return infos
+        return infos, contract.live_entries(everything)
 
     def inspect(self, uri: str) -> SnapshotInfo | None:
         """The state of one snapshot folder given by full URI (``None`` if not one)."""
