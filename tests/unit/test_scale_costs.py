@@ -81,7 +81,7 @@ def test_issue10_steady_listing_reused_for_the_snapshot_interval_and_dropped_by_
     reader = SnapshotReader(min_interval=3.0, steady_interval=90.0, max_interval=600.0)
     reads: list[str] = []
 
-    async def fake_read(root: str, access: S3Access) -> SnapshotState:
+    async def fake_read(root: str, access: S3Access, seen: object = None) -> SnapshotState:
         reads.append(root)
         return SnapshotState(count=2, interval_seconds=300.0)
 
@@ -98,6 +98,10 @@ def test_issue10_steady_listing_reused_for_the_snapshot_interval_and_dropped_by_
         await observe(body)
         assert len(reads) == 1  # steady: reused
         assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(interval_seconds=300.0)) == 300.0
+        # A job that sets spec.snapshot.progressSeconds is listed once per that period (at most every 3 s).
+        assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(interval_seconds=300.0),
+                                progress_seconds=20) == 20.0
+        assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(), progress_seconds=1) == 3.0
         assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(interval_seconds=5.0)) == 90.0
         assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(interval_seconds=9e9)) == 600.0
         assert reader.reuse_for(phase="Running", steady=True, state=SnapshotState(error="x")) == 3.0
@@ -122,7 +126,7 @@ def test_issue10_unsteady_gang_lists_after_min_interval() -> None:
     reader = SnapshotReader(min_interval=0.0, steady_interval=90.0)
     reads: list[str] = []
 
-    async def fake_read(root: str, access: S3Access) -> SnapshotState:
+    async def fake_read(root: str, access: S3Access, seen: object = None) -> SnapshotState:
         reads.append(root)
         return SnapshotState(count=1)
 
@@ -144,6 +148,10 @@ def test_issue10_steady_gang_asks_for_no_requeue_of_its_own() -> None:
     plan = reconcile(b, obs([pod(b, 0, r) for r in range(3)], [svc(b, 0)]))
     assert plan.status["phase"] == "Running" and plan.actions == []
     assert plan.requeue_after is None  # the resync looks at it once per period
+    # ... unless the job asks for its progress that fresh.
+    fresh = job(status={"attempt": 0, "phase": "Running", "gangCreated": True},
+                snapshot={"uri": "s3://bucket/runs", "credentialsSecret": "s3-creds", "progressSeconds": 10})
+    assert reconcile(fresh, obs([pod(fresh, 0, r) for r in range(3)], [svc(fresh, 0)])).requeue_after == 10.0
 
 
 def test_issue10_resync_spreads_jobs_over_the_period() -> None:
