@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease-duration", type=float, default=float(env("TJ_OPERATOR_LEASE_DURATION", "15")))
     p.add_argument("--renew-deadline", type=float, default=float(env("TJ_OPERATOR_RENEW_DEADLINE", "10")))
     p.add_argument("--retry-period", type=float, default=float(env("TJ_OPERATOR_RETRY_PERIOD", "2")))
+    p.add_argument("--reclaim-taints", default=env("TJ_OPERATOR_RECLAIM_TAINTS"),
+                   help="node taint keys that announce a reclaim, comma-separated: a gang pod's node getting one "
+                        "triggers a snapshot (default: the common cloud/autoscaler ones; empty: none; "
+                        "env TJ_OPERATOR_RECLAIM_TAINTS). Needs the cluster-wide node watch")
+    p.add_argument("--reclaim-pod-condition", choices=["true", "false"],
+                   default=env("TJ_OPERATOR_RECLAIM_POD_CONDITION", "true").lower(),
+                   help="whether the DisruptionTarget pod condition triggers a snapshot (env "
+                        "TJ_OPERATOR_RECLAIM_POD_CONDITION)")
     args = p.parse_args(argv)
     if args.namespace is None and env("TJ_OPERATOR_NAMESPACES"):
         args.namespace = [n.strip() for n in env("TJ_OPERATOR_NAMESPACES", "").split(",") if n.strip()]
@@ -65,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from . import handlers, metrics
     from .leader import ElectionConfig, LeaderElector
+    from .snapshot_requests import ReclaimConfig, parse_taint_list
 
     handlers.CONTROLLER.resync_seconds = args.resync_seconds
     handlers.CONTROLLER.workers = args.workers
+    handlers.CONTROLLER.reclaim = ReclaimConfig(taints=parse_taint_list(args.reclaim_taints),
+                                                pod_condition=args.reclaim_pod_condition == "true")
     stop_flag: asyncio.Event | None = None
     lost: list[bool] = []
     if args.leader_elect:

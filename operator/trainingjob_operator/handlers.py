@@ -30,13 +30,13 @@ import kopf
 
 from trainingjob_trainer import contract
 
-from . import metrics
+from . import metrics, snapshot_requests
 from .classify import NodeView
 from .kube import ApiError, Kube
 from .leader import LeaderElector
 from .model import SpecError, parse_spec
 from .reconcile import CreateError, Event, Observed, Plan, reconcile
-from .snapshots import SnapshotReader, access_from_secret
+from .snapshots import S3Access, SnapshotReader, access_from_secret
 from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger("trainingjob_operator")
@@ -126,6 +126,14 @@ class Controller:
         self.finished: dict[Key, dict[str, dict[str, Any]]] = {}
         #: The last create the API server refused, per job: an input of the next reconcile.
         self.create_errors: dict[Key, CreateError] = {}
+        #: What counts as a reclaim warning (``--reclaim-taints``, ``--reclaim-pod-condition``).
+        self.reclaim = snapshot_requests.ReclaimConfig()
+        #: The reclaim taints of each node (from the node watch; empty: none).
+        self.node_warnings: dict[str, tuple[str, ...]] = {}
+        #: The job's S3 access as last read, to write its snapshot-request object.
+        self._access: dict[Key, S3Access] = {}
+        #: Why the last write of a job's snapshot-request object failed: an input of the next reconcile.
+        self.request_errors: dict[Key, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
@@ -263,6 +271,8 @@ class Controller:
             if e.status == 404:
                 self.finished.pop(key, None)
                 self.create_errors.pop(key, None)
+                self.request_errors.pop(key, None)
+                self._access.pop(key, None)
                 if self.queue is not None:
                     self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
@@ -310,6 +320,7 @@ class Controller:
                                   f"{e.status} {e.reason}")
             if access is not None:
                 self._secret_values[key] = access.secret_values()
+                self._access[key] = access
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
             fresh = not (body.get("status") or {}).get("gangCreated")
@@ -318,7 +329,9 @@ class Controller:
         return Observed(now=now, pods=mine("pod_index"), services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem,
                         finished_pods=self.finished_pods(key, uid, attempt),
-                        create_error=self.create_errors.get(key))
+                        create_error=self.create_errors.get(key),
+                        node_warnings=dict(self.node_warnings) if self.watch_nodes else None,
+                        reclaim=self.reclaim, request_error=self.request_errors.get(key))
 
     def redact(self, key: Key, value: Any) -> Any:
         """Mask the job's credential values wherever they appear (pod log tails end up in messages)."""
@@ -359,6 +372,8 @@ class Controller:
         if patch:
             await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
                                          resource_version=meta.get("resourceVersion"))
+        if plan.request_write is not None:
+            await self.write_request(body, plan.request_write)
         if not any(a.verb == "create" for a in plan.actions):
             self.create_errors.pop(key, None)
         for a in plan.actions:
@@ -379,6 +394,32 @@ class Controller:
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
+
+    async def write_request(self, body: Mapping[str, Any], request: contract.SnapshotRequest) -> None:
+        """Write the job's snapshot-request object (after the status recorded the decision).
+
+        A failure is kept as an input of the next reconcile (status
+        ``snapshot.requestError`` and a Warning Event, credentials masked),
+        which retries the write.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        access = self._access.get(key)
+        spec = parse_spec(body.get("spec"))
+        if access is None or spec.snapshot is None:
+            return
+        root = contract.job_snapshot_root(spec.snapshot.uri, *key)
+        try:
+            await asyncio.to_thread(snapshot_requests.write_request, root, access.storage_options(), request)
+        except Exception as e:  # S3 down, access denied...: reported in status, retried
+            msg = f"cannot write the snapshot request {request.value!r} to {root}: {type(e).__name__}: {str(e)[:300]}"
+            self.request_errors[key] = self.redact(key, msg)
+            log.warning("%s/%s: %s", *key, self.request_errors[key])
+            self.enqueue(key, 2.0, source="requeue")
+            return
+        self.request_errors.pop(key, None)
+        self.snapshots.refresh(key)
+        log.info("%s/%s snapshot request %r written to %s", *key, request.value, root)
 
 
 CONTROLLER = Controller()
@@ -464,17 +505,21 @@ async def _on_child(namespace: str, labels: Mapping[str, str], body: Mapping[str
         CONTROLLER.enqueue((namespace, job))
 
 
-def on_node_event(name: str, view: NodeView | None) -> list[Key]:
+def on_node_event(name: str, view: NodeView | None, warnings: tuple[str, ...] = ()) -> list[Key]:
     """A node changed (``view`` None: deleted): the jobs to wake, those with a pod on it.
 
-    Heartbeats that leave the node's readiness as it was wake nothing.
+    Heartbeats that leave the node's readiness and reclaim taints (``warnings``)
+    as they were wake nothing.
     """
-    if view is not None and CONTROLLER.node_views.get(name) == view:
+    if view is not None and CONTROLLER.node_views.get(name) == view \
+            and CONTROLLER.node_warnings.get(name, ()) == warnings:
         return []
     if view is None:
         CONTROLLER.node_views.pop(name, None)
+        CONTROLLER.node_warnings.pop(name, None)
     else:
         CONTROLLER.node_views[name] = view
+        CONTROLLER.node_warnings[name] = warnings
     idx = CONTROLLER.indices.get("pod_node_index")
     if idx is None or name not in idx:
         return []
@@ -494,4 +539,5 @@ def register_node_watch() -> None:
     @kopf.on.event("nodes", id="_on_node")
     async def _on_node(name: str, body: Mapping[str, Any], type: str | None, **kwargs: Any) -> None:
         _remember(kwargs)
-        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body))
+        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body),
+                      snapshot_requests.node_warnings(body, taints=CONTROLLER.reclaim.taints))

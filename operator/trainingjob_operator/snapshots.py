@@ -22,6 +22,7 @@ from trainingjob_trainer import contract
 from .classify import parse_time
 from .model import JobSpec
 from .reconcile import SnapshotState
+from .snapshot_requests import LiveCache
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,21 @@ class S3Access:
         return opts
 
 
-def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
+def read_snapshot_state(root_uri: str, access: S3Access, *, live_cache: LiveCache | None = None) -> SnapshotState:
     """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
     Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
     torch): the operator and the pods apply the very same rule to the very
-    same listing.
+    same listing. With ``live_cache``, the snapshot-request and ack objects
+    found in that listing are read too (a GET only when one changed).
     """
     from trainingjob_trainer.store import SnapshotStore
 
     store = SnapshotStore(root_uri, storage_options=access.storage_options())
     complete = [i for i in store.scan() if i.complete and i.marker is not None]
+    live = live_cache.read(store.fs, store._root_path, store.live) if live_cache is not None else None
     if not complete:
-        return SnapshotState(latest=None, count=0)
+        return SnapshotState(latest=None, count=0, live=live)
     newest = complete[-1]  # scan() orders by parsed (step, epoch)
     m = newest.marker
     assert m is not None
@@ -86,7 +89,8 @@ def read_snapshot_state(root_uri: str, access: S3Access) -> SnapshotState:
             interval = (b - a).total_seconds()
     latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
-    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt)
+    return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt,
+                         live=live)
 
 
 def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple[S3Access | None, str | None]:
@@ -129,6 +133,7 @@ class SnapshotReader:
         self.timeout = timeout
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
+        self.live_cache = LiveCache()
 
     async def observe(self, body: Mapping[str, Any], spec: JobSpec, access: S3Access | None,
                       *, force: bool = False) -> SnapshotState | None:
@@ -147,7 +152,7 @@ class SnapshotReader:
         task = self._inflight.get(key)
         if task is None or task.done():
             root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
-            task = asyncio.create_task(self._read(root, access))
+            task = asyncio.create_task(self._read(root, access, self.live_cache))
             self._inflight[key] = task
         try:
             state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
@@ -158,9 +163,9 @@ class SnapshotReader:
         return state
 
     @staticmethod
-    async def _read(root: str, access: S3Access) -> SnapshotState:
+    async def _read(root: str, access: S3Access, live_cache: LiveCache) -> SnapshotState:
         try:
-            return await asyncio.to_thread(read_snapshot_state, root, access)
+            return await asyncio.to_thread(read_snapshot_state, root, access, live_cache=live_cache)
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)
@@ -169,3 +174,9 @@ class SnapshotReader:
     def forget(self, key: tuple[str, str]) -> None:
         self._cache.pop(key, None)
         self._inflight.pop(key, None)
+
+    def refresh(self, key: tuple[str, str]) -> None:
+        """The next :meth:`observe` of ``key`` lists S3 again (the operator just wrote there)."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache[key] = (float("-inf"), cached[1], cached[2])

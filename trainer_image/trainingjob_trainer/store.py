@@ -91,6 +91,8 @@ class SnapshotStore:
         self.root = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.fs, self._root_path = s3.filesystem(self.root, self.storage_options)
+        #: The ``_tj/`` objects of the last :meth:`scan`'s listing (path relative to the root -> size, etag).
+        self.live: dict[str, Mapping[str, Any]] = {}
 
     # ------------------------------------------------------------------ paths
     def uri_for(self, *, epoch: int, step: int) -> str:
@@ -134,9 +136,13 @@ class SnapshotStore:
         """Every snapshot folder under the root, oldest first (by step, epoch).
 
         One recursive listing, plus one GET per folder that has a marker.
+        The ``_tj/`` live objects of that listing are kept in :attr:`live`
+        (:func:`contract.live_entries`) for the operator.
         """
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
-        for rel, meta in self._find(self._root_path).items():
+        found = self._find(self._root_path)
+        self.live = contract.live_entries(found)
+        for rel, meta in found.items():
             if "/" not in rel:
                 continue
             d, inner = rel.split("/", 1)
