@@ -1,0 +1,93 @@
+"""End to end, issue 12: snapshots on request and ahead of a reclaim, on one job.
+
+Real ``kopf run``, real torchrun gangs (2 pods x 2 processes, CPU, gloo), real
+S3 writes. The job is asked for a snapshot by annotation (a), then one of its
+nodes gets a spot reclaim taint and is lost without SIGTERM (b). Conditions
+are read from S3 and the trainers' logs, the status only for its own fields.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from localcluster import control
+from tests.e2e.test_recovery import EVERY, STEPS, assert_same_weights, example_job, printed_steps, start_step
+from tests.integration.helpers import TJ, events_of, wait_phase, wait_status
+from trainingjob_trainer import contract, s3
+from trainingjob_trainer.store import SnapshotStore
+
+pytestmark = [pytest.mark.slow]
+
+SPOT_TAINT = {"key": "aws-node-termination-handler/spot-itn", "value": "true", "effect": "NoSchedule"}
+
+
+def wait_ack(fs, path: str, value: str, *, timeout: float = 60) -> contract.SnapshotAck:
+    """The trainer's acknowledgement of request ``value``, read from S3."""
+    deadline = time.monotonic() + timeout
+    ack = None
+    while time.monotonic() < deadline:
+        try:
+            ack = contract.SnapshotAck.from_json(fs.cat_file(path))
+        except FileNotFoundError:
+            ack = None
+        if ack is not None and ack.value == value:
+            return ack
+        time.sleep(0.03)
+    raise AssertionError(f"request {value!r} was never acknowledged; last ack: {ack}")
+
+
+def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_snapshot_loses_no_work(
+        kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
+    weights = tmp_path / "weights.pt"
+    start_operator(["--resync-seconds", "1"], name="operator-req")
+    body = example_job("req", namespace, cluster, weights, sleep=0.5)
+    body["spec"]["snapshot"]["requestPollSeconds"] = 1
+    kube.create(TJ, body, namespace=namespace)
+    root = contract.job_snapshot_root(f"s3://{cluster.bucket}/e2e", namespace, "req")
+    store = SnapshotStore(root, storage_options=cluster.s3_storage_options())
+    fs, ack_path = s3.filesystem(contract.live_object_uri(root, contract.SNAPSHOT_ACK_OBJECT),
+                                 cluster.s3_storage_options())
+
+    # (a) Asked right after a periodic snapshot, served before the next one is due.
+    deadline = time.monotonic() + 180
+    while True:
+        latest = store.latest_complete()
+        printed = max(printed_steps(cluster, namespace, "req", 0), default=0)
+        if latest is not None and 0 < printed - latest.step <= 2:
+            break
+        assert time.monotonic() < deadline, f"never just past a periodic snapshot: {latest}, printed {printed}"
+        time.sleep(0.05)
+    kube.patch(TJ, "req", {"metadata": {"annotations": {contract.ANNOTATION_SNAPSHOT_REQUEST: "e2e-1"}}},
+               namespace=namespace)
+    ack = wait_ack(fs, ack_path, "e2e-1")
+    assert latest.step < ack.step < latest.step + EVERY, (latest.step, ack)
+    assert ack.snapshot == store.uri_for(epoch=0, step=ack.step) and store.inspect(ack.snapshot).complete
+    st = wait_status(kube, namespace, "req", lambda s: (s.get("snapshot") or {}).get("lastRequest", {}).get(
+        "value") == "e2e-1", timeout=30, what="lastRequest")
+    last = st["snapshot"]["lastRequest"]
+    assert (last["step"], last["snapshot"], last["completedAt"]) == (ack.step, ack.snapshot, ack.completed_at)
+
+    # (b) A reclaim warning on the node of rank 1: a snapshot at once; then the node is
+    # lost without SIGTERM, before the gang finishes another step (0.5 s each).
+    node = kube.get("pods", "req-0-1", namespace=namespace)["spec"]["nodeName"]
+    kube.patch("nodes", node, {"spec": {"taints": [SPOT_TAINT]}})
+    try:
+        reclaim = wait_ack(fs, ack_path, f"reclaim-{node}-0")
+        control.lose_node(kube, node)
+        try:
+            st = wait_phase(kube, namespace, "req", "Succeeded", timeout=300)
+        finally:
+            control.restore_node(kube, node)
+    finally:
+        kube.patch("nodes", node, {"spec": {"taints": None}})
+    assert reclaim.step < STEPS and reclaim.step % EVERY != 0, reclaim
+    assert st["restarts"] == {"preemptions": 1, "failures": 0}
+    assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
+    assert st["snapshot"]["restoredFrom"] == reclaim.snapshot and st["snapshot"]["restoredStep"] == reclaim.step
+    assert start_step(cluster, namespace, "req", 1) == reclaim.step
+    assert st["lostWork"]["steps"] == 0
+    assert_same_weights(weights, reference_weights)
+    warned = [e["message"] for e in events_of(kube, namespace, "req") if e["reason"] == "ReclaimWarning"]
+    assert warned and node in warned[0] and SPOT_TAINT["key"] in warned[0], warned
