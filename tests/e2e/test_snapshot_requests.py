@@ -13,7 +13,7 @@ import time
 import pytest
 
 from localcluster import control
-from tests.e2e.test_recovery import EVERY, STEPS, assert_same_weights, example_job, printed_steps, start_step
+from tests.e2e.test_recovery import EVERY, assert_same_weights, example_job, printed_steps, start_step
 from tests.integration.helpers import TJ, events_of, wait_phase, wait_status
 from trainingjob_trainer import contract, s3
 from trainingjob_trainer.store import SnapshotStore
@@ -38,6 +38,21 @@ def wait_ack(fs, path: str, value: str, *, timeout: float = 60) -> contract.Snap
     raise AssertionError(f"request {value!r} was never acknowledged; last ack: {ack}")
 
 
+def just_past_periodic_snapshot(cluster, store: SnapshotStore, namespace: str, *, after: int = 0,
+                                timeout: float = 180) -> int:
+    """Wait until the gang printed 1 or 2 steps past a periodic snapshot newer than
+    ``after`` (S3's newest complete one); returns that snapshot's step. A request made
+    now is served well before the next periodic snapshot is due."""
+    deadline = time.monotonic() + timeout
+    while True:
+        latest = store.latest_complete()
+        printed = max(printed_steps(cluster, namespace, "req", 0), default=0)
+        if latest is not None and latest.step > after and latest.step % EVERY == 0 and 0 < printed - latest.step <= 2:
+            return latest.step
+        assert time.monotonic() < deadline, f"never just past a periodic snapshot: {latest}, printed {printed}"
+        time.sleep(0.05)
+
+
 def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_snapshot_loses_no_work(
         kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
     weights = tmp_path / "weights.pt"
@@ -51,18 +66,11 @@ def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_sna
                                  cluster.s3_storage_options())
 
     # (a) Asked right after a periodic snapshot, served before the next one is due.
-    deadline = time.monotonic() + 180
-    while True:
-        latest = store.latest_complete()
-        printed = max(printed_steps(cluster, namespace, "req", 0), default=0)
-        if latest is not None and 0 < printed - latest.step <= 2:
-            break
-        assert time.monotonic() < deadline, f"never just past a periodic snapshot: {latest}, printed {printed}"
-        time.sleep(0.05)
+    periodic = just_past_periodic_snapshot(cluster, store, namespace)
     kube.patch(TJ, "req", {"metadata": {"annotations": {contract.ANNOTATION_SNAPSHOT_REQUEST: "e2e-1"}}},
                namespace=namespace)
     ack = wait_ack(fs, ack_path, "e2e-1")
-    assert latest.step < ack.step < latest.step + EVERY, (latest.step, ack)
+    assert periodic < ack.step < periodic + EVERY, (periodic, ack)
     assert ack.snapshot == store.uri_for(epoch=0, step=ack.step) and store.inspect(ack.snapshot).complete
     st = wait_status(kube, namespace, "req", lambda s: (s.get("snapshot") or {}).get("lastRequest", {}).get(
         "value") == "e2e-1", timeout=30, what="lastRequest")
@@ -72,6 +80,7 @@ def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_sna
     # (b) A reclaim warning on the node of rank 1: a snapshot at once; then the node is
     # lost without SIGTERM, before the gang finishes another step (0.5 s each).
     node = kube.get("pods", "req-0-1", namespace=namespace)["spec"]["nodeName"]
+    periodic = just_past_periodic_snapshot(cluster, store, namespace, after=ack.step)
     kube.patch("nodes", node, {"spec": {"taints": [SPOT_TAINT]}})
     try:
         reclaim = wait_ack(fs, ack_path, f"reclaim-{node}-0")
@@ -82,7 +91,7 @@ def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_sna
             control.restore_node(kube, node)
     finally:
         kube.patch("nodes", node, {"spec": {"taints": None}})
-    assert reclaim.step < STEPS and reclaim.step % EVERY != 0, reclaim
+    assert periodic < reclaim.step < periodic + EVERY, (periodic, reclaim)
     assert st["restarts"] == {"preemptions": 1, "failures": 0}
     assert st["lastDisruption"]["reason"] == "NodeLost" and st["lastDisruption"]["node"] == node
     assert st["snapshot"]["restoredFrom"] == reclaim.snapshot and st["snapshot"]["restoredStep"] == reclaim.step
