@@ -87,7 +87,7 @@ def node_warnings(node: Mapping[str, Any], *, taints: Sequence[str]) -> tuple[st
 
 
 @dataclass(frozen=True)
-class Warning:  # noqa: A001 - the Kubernetes word for it
+class NodeWarning:
     """A reclaim warning for one node of the current gang."""
 
     node: str
@@ -96,7 +96,7 @@ class Warning:  # noqa: A001 - the Kubernetes word for it
 
 
 def reclaim_warnings(pods: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, tuple[str, ...]] | None,
-                     config: ReclaimConfig) -> list[Warning]:
+                     config: ReclaimConfig) -> list[NodeWarning]:
     """The warnings for the nodes of ``pods`` (the current gang), one per node (pure).
 
     Args:
@@ -105,7 +105,7 @@ def reclaim_warnings(pods: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, t
             then only the pod condition is seen).
         config: What counts as a warning.
     """
-    found: dict[str, Warning] = {}
+    found: dict[str, NodeWarning] = {}
     for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
         node = (p.get("spec") or {}).get("nodeName")
         status = p.get("status") or {}
@@ -113,12 +113,12 @@ def reclaim_warnings(pods: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, t
             continue
         taints = (nodes or {}).get(node) or ()
         if taints:
-            found[node] = Warning(node, p["metadata"]["name"], "taint " + ", ".join(taints))
+            found[node] = NodeWarning(node, p["metadata"]["name"], "taint " + ", ".join(taints))
             continue
         if config.pod_condition:
             for c in status.get("conditions") or []:
                 if c.get("type") == DISRUPTION_TARGET and c.get("status") == "True":
-                    found[node] = Warning(node, p["metadata"]["name"],
+                    found[node] = NodeWarning(node, p["metadata"]["name"],
                                           f"pod condition {DISRUPTION_TARGET} ({c.get('reason') or 'no reason'})")
     return list(found.values())
 
@@ -147,7 +147,7 @@ class Decision:
     write: contract.SnapshotRequest | None = None
 
 
-def decide(*, annotation: Any, warnings: Sequence[Warning], attempt: int, snapshot_status: Mapping[str, Any],
+def decide(*, annotation: Any, warnings: Sequence[NodeWarning], attempt: int, snapshot_status: Mapping[str, Any],
            live: LiveState | None, write_error: str | None, now: dt.datetime) -> Decision:
     """The pure decision of one reconcile.
 

@@ -76,6 +76,8 @@ def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_sna
         "value") == "e2e-1", timeout=30, what="lastRequest")
     last = st["snapshot"]["lastRequest"]
     assert (last["step"], last["snapshot"], last["completedAt"]) == (ack.step, ack.snapshot, ack.completed_at)
+    print(f"[issue12] request e2e-1 decided {st['snapshot']['request']['requestedAt']}, committed "
+          f"{ack.completed_at} at step {ack.step} (periodic {periodic})")
 
     # (b) A reclaim warning on the node of rank 1: a snapshot at once; then the node is
     # lost without SIGTERM, before the gang finishes another step (0.5 s each).
@@ -83,7 +85,10 @@ def test_issue12_on_demand_snapshot_between_periodic_ones_then_reclaim_taint_sna
     periodic = just_past_periodic_snapshot(cluster, store, namespace, after=ack.step)
     kube.patch("nodes", node, {"spec": {"taints": [SPOT_TAINT]}})
     try:
+        t0 = time.monotonic()
         reclaim = wait_ack(fs, ack_path, f"reclaim-{node}-0")
+        print(f"[issue12] taint -> reclaim snapshot committed and seen in S3: {time.monotonic() - t0:.2f}s, "
+              f"step {reclaim.step} (periodic {periodic})")
         control.lose_node(kube, node)
         try:
             st = wait_phase(kube, namespace, "req", "Succeeded", timeout=300)
