@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=env("TJ_OPERATOR_RECLAIM_POD_CONDITION", "true").lower(),
                    help="whether the DisruptionTarget pod condition triggers a snapshot (env "
                         "TJ_OPERATOR_RECLAIM_POD_CONDITION)")
+    p.add_argument("--reclaim-hold-seconds", type=int, default=int(env("TJ_OPERATOR_RECLAIM_HOLD_SECONDS", "120")),
+                   help="after a reclaim snapshot the gang stops stepping for at most this long, so a kill "
+                        "without SIGTERM loses no step; 0: it trains on (env TJ_OPERATOR_RECLAIM_HOLD_SECONDS)")
     args = p.parse_args(argv)
     if args.namespace is None and env("TJ_OPERATOR_NAMESPACES"):
         args.namespace = [n.strip() for n in env("TJ_OPERATOR_NAMESPACES", "").split(",") if n.strip()]
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers.CONTROLLER.resync_seconds = args.resync_seconds
     handlers.CONTROLLER.workers = args.workers
     handlers.CONTROLLER.reclaim = ReclaimConfig(taints=parse_taint_list(args.reclaim_taints),
-                                                pod_condition=args.reclaim_pod_condition == "true")
+                                                pod_condition=args.reclaim_pod_condition == "true",
+                                                hold_seconds=max(0, args.reclaim_hold_seconds))
     stop_flag: asyncio.Event | None = None
     lost: list[bool] = []
     if args.leader_elect:

@@ -835,7 +835,8 @@ def _snapshot_requests(c: _Ctx, spec: JobSpec) -> None:
     snap = c.status.setdefault("snapshot", {})
     d = snapshot_requests.decide(annotation=annotation, warnings=warnings, attempt=attempt, snapshot_status=snap,
                                  live=c.obs.snapshots.live if c.obs.snapshots else None,
-                                 write_error=c.obs.request_error, now=c.now)
+                                 write_error=c.obs.request_error, now=c.now,
+                                 hold_seconds=c.obs.reclaim.hold_seconds)
     for key, value in (("request", d.request), ("lastRequest", d.last_request), ("requestError", d.request_error)):
         if value is None:
             snap.pop(key, None)

@@ -53,6 +53,10 @@ R_REQUEST_IGNORED = "SnapshotRequestIgnored"
 
 #: Longest value relayed (a label-like token fits; longer is refused with an Event).
 MAX_VALUE_LENGTH = 253
+#: Seconds a gang holds at a reclaim snapshot's step by default (the chart's
+#: ``reclaimWarnings.holdSeconds``): long enough for the kill that follows a
+#: spot warning (AWS gives 2 minutes); a false alarm costs at most this idle.
+DEFAULT_RECLAIM_HOLD_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,14 @@ class ReclaimConfig:
     Attributes:
         taints: Node taint keys (any value, any effect).
         pod_condition: Whether the ``DisruptionTarget`` pod condition counts.
+        hold_seconds: The reclaim request's hold: after the snapshot the gang
+            stops stepping for at most this long, so a kill without SIGTERM
+            loses no step (0: it trains on; steps after the snapshot are lost).
     """
 
     taints: tuple[str, ...] = DEFAULT_RECLAIM_TAINTS
     pod_condition: bool = True
+    hold_seconds: int = DEFAULT_RECLAIM_HOLD_SECONDS
 
 
 def parse_taint_list(text: str | None) -> tuple[str, ...]:
@@ -148,7 +156,8 @@ class Decision:
 
 
 def decide(*, annotation: Any, warnings: Sequence[NodeWarning], attempt: int, snapshot_status: Mapping[str, Any],
-           live: LiveState | None, write_error: str | None, now: dt.datetime) -> Decision:
+           live: LiveState | None, write_error: str | None, now: dt.datetime,
+           hold_seconds: int = DEFAULT_RECLAIM_HOLD_SECONDS) -> Decision:
     """The pure decision of one reconcile.
 
     Args:
@@ -159,6 +168,7 @@ def decide(*, annotation: Any, warnings: Sequence[NodeWarning], attempt: int, sn
         live: The request and ack in S3 (``None``: S3 not read yet or unreadable).
         write_error: Why the last write of the request failed, if it did.
         now: The reconcile's clock.
+        hold_seconds: The hold a reclaim request asks for (user requests: none).
     """
     d = Decision()
     old = dict(snapshot_status.get("request") or {})
@@ -196,7 +206,8 @@ def decide(*, annotation: Any, warnings: Sequence[NodeWarning], attempt: int, sn
     value = req.get("value")
     if value and live is not None and (ack is None or ack.value != value) \
             and (live.request is None or live.request.value != value):
-        d.write = contract.SnapshotRequest(value=value, requested_at=req.get("requestedAt") or at)
+        d.write = contract.SnapshotRequest(value=value, requested_at=req.get("requestedAt") or at,
+                                           hold_seconds=hold_seconds if req.get("reason") == SOURCE_RECLAIM else 0)
     if write_error:
         d.request_error = write_error
         if snapshot_status.get("requestError") != write_error:

@@ -565,10 +565,12 @@ def test_issue12_reclaim_warnings_reach_the_operator_as_env_and_flags(tmp_path, 
     env = env_of(one(objects("default"), "Deployment"))
     assert parse_taint_list(env["TJ_OPERATOR_RECLAIM_TAINTS"]) == DEFAULT_RECLAIM_TAINTS == ReclaimConfig().taints
     assert env["TJ_OPERATOR_RECLAIM_POD_CONDITION"] == "true"
-    off = env_of(one(render({"reclaimWarnings": {"nodeTaints": [], "podDisruptionTarget": False}}, tmp_dir=tmp_path),
-                     "Deployment"))
+    assert int(env["TJ_OPERATOR_RECLAIM_HOLD_SECONDS"]) == ReclaimConfig().hold_seconds == 120
+    off = env_of(one(render({"reclaimWarnings": {"nodeTaints": [], "podDisruptionTarget": False, "holdSeconds": 0}},
+                            tmp_dir=tmp_path), "Deployment"))
     assert (off["TJ_OPERATOR_RECLAIM_TAINTS"], off["TJ_OPERATOR_RECLAIM_POD_CONDITION"]) == ("", "false")
-    for name in ("TJ_OPERATOR_RECLAIM_TAINTS", "TJ_OPERATOR_RECLAIM_POD_CONDITION"):
+    for name in ("TJ_OPERATOR_RECLAIM_TAINTS", "TJ_OPERATOR_RECLAIM_POD_CONDITION", "TJ_OPERATOR_RECLAIM_HOLD_SECONDS"):
         monkeypatch.setenv(name, off[name])
     args = parse_args([])
     assert parse_taint_list(args.reclaim_taints) == () and args.reclaim_pod_condition == "false"
+    assert args.reclaim_hold_seconds == 0

@@ -105,6 +105,8 @@ def test_issue12_reclaim_taint_on_a_gang_node_requests_once_per_node_and_attempt
     warned = {"n2": ("karpenter.sh/disrupted:NoSchedule",)}
     plan = reconcile(body, obs(body, gang(body, node1="n2"), snapshots=live(), node_warnings=warned))
     assert plan.request_write.value == "reclaim-n2-0"
+    assert plan.request_write.hold_seconds == 120  # the gang holds at the snapshot: a kill loses no step
+    assert contract.SnapshotRequest.from_json(plan.request_write.to_json()) == plan.request_write
     req = plan.status["snapshot"]["request"]
     assert (req["reason"], req["node"], req["reclaims"]) == ("ReclaimWarning", "n2", ["reclaim-n2-0"])
     assert [(e.type, e.reason, e.message) for e in plan.events] == [(
@@ -127,6 +129,7 @@ def test_issue12_a_user_request_after_a_reclaim_does_not_bring_the_reclaim_back(
     second = reconcile(body2, obs(body2, gang(body2, node1="n2"), snapshots=live(request="reclaim-n2-0"),
                                   node_warnings=warned))
     assert second.request_write.value == "mine" and [e.reason for e in second.events] == ["SnapshotRequested"]
+    assert second.request_write.hold_seconds == 0  # a user's request does not hold (and ends a reclaim hold)
     third = reconcile(apply(body2, second), obs(body2, gang(body2, node1="n2"), snapshots=live(request="mine"),
                                                 node_warnings=warned))
     assert third.request_write is None and third.events == []
