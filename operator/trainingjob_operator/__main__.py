@@ -51,6 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease-duration", type=float, default=float(env("TJ_OPERATOR_LEASE_DURATION", "15")))
     p.add_argument("--renew-deadline", type=float, default=float(env("TJ_OPERATOR_RENEW_DEADLINE", "10")))
     p.add_argument("--retry-period", type=float, default=float(env("TJ_OPERATOR_RETRY_PERIOD", "2")))
+    p.add_argument("--reclaim-taints", default=env("TJ_OPERATOR_RECLAIM_TAINTS"),
+                   help="node taint keys that announce a reclaim, comma-separated: a gang pod's node getting one "
+                        "triggers a snapshot (default: the common cloud/autoscaler ones; empty: none; "
+                        "env TJ_OPERATOR_RECLAIM_TAINTS). Needs the cluster-wide node watch")
+    p.add_argument("--reclaim-pod-condition", choices=["true", "false"],
+                   default=env("TJ_OPERATOR_RECLAIM_POD_CONDITION", "true").lower(),
+                   help="whether the DisruptionTarget pod condition triggers a snapshot (env "
+                        "TJ_OPERATOR_RECLAIM_POD_CONDITION)")
+    p.add_argument("--reclaim-hold-seconds", type=int, default=int(env("TJ_OPERATOR_RECLAIM_HOLD_SECONDS", "120")),
+                   help="after a reclaim snapshot the gang stops stepping for at most this long, so a kill "
+                        "without SIGTERM loses no step; 0: it trains on (env TJ_OPERATOR_RECLAIM_HOLD_SECONDS)")
     args = p.parse_args(argv)
     if args.namespace is None and env("TJ_OPERATOR_NAMESPACES"):
         args.namespace = [n.strip() for n in env("TJ_OPERATOR_NAMESPACES", "").split(",") if n.strip()]
@@ -67,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from . import handlers, login, metrics  # noqa: F401 (login registers Kopf's login handler)
     from .leader import ElectionConfig, LeaderElector
+    from .snapshot_requests import ReclaimConfig, parse_taint_list
 
     if args.resync_seconds is not None:
         handlers.CONTROLLER.resync_seconds = args.resync_seconds
     handlers.CONTROLLER.workers = args.workers
+    handlers.CONTROLLER.reclaim = ReclaimConfig(taints=parse_taint_list(args.reclaim_taints),
+                                                pod_condition=args.reclaim_pod_condition == "true",
+                                                hold_seconds=max(0, args.reclaim_hold_seconds))
     stop_flag: asyncio.Event | None = None
     lost: list[bool] = []
     if args.leader_elect:

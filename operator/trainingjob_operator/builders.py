@@ -126,6 +126,7 @@ def get_env(
             _env(contract.ENV_SNAPSHOT_EVERY_STEPS, snap.every_steps),
             _env(contract.ENV_SNAPSHOT_KEEP_LAST, snap.keep_last),
             _env(contract.ENV_S3_REGION, snap.region or "us-east-1"),
+            _env(contract.ENV_CONTROL_POLL_SECONDS, snap.request_poll_seconds),
         ]
         if snap.endpoint:
             env.append(_env(contract.ENV_S3_ENDPOINT, snap.endpoint))

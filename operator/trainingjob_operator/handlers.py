@@ -32,7 +32,7 @@ import kopf
 
 from trainingjob_trainer import contract
 
-from . import metrics
+from . import metrics, snapshot_requests
 from .classify import NodeView
 from .kube import ApiError, Kube, SecretCache
 from .leader import LeaderElector
@@ -147,6 +147,14 @@ class Controller:
         self.finished: dict[Key, dict[str, dict[str, Any]]] = {}
         #: The last create the API server refused, per job: an input of the next reconcile.
         self.create_errors: dict[Key, CreateError] = {}
+        #: What counts as a reclaim warning (``--reclaim-taints``, ``--reclaim-pod-condition``).
+        self.reclaim = snapshot_requests.ReclaimConfig()
+        #: The reclaim taints of each node (from the node watch; empty: none).
+        self.node_warnings: dict[str, tuple[str, ...]] = {}
+        #: The job's S3 access as last read, to write its snapshot-request object.
+        self._s3_access: dict[Key, S3Access] = {}
+        #: Why the last write of a job's snapshot-request object failed: an input of the next reconcile.
+        self.request_errors: dict[Key, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- queue -------------------------------------------------------------
@@ -303,6 +311,8 @@ class Controller:
             if e.status == 404:
                 self.finished.pop(key, None)
                 self.create_errors.pop(key, None)
+                self.request_errors.pop(key, None)
+                self._s3_access.pop(key, None)
                 if self.queue is not None:
                     self.queue.discard_delayed(key)
                 self.snapshots.forget(key)
@@ -355,6 +365,7 @@ class Controller:
             if access is not None:
                 self.fences.targets[key] = (
                     contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"]), access)
+                self._s3_access[key] = access
             # Before a gang is created the listing must be fresh: the previous
             # gang's emergency snapshot was committed just before its pods exited.
             # While a gang exists its listing is reused (fencing never waits for S3).
@@ -366,7 +377,9 @@ class Controller:
                 self.secrets.invalidate(meta["namespace"], spec.snapshot.credentials_secret)
         return Observed(now=now, pods=pods, services=mine("svc_index"), nodes=nodes,
                         snapshots=snapshots, secret_problem=secret_problem,
-                        finished_pods=finished_pods, create_error=self.create_errors.get(key))
+                        finished_pods=finished_pods, create_error=self.create_errors.get(key),
+                        node_warnings=dict(self.node_warnings) if self.watch_nodes else None,
+                        reclaim=self.reclaim, request_error=self.request_errors.get(key))
 
     async def _access(self, key: Key, spec: JobSpec) -> tuple[S3Access | None, str | None]:
         """S3 access from the job's credentials Secret (cached, see :class:`SecretCache`), or the problem."""
@@ -427,6 +440,8 @@ class Controller:
         if patch:
             await self.kube.patch_status(contract.GROUP, contract.VERSION, contract.PLURAL, ns, name, patch,
                                          resource_version=meta.get("resourceVersion"))
+        if plan.request_write is not None:
+            await self.write_request(body, plan.request_write)
         if not any(a.verb == "create" for a in plan.actions):
             self.create_errors.pop(key, None)
         unfenced = await self._fence(body, plan, now_iso)
@@ -475,6 +490,32 @@ class Controller:
         except ApiError as e:
             log.warning("could not post event %s: %s", R_FENCE_NOT_WRITTEN, e)
         return wait
+
+    async def write_request(self, body: Mapping[str, Any], request: contract.SnapshotRequest) -> None:
+        """Write the job's snapshot-request object (after the status recorded the decision).
+
+        A failure is kept as an input of the next reconcile (status
+        ``snapshot.requestError`` and a Warning Event, credentials masked),
+        which retries the write.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        access = self._s3_access.get(key)
+        spec = parse_spec(body.get("spec"))
+        if access is None or spec.snapshot is None:
+            return
+        root = contract.job_snapshot_root(spec.snapshot.uri, *key)
+        try:
+            await asyncio.to_thread(snapshot_requests.write_request, root, access.storage_options(), request)
+        except Exception as e:  # S3 down, access denied...: reported in status, retried
+            msg = f"cannot write the snapshot request {request.value!r} to {root}: {type(e).__name__}: {str(e)[:300]}"
+            self.request_errors[key] = self.redact(key, msg)
+            log.warning("%s/%s: %s", *key, self.request_errors[key])
+            self.enqueue(key, 2.0, source="requeue")
+            return
+        self.request_errors.pop(key, None)
+        self.snapshots.refresh(key)
+        log.info("%s/%s snapshot request %r written to %s", *key, request.value, root)
 
 
 CONTROLLER = Controller()
@@ -561,17 +602,21 @@ async def _on_child(namespace: str, labels: Mapping[str, str], body: Mapping[str
         CONTROLLER.enqueue((namespace, job))
 
 
-def on_node_event(name: str, view: NodeView | None) -> list[Key]:
+def on_node_event(name: str, view: NodeView | None, warnings: tuple[str, ...] = ()) -> list[Key]:
     """A node changed (``view`` None: deleted): the jobs to wake, those with a pod on it.
 
-    Heartbeats that leave the node's readiness as it was wake nothing.
+    Heartbeats that leave the node's readiness and reclaim taints (``warnings``)
+    as they were wake nothing.
     """
-    if view is not None and CONTROLLER.node_views.get(name) == view:
+    if view is not None and CONTROLLER.node_views.get(name) == view \
+            and CONTROLLER.node_warnings.get(name, ()) == warnings:
         return []
     if view is None:
         CONTROLLER.node_views.pop(name, None)
+        CONTROLLER.node_warnings.pop(name, None)
     else:
         CONTROLLER.node_views[name] = view
+        CONTROLLER.node_warnings[name] = warnings
     idx = CONTROLLER.indices.get("pod_node_index")
     if idx is None or name not in idx:
         return []
@@ -591,4 +636,5 @@ def register_node_watch() -> None:
     @kopf.on.event("nodes", id="_on_node")
     async def _on_node(name: str, body: Mapping[str, Any], type: str | None, **kwargs: Any) -> None:
         _remember(kwargs)
-        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body))
+        on_node_event(name, None if type == "DELETED" else NodeView.from_node(body),
+                      snapshot_requests.node_warnings(body, taints=CONTROLLER.reclaim.taints))

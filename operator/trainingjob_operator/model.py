@@ -64,6 +64,8 @@ class SnapshotSpec:
     stall_after_intervals: int = 3
     #: Seconds between two progress writes of the trainer (``None``: its default, 15).
     progress_seconds: int | None = None
+    #: Seconds between two reads of the snapshot-request object by rank 0.
+    request_poll_seconds: int = 5
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> JobSpec:
             resume_from=snap.get("resumeFrom") or None,
             stall_after_intervals=_int(snap, "stallAfterIntervals", 3),
             progress_seconds=_int(snap, "progressSeconds", 0) or None,
+            request_poll_seconds=_int(snap, "requestPollSeconds", 5),
         )
     rec = spec.get("recovery") or {}
     if not isinstance(rec, Mapping):
@@ -254,6 +257,8 @@ def validate(name: str, spec: JobSpec) -> list[str]:
             errors.append("spec.snapshot.everySteps must be at least 1")
         if s.keep_last < 1:
             errors.append("spec.snapshot.keepLast must be at least 1")
+        if not 1 <= s.request_poll_seconds <= 300:
+            errors.append(f"spec.snapshot.requestPollSeconds must be between 1 and 300, got {s.request_poll_seconds}")
     if spec.queue_name is not None and not _LABEL_VALUE.match(spec.queue_name):
         errors.append(f"spec.queueName must be a label value (at most 63 letters, digits, '-', '_', '.'), "
                       f"got {spec.queue_name!r}")

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from trainingjob_trainer import contract
 
-from . import builders, progress_status
+from . import builders, progress_status, snapshot_requests
 from .classify import (
     FAIL_JOB, FAILURE, PERMANENT_WAITING_REASONS, PREEMPTION, SUCCESS, TRANSIENT, WAITING_REASONS, NodeView, Outcome,
     PodView, classify, node_suspect, parse_time, short_text,
@@ -92,6 +92,8 @@ class SnapshotState:
     progress: contract.Progress | None = None
     #: Its ETag: it is read again only when the listing shows another one.
     progress_etag: str | None = None
+    #: The snapshot-request and ack objects (``_tj/``) of the same listing.
+    live: snapshot_requests.LiveState | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ class Observed:
     finished_pods: tuple[Mapping[str, Any], ...] = ()
     #: The API server's refusal of the last create, if it has not succeeded since.
     create_error: CreateError | None = None
+    #: Reclaim taints per node (``None``: nodes not watched), and what counts as a warning.
+    node_warnings: Mapping[str, tuple[str, ...]] | None = None
+    reclaim: snapshot_requests.ReclaimConfig = snapshot_requests.ReclaimConfig()
+    #: Why the last write of the snapshot-request object failed, if it did.
+    request_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,8 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    #: The snapshot-request object to write into the job's S3 folder (after the status).
+    request_write: contract.SnapshotRequest | None = None
 
 
 def _iso(t: dt.datetime) -> str:
@@ -248,6 +257,8 @@ def _lifecycle(body: Mapping[str, Any], observed: Observed) -> Plan:
     c.status.setdefault("restarts", {"preemptions": 0, "failures": 0})
     c.status.setdefault("lostWork", {"steps": 0, "seconds": 0})
     _snapshot_status(c, spec)
+    if c.status.get("phase") not in TERMINAL:
+        _snapshot_requests(c, spec)
 
     # Pods from an attempt newer than the status knows (the status was lost):
     # adopt that attempt instead of starting another gang beside it.
@@ -828,6 +839,33 @@ def _snapshot_status(c: _Ctx, spec: JobSpec) -> None:
                 c.event("Normal", "SnapshotSaved",
                         f"snapshot at step {latest.get('step')} complete: {latest.get('uri')}")
             st["latest"] = latest
+
+
+def _snapshot_requests(c: _Ctx, spec: JobSpec) -> None:
+    """Relay snapshot requests (annotation, reclaim warnings) and record their acks (see :mod:`.snapshot_requests`)."""
+    annotation = (c.body["metadata"].get("annotations") or {}).get(contract.ANNOTATION_SNAPSHOT_REQUEST)
+    if spec.snapshot is None:
+        if annotation and annotation != ((c.old.get("snapshot") or {}).get("request") or {}).get("annotation"):
+            c.status.setdefault("snapshot", {})["request"] = {"annotation": annotation}
+            c.event("Warning", snapshot_requests.R_REQUEST_IGNORED,
+                    f"snapshot request {annotation!r} ignored: the job has no spec.snapshot")
+        return
+    attempt = c.status["attempt"]
+    current = [p for p in c.obs.pods if _attempt_of(p) == attempt]
+    warnings = snapshot_requests.reclaim_warnings(current, nodes=c.obs.node_warnings, config=c.obs.reclaim)
+    snap = c.status.setdefault("snapshot", {})
+    d = snapshot_requests.decide(annotation=annotation, warnings=warnings, attempt=attempt, snapshot_status=snap,
+                                 live=c.obs.snapshots.live if c.obs.snapshots else None,
+                                 write_error=c.obs.request_error, now=c.now,
+                                 hold_seconds=c.obs.reclaim.hold_seconds)
+    for key, value in (("request", d.request), ("lastRequest", d.last_request), ("requestError", d.request_error)):
+        if value is None:
+            snap.pop(key, None)
+        else:
+            snap[key] = value
+    for type_, reason, message in d.events:
+        c.event(type_, reason, message)
+    c.plan.request_write = d.write
 
 
 def _stall_condition(c: _Ctx, spec: JobSpec) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .classify import parse_time
 from .model import JobSpec
 from .progress_status import MAX_PROGRESS_BYTES
 from .reconcile import SnapshotState
+from .snapshot_requests import LiveCache
 
 if TYPE_CHECKING:
     from trainingjob_trainer.store import SnapshotStore
@@ -102,22 +104,26 @@ def read_progress(store: SnapshotStore, live: Mapping[str, Mapping[str, Any]],
 
 
 def read_snapshot_state(root_uri: str, access: S3Access,
-                        seen: tuple[str | None, contract.Progress | None] = (None, None)) -> SnapshotState:
+                        seen: tuple[str | None, contract.Progress | None] = (None, None), *,
+                        live_cache: LiveCache | None = None) -> SnapshotState:
     """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
     Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
     torch): the operator and the pods apply the very same rule to the very
     same listing. The same listing finds the trainer's progress object
-    (:func:`read_progress`; ``seen``: the ETag and content read last).
+    (:func:`read_progress`; ``seen``: the ETag and content read last) and,
+    with ``live_cache``, the snapshot-request and ack objects (a GET only
+    when one changed).
     """
     from trainingjob_trainer.store import SnapshotStore
 
     store = SnapshotStore(root_uri, storage_options=access.storage_options())
-    infos, live = store.scan_with_live()
-    etag, progress = read_progress(store, live, seen)
+    infos, entries = store.scan_with_live()
+    etag, progress = read_progress(store, entries, seen)
+    live = live_cache.read(store.fs, store._root_path, entries) if live_cache is not None else None
     complete = [i for i in infos if i.complete and i.marker is not None]
     if not complete:
-        return SnapshotState(latest=None, count=0, progress=progress, progress_etag=etag)
+        return SnapshotState(latest=None, count=0, progress=progress, progress_etag=etag, live=live)
     newest = complete[-1]  # scan() orders by parsed (step, epoch)
     m = newest.marker
     assert m is not None
@@ -129,7 +135,7 @@ def read_snapshot_state(root_uri: str, access: S3Access,
     latest = {"uri": newest.uri, "epoch": m.epoch, "step": m.step, "savedAt": m.saved_at, "bytes": m.total_bytes,
               "seconds": round(float(m.seconds), 3), "emergency": bool(m.emergency)}
     return SnapshotState(latest=latest, count=len(complete), interval_seconds=interval, latest_attempt=m.attempt,
-                         progress=progress, progress_etag=etag)
+                         progress=progress, progress_etag=etag, live=live)
 
 
 def access_from_secret(spec: JobSpec, secret: Mapping[str, Any] | None) -> tuple[S3Access | None, str | None]:
@@ -195,6 +201,7 @@ class SnapshotReader:
         self.timeout = timeout
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
+        self.live_cache = LiveCache()
 
     def reuse_for(self, *, phase: str | None, steady: bool, state: SnapshotState,
                   progress_seconds: float | None = None) -> float:
@@ -233,7 +240,7 @@ class SnapshotReader:
         if task is None or task.done():
             root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
             seen = (cached[2].progress_etag, cached[2].progress) if cached else (None, None)
-            task = asyncio.create_task(self._read(root, access, seen))
+            task = asyncio.create_task(self._read(root, access, seen, self.live_cache))
             self._inflight[key] = task
         try:
             state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
@@ -248,11 +255,11 @@ class SnapshotReader:
         self._cache.pop(key, None)
 
     @staticmethod
-    async def _read(root: str, access: S3Access,
-                    seen: tuple[str | None, contract.Progress | None]) -> SnapshotState:
+    async def _read(root: str, access: S3Access, seen: tuple[str | None, contract.Progress | None],
+                    live_cache: LiveCache) -> SnapshotState:
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                _LISTING_POOL, read_snapshot_state, root, access, seen)
+                _LISTING_POOL, functools.partial(read_snapshot_state, root, access, seen, live_cache=live_cache))
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)
@@ -261,6 +268,12 @@ class SnapshotReader:
     def forget(self, key: tuple[str, str]) -> None:
         self._cache.pop(key, None)
         self._inflight.pop(key, None)
+
+    def refresh(self, key: tuple[str, str]) -> None:
+        """The next :meth:`observe` of ``key`` lists S3 again (the operator just wrote there)."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache[key] = (float("-inf"), cached[1], cached[2])
 
 
 class FenceWriter:

@@ -18,7 +18,7 @@ import yaml
 from trainingjob_operator.__main__ import parse_args
 
 from .render import (CHART, KUBE_VERSION, RELEASE, RELEASE_NAMESPACE, VALUES_DIR, by_kind, helm, kubernetes_validate,
-                     one, operator_grants, template_text)
+                     one, operator_grants, render, template_text)
 
 MODES = {
     "default": [],
@@ -557,3 +557,20 @@ def test_notes_tell_what_to_run_next(tmp_path):
     assert "every namespace" in notes
     ns_notes = _notes(tmp_path / "ns", "watchNamespaces={team-a,team-b}")
     assert "only these namespaces: team-a, team-b" in ns_notes
+
+
+def test_issue12_reclaim_warnings_reach_the_operator_as_env_and_flags(tmp_path, monkeypatch):
+    from trainingjob_operator.snapshot_requests import DEFAULT_RECLAIM_TAINTS, ReclaimConfig, parse_taint_list
+
+    env = env_of(one(objects("default"), "Deployment"))
+    assert parse_taint_list(env["TJ_OPERATOR_RECLAIM_TAINTS"]) == DEFAULT_RECLAIM_TAINTS == ReclaimConfig().taints
+    assert env["TJ_OPERATOR_RECLAIM_POD_CONDITION"] == "true"
+    assert int(env["TJ_OPERATOR_RECLAIM_HOLD_SECONDS"]) == ReclaimConfig().hold_seconds == 120
+    off = env_of(one(render({"reclaimWarnings": {"nodeTaints": [], "podDisruptionTarget": False, "holdSeconds": 0}},
+                            tmp_dir=tmp_path), "Deployment"))
+    assert (off["TJ_OPERATOR_RECLAIM_TAINTS"], off["TJ_OPERATOR_RECLAIM_POD_CONDITION"]) == ("", "false")
+    for name in ("TJ_OPERATOR_RECLAIM_TAINTS", "TJ_OPERATOR_RECLAIM_POD_CONDITION", "TJ_OPERATOR_RECLAIM_HOLD_SECONDS"):
+        monkeypatch.setenv(name, off[name])
+    args = parse_args([])
+    assert parse_taint_list(args.reclaim_taints) == () and args.reclaim_pod_condition == "false"
+    assert args.reclaim_hold_seconds == 0

@@ -112,32 +112,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), f"tensor {k} differs"
 
 
-@pytest.fixture(scope="module")
-def reference_weights(cluster, tmp_path_factory) -> Path:
-    """Final weights of the same job run without any disruption (once per module)."""
-    kube = cluster.client()
-    ns = "e2e-reference"
-    kube.create("namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    out = tmp_path_factory.mktemp("ref") / "weights.pt"
-    cluster.create_s3_secret(ns)
-    cluster.start_operator(name="operator-ref")
-    try:
-        # No sleep per step: it only gives the preempting tests time to act, and
-        # the weights do not depend on it (those runs sleep 0.15 or 0.3 s).
-        kube.create(TJ, example_job("ref", ns, cluster, out, sleep=0.0), namespace=ns)
-        st = wait_phase(kube, ns, "ref", "Succeeded", timeout=240)
-        assert st["restarts"] == {"preemptions": 0, "failures": 0}
-        kube.delete(TJ, "ref", namespace=ns)
-    finally:
-        cluster.stop_operator("operator-ref")
-    return out
-
-
-@pytest.fixture
-def s3_creds(kube, namespace, cluster) -> None:
-    cluster.create_s3_secret(namespace)
-
-
 def test_preempted_twice_once_with_operator_killed_between_fencing_and_creating(
         kube, namespace, cluster, start_operator, reference_weights, s3_creds, tmp_path):
     rng = random.Random(int(os.environ.get("E2E_SEED", time.time_ns() % 10_000)))

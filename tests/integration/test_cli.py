@@ -26,7 +26,7 @@ from trainingjob_operator.cli.commands import patch_resume_from
 from trainingjob_trainer import contract, s3
 from trainingjob_trainer.store import SnapshotStore
 
-from .helpers import TJ, job_manifest, wait_phase, wait_status
+from .helpers import TJ, events_of, job_manifest, wait_phase, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -243,9 +243,7 @@ def test_issue12_errors_are_one_line_with_exit_code_1(cluster, kube, namespace, 
     # --s3-endpoint reaches the store the spec's endpoint does not.
     there = run_cli(cluster, "snapshots", "nos3", "-n", namespace, "--s3-endpoint", cluster.s3_endpoint)
     assert there.returncode == 0, there.stderr
-    unsupported = run_cli(cluster, "snapshot", JOB, "-n", namespace)
-    assert_one_line_error(unsupported, "not supported yet by this operator version", "status.snapshot.lastRequest")
-    assert_no_secret(cluster, proc.stderr, local.stdout, down.stderr, there.stdout, unsupported.stderr)
+    assert_no_secret(cluster, proc.stderr, local.stdout, down.stderr, there.stdout)
 
 
 def test_issue12_context_and_namespace_come_from_the_kubeconfig_as_in_kubectl(cluster, namespace, job, tmp_path):
@@ -270,7 +268,8 @@ def test_issue12_plugin_makes_exactly_the_api_calls_its_rbac_lists(cluster, name
     log = Path(cluster.state_dir) / "api-requests.jsonl"
     t0 = time.time()
     complete = job.uri_for(epoch=0, step=20)
-    for args in (("snapshots", JOB), ("describe", JOB), ("resume", JOB, "--from", complete), ("snapshot", JOB)):
+    for args in (("snapshots", JOB), ("describe", JOB), ("resume", JOB, "--from", complete),
+                 ("snapshot", JOB, "--no-wait")):
         run_cli(cluster, *args, "-n", namespace)
     entries = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
     used = {(e["api_group"] or "", e["resource"], e["verb"]) for e in entries
@@ -325,3 +324,60 @@ def test_real_clusters_exec_credential_plugin_logs_the_plugin_in_as_its_identity
     failing, _ = _exec_kubeconfig(cluster, tmp_path, "fail")
     proc = run_cli(cluster, "describe", JOB, "-n", namespace, env=_env(cluster, KUBECONFIG=str(failing)))
     assert_one_line_error(proc, "exec plugin", "exited with 1", "token service unavailable")
+def test_issue12_snapshot_command_requests_one_and_waits_and_a_reclaim_taint_requests_one(
+        cluster, kube, namespace, start_operator):
+    """``kubectl tj snapshot``: the annotation, relayed by the real operator into S3 once, the
+    ack (written here as the trainer's rank 0 writes it) copied into status.snapshot.lastRequest."""
+    cluster.create_s3_secret(namespace)
+    kube.create(TJ, job_manifest("req", namespace, "import time; time.sleep(120)", nodes=1,
+                                 snapshot=snapshot_spec(cluster)), namespace=namespace)
+    op = start_operator(["--resync-seconds", "1"])
+    wait_status(kube, namespace, "req", lambda s: s.get("phase") == "Running", timeout=60, what="Running")
+    root = contract.job_snapshot_root(f"s3://{cluster.bucket}/cli", namespace, "req")
+    fs, path = s3.filesystem(contract.live_object_uri(root, contract.SNAPSHOT_REQUEST_OBJECT),
+                             cluster.s3_storage_options())
+    cli = subprocess.Popen([str(BIN / "kubectl-tj"), "snapshot", "req", "-n", namespace, "--value", "v1",
+                            "--timeout", "60"], env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 30
+    request = None
+    while request is None and time.monotonic() < deadline:
+        try:
+            request = contract.SnapshotRequest.from_json(fs.cat_file(path))
+        except FileNotFoundError:
+            time.sleep(0.1)
+    assert request is not None and request.value == "v1", "the operator never wrote the request object"
+    assert cli.poll() is None, "the plugin returned before the snapshot was taken"
+    ack = contract.SnapshotAck(value="v1", step=17, completed_at="2026-12-01T10:00:00.123Z",
+                               snapshot=f"{root}/epoch_0_train_step_17", attempt=0)
+    fs.pipe_file(path.replace(contract.SNAPSHOT_REQUEST_OBJECT, contract.SNAPSHOT_ACK_OBJECT), ack.to_json().encode())
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err
+    assert out.strip() == f"snapshot v1 complete at step 17 (2026-12-01T10:00:00.123Z): {root}/epoch_0_train_step_17"
+    st = kube.get(TJ, "req", namespace=namespace)["status"]["snapshot"]
+    assert st["lastRequest"] == {"value": "v1", "step": 17, "completedAt": "2026-12-01T10:00:00.123Z",
+                                 "snapshot": f"{root}/epoch_0_train_step_17"}
+    assert st["request"]["value"] == "v1" and st["request"]["reason"] == "Annotation"
+    # Relayed once, however many reconciles ran (resync 1 s) since.
+    written = Path(op.log_path).read_text().count("snapshot request 'v1' written")
+    assert written == 1, written
+    reasons = [e["reason"] for e in events_of(kube, namespace, "req")]
+    assert reasons.count("SnapshotRequested") == 1 and reasons.count("SnapshotRequestServed") == 1
+
+    # Issue 12 item 2 on the same job: a reclaim taint on the pod's node asks for one at once.
+    node = kube.get("pods", "req-0-0", namespace=namespace)["spec"]["nodeName"]
+    taint = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
+    kube.patch("nodes", node, {"spec": {"taints": [taint]}})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            request = contract.SnapshotRequest.from_json(fs.cat_file(path))
+            if request.value != "v1":
+                break
+            time.sleep(0.1)
+    finally:
+        kube.patch("nodes", node, {"spec": {"taints": None}})
+    assert request.value == f"reclaim-{node}-0"
+    warned = [e["message"] for e in events_of(kube, namespace, "req") if e["reason"] == "ReclaimWarning"]
+    assert warned == [f"node {node} (pod req-0-0) has a reclaim warning: taint karpenter.sh/disrupted:NoSchedule; "
+                      f"requested snapshot reclaim-{node}-0"], warned

@@ -243,3 +243,72 @@ def gang_runs(s3_server, tmp_path_factory):
         return f"{root}-{part}"
 
     return get
+# ------------------------------------------ a request with a hold (a reclaim)
+HOLD_AT = 3
+GLOO_TIMEOUT = 3  # a hold longer than this inside one collective would fail the run
+
+
+def _hold_request(root: str, value: str, hold: int) -> None:
+    req = contract.SnapshotRequest(value=value, requested_at="2026-12-01T00:00:00Z", hold_seconds=hold)
+    _fs().pipe_file(contract.live_object_uri(root, contract.SNAPSHOT_REQUEST_OBJECT), req.to_json().encode())
+
+
+def _hold_worker(rank: int, world: int, port: int, root: str, workdir: str, hold: int, sigterm: bool) -> None:
+    import os
+    import pathlib
+    import signal
+
+    from trainingjob_trainer.preemption import Preempted
+
+    init_ranks(rank, world, port, timeout_s=GLOO_TIMEOUT)
+    model, opt, app = _app()
+    snap = make_snapshotter(backend="torchsnapshot", uri=root, app_state=app, async_save=True)
+    mine = pathlib.Path(workdir) / f"rank{rank}.step"
+    seconds = {}
+
+    def kill_during_hold() -> None:  # rank 0: SIGTERM once every rank has sat at HOLD_AT for 2 s
+        _until(lambda: snap._live is not None and snap._live._hold_deadline is not None, what="the hold")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            assert {p.read_text() for p in pathlib.Path(workdir).glob("rank*.step")} == {str(HOLD_AT)}
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        with snap:
+            for step in range(1, 2 * HOLD_AT + 1):
+                train_steps(model, opt, start=step, stop=step + 1)
+                mine.write_text(str(step))
+                if step == HOLD_AT and rank == 0:
+                    _hold_request(root, "reclaim-n1-0", hold)
+                    _until(lambda: snap._live.request_pending(), what="the poller to see the request")
+                    if sigterm:
+                        threading.Thread(target=kill_during_hold, daemon=True).start()
+                t0 = time.monotonic()
+                snap.maybe_save(step)
+                seconds[step] = time.monotonic() - t0
+    except Preempted as e:
+        assert sigterm and e.step == HOLD_AT, e
+        return
+    assert not sigterm, "SIGTERM during the hold did not stop the run"
+    # Every rank held at HOLD_AT (rank 1 too: rank 0's release reached it), nowhere else.
+    assert seconds[HOLD_AT] >= hold - 0.5, seconds
+    assert all(s < hold - 0.5 for k, s in seconds.items() if k != HOLD_AT), seconds
+
+
+@pytest.mark.slow
+def test_issue12_hold_timeout_stops_every_rank_at_one_step_then_resumes(s3_env, s3_root, fast_poll, tmp_path):
+    """A false alarm: no kill within hold_seconds; the gang resumes (longer than gloo's timeout: no collective waits)."""
+    spawn_ranks(_hold_worker, s3_root, str(tmp_path), GLOO_TIMEOUT + 2, False, world=2, timeout=120)
+    assert _complete_steps(s3_root) == [HOLD_AT]  # synchronous: the hold began with it committed
+    assert _ack(s3_root).value == "reclaim-n1-0" and _ack(s3_root).step == HOLD_AT
+    assert {p.read_text() for p in tmp_path.glob("rank*.step")} == {str(2 * HOLD_AT)}
+
+
+@pytest.mark.slow
+def test_issue12_hold_then_sigterm_loses_no_step_and_skips_the_emergency_save(s3_env, s3_root, fast_poll, tmp_path):
+    """During the hold no rank steps past the snapshot (a kill then loses 0 steps); SIGTERM ends it as preempted."""
+    spawn_ranks(_hold_worker, s3_root, str(tmp_path), 60, True, world=2, timeout=120)
+    infos = [i for i in SnapshotStore(s3_root).scan() if i.complete]
+    assert [i.step for i in infos] == [HOLD_AT]
+    assert {p.read_text() for p in tmp_path.glob("rank*.step")} == {str(HOLD_AT)}

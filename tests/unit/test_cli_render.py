@@ -63,3 +63,22 @@ def test_issue12_on_demand_snapshots_are_detected_from_the_crd_status_schema():
     assert not commands.snapshot_requests_served(None)
     assert not commands.snapshot_requests_served({"properties": {"snapshot": {"properties": {"latest": {}}}}})
     assert commands.snapshot_requests_served({"properties": {"snapshot": {"properties": {"lastRequest": {}}}}})
+
+
+def test_issue12_snapshot_command_waits_for_last_request_of_its_own_value():
+    import pytest
+
+    from trainingjob_operator.cli.api import CliError
+
+    assert commands.request_outcome(_job(), "v1") == (False, "waiting for the operator to relay it")
+    relayed = _job(snapshot={"request": {"value": "v1"}, "lastRequest": {"value": "v0", "completedAt": "t0"}})
+    assert commands.request_outcome(relayed, "v1") == (
+        False, "relayed to the job's S3 folder; waiting for the gang to take it")
+    done = _job(snapshot={"lastRequest": {"value": "v1", "step": 12, "completedAt": "t1", "snapshot": "s3://b/s"}})
+    assert commands.request_outcome(done, "v1") == (True, "snapshot v1 complete at step 12 (t1): s3://b/s")
+    for status, needle in (({"phase": "Succeeded"}, "is Succeeded: no gang is running"),
+                           ({"snapshot": {"requestError": "cannot write ...: AccessDenied"}}, "AccessDenied")):
+        with pytest.raises(CliError, match=needle):
+            commands.request_outcome(_job(**status), "v1")
+    a, b = commands.new_request_value(NOW), commands.new_request_value(NOW)
+    assert a.startswith("cli-20260102T120000-") and a != b

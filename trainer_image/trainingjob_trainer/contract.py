@@ -437,6 +437,8 @@ PROGRESS_WINDOW_SECONDS = 60.0
 #: The annotation users set to ask for a snapshot (the operator relays its
 #: value into :data:`SNAPSHOT_REQUEST_OBJECT`).
 ANNOTATION_SNAPSHOT_REQUEST = f"{GROUP}/snapshot-request"
+#: The longest hold a request may ask for (seconds; a larger one is ignored).
+MAX_HOLD_SECONDS = 3600
 
 
 def live_object_uri(root: str, rel: str) -> str:
@@ -532,21 +534,32 @@ class SnapshotRequest:
         value: The annotation's value; any value other than the one last
             acknowledged asks for one snapshot.
         requested_at: RFC 3339 time the operator wrote it.
+        hold_seconds: After the snapshot is committed, every rank stops
+            stepping at that step for at most this long (a reclaim warning:
+            the node is about to go, steps past the snapshot would be lost),
+            until SIGTERM, the kill, or a request object without a hold.
+            0: no hold (training goes on at once).
     """
 
     value: str
     requested_at: str
+    hold_seconds: int = 0
 
     def to_json(self) -> str:
-        return json.dumps({"value": self.value, "requestedAt": self.requested_at}, sort_keys=True)
+        d: dict[str, Any] = {"value": self.value, "requestedAt": self.requested_at}
+        if self.hold_seconds:
+            d["holdSeconds"] = self.hold_seconds
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes | None) -> "SnapshotRequest | None":
-        """Parse a request; ``None`` if absent, malformed or with an empty value."""
+        """Parse a request; ``None`` if absent, malformed or with an empty value (a bad hold: 0)."""
         d = _json_obj(text)
         if d is None or not isinstance(d.get("value"), str) or not d["value"]:
             return None
-        return cls(value=d["value"], requested_at=str(d.get("requestedAt", "")))
+        hold = d.get("holdSeconds", 0)
+        hold = hold if isinstance(hold, int) and not isinstance(hold, bool) and 0 < hold <= MAX_HOLD_SECONDS else 0
+        return cls(value=d["value"], requested_at=str(d.get("requestedAt", "")), hold_seconds=hold)
 
 
 @dataclass(frozen=True)

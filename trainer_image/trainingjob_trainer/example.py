@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         # On an error: local cleanup only, no collective (the other ranks are elsewhere).
         with snap if snap else contextlib.nullcontext():
             for step in range(start + 1, args.steps + 1):
+                if args.sleep_per_step:
+                    # The pacing stands for the step's compute, which comes before its
+                    # gradient all-reduce (as in a real step): a rank lost meanwhile
+                    # stops the others in this step's all-reduce, not after it.
+                    time.sleep(args.sleep_per_step)
                 torch.manual_seed(args.seed * 7919 + step * 31 + rank)  # dropout stream of this step
                 x, y = batch(seed=args.seed, step=step, rank=rank, size=args.batch)
                 loss = nn.functional.mse_loss(model(x), y)
@@ -156,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
                 opt.step()
                 if rank == 0:
                     print(f"[example] step {step}/{args.steps} loss {loss.item():.6f}", flush=True)
-                if args.sleep_per_step:
-                    time.sleep(args.sleep_per_step)
                 if snap:
                     snap.maybe_save(step)
     except Preempted as p:

@@ -40,6 +40,12 @@ logger = logging.getLogger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+#: Seconds between two all-reduces while holding (far below any group timeout).
+HOLD_POLL_SECONDS = 0.25
+HOLD_RELEASED = 1
+HOLD_TIMED_OUT = 2
+
+
 def utc_now() -> str:
     """The current time as RFC 3339 UTC with milliseconds."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -123,6 +129,9 @@ class LiveChannel:
         self._served: str | None = None  # the value the latest ack names
         self._ack_read = False
         self._pending: str | None = None
+        self._pending_hold = 0  # the pending request's hold_seconds
+        self._latest: contract.SnapshotRequest | None = None  # the request object as last read
+        self._hold_deadline: float | None = None
         self._claims: dict[str, str] = {}  # snapshot URI -> request value it serves
         self._acks: list[contract.SnapshotAck] = []
         self._dirty = threading.Event()
@@ -150,6 +159,26 @@ class LiveChannel:
     def request_pending(self) -> bool:
         """Whether a request not yet served or being served is waiting."""
         return self._pending is not None
+
+    def request_flag(self) -> int:
+        """The flag-vector entry: 0 none, else 1 + the waiting request's hold seconds."""
+        with self._lock:
+            return 0 if self._pending is None else 1 + self._pending_hold
+
+    def start_hold(self, seconds: int) -> None:
+        """A hold of at most ``seconds`` starts now (for the request last served)."""
+        self._hold_deadline = time.monotonic() + seconds
+
+    def hold_release(self) -> int:
+        """Why the hold ends: 0 it goes on, 1 the request object now holds a
+        value without a hold, 2 its seconds passed (a false alarm)."""
+        with self._lock:
+            latest = self._latest
+        if latest is not None and latest.value != self._served and not latest.hold_seconds:
+            return HOLD_RELEASED
+        if self._hold_deadline is not None and time.monotonic() >= self._hold_deadline:
+            return HOLD_TIMED_OUT
+        return 0
 
     def claim(self, uri: str) -> None:
         """The snapshot ``uri`` just started serves the waiting request, if any."""
@@ -216,11 +245,12 @@ class LiveChannel:
         request = contract.SnapshotRequest.from_json(self._get(contract.SNAPSHOT_REQUEST_OBJECT))
         self.polls += 1
         with self._lock:
+            self._latest = request
             if request is None or request.value == self._served or request.value in self._claims.values():
                 return
             if request.value != self._pending:
                 logger.info("snapshot requested (%r): taken at the next step boundary", request.value)
-            self._pending = request.value
+            self._pending, self._pending_hold = request.value, request.hold_seconds
 
     def _write_progress(self) -> None:
         p = self.progress()
@@ -292,11 +322,14 @@ class LiveMixin:
     """
 
     stalled_seconds: float = 0.0
+    held_seconds: float = 0.0  # idle in holds that ended without a kill
     total_steps: int | None = None
     _stall_depth: int = 0
     _live: LiveChannel | None = None
     _live_started: bool = False
-    _requested: int = 0
+    _requested: int = 0  # the agreed flag: 0 none, else 1 + hold seconds
+    _hold_uri: tuple[str, int] | None = None  # the save serving a hold request, its seconds
+    _hold_armed: tuple[int, int] | None = None  # committed: (step, seconds) to hold at
 
     def _live_boundary(self, *, step: int, epoch: int) -> None:
         """At every step boundary, before the flag all-reduce."""
@@ -314,7 +347,7 @@ class LiveMixin:
 
     def _live_request_flag(self) -> int:
         """This rank's entry in the flag vector: 1 while rank 0 holds an unserved request."""
-        return int(self._live is not None and self._live.request_pending())
+        return self._live.request_flag() if self._live is not None else 0
 
     def request_due(self) -> bool:
         """Whether to take a snapshot now for a request (same answer on every rank).
@@ -326,14 +359,60 @@ class LiveMixin:
 
     def _live_claim(self, uri: str) -> None:
         """A save into ``uri`` started: it serves the waiting request (all ranks)."""
+        self._hold_uri = (uri, self._requested - 1) if self._requested > 1 else None
         self._requested = 0
         if self._live is not None:
             self._live.claim(uri)
 
     def _live_finished(self, uri: str, marker_json: str | None) -> None:
         """The save into ``uri`` was committed (its marker) or failed (``None``)."""
+        marker = contract.CommitMarker.from_json(marker_json) if marker_json else None
+        if self._hold_uri is not None and self._hold_uri[0] == uri:
+            self._hold_armed = (marker.step, self._hold_uri[1]) if marker is not None else None
+            self._hold_uri = None
         if self._live is not None:
-            self._live.finished(uri, contract.CommitMarker.from_json(marker_json) if marker_json else None)
+            self._live.finished(uri, marker)
+
+    def hold_if_requested(self) -> bool:
+        """After a committed save that served a request with a hold: every rank
+        waits at this step boundary (collective; same answer on every rank).
+
+        The wait is a short all-reduce every :data:`HOLD_POLL_SECONDS` (never
+        one long collective: gloo would time out), carrying this rank's
+        SIGTERM flag and rank 0's release (see :meth:`LiveChannel.hold_release`).
+        A kill during the hold loses no step past the snapshot.
+
+        Returns:
+            True when SIGTERM came during the hold: the caller takes the
+            emergency path (its save is skipped, the snapshot at this step is
+            committed already). False: no hold, or released (training goes on).
+        """
+        armed, self._hold_armed = self._hold_armed, None
+        if armed is None:
+            return False
+        step, seconds = armed
+        if self._live is not None:
+            self._live.start_hold(seconds)
+        rank = _dist.rank(self.pg)  # type: ignore[attr-defined]
+        logger.warning("rank %d: snapshot at step %d committed; holding (at most %ds) for the reclaim",
+                       rank, step, seconds)
+        t0 = time.monotonic()
+        while True:
+            watcher = self.watcher  # type: ignore[attr-defined]
+            local = int(bool(watcher and watcher.local_flag))
+            release = self._live.hold_release() if self._live is not None else 0
+            sigterm, release = _dist.all_reduce_max([local, release], pg=self._flag_pg)  # type: ignore[attr-defined]
+            if sigterm:
+                logger.warning("rank %d: SIGTERM during the hold at step %d", rank, step)
+                return True
+            if release:
+                why = "the request was replaced" if release == HOLD_RELEASED else \
+                    f"no kill within {seconds}s: a false alarm"
+                logger.warning("rank %d: hold at step %d ended after %.1fs (%s); training resumes",
+                               rank, step, time.monotonic() - t0, why)
+                self.held_seconds += time.monotonic() - t0
+                return False
+            time.sleep(HOLD_POLL_SECONDS)
 
     def _live_close(self, *, flush: bool) -> None:
         """Stop the channel; after a clean end, write the last progress (at most 10 s)."""

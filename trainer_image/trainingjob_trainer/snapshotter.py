@@ -440,7 +440,10 @@ class Snapshotter(LiveMixin, abc.ABC):
         if self.step_boundary():
             self.emergency_save(step=step, epoch=epoch, app_state=app_state)
         if (self.every_steps and step % self.every_steps == 0) or self.request_due():
-            return self.save(step=step, epoch=epoch, app_state=app_state)
+            uri = self.save(step=step, epoch=epoch, app_state=app_state)
+            if self.hold_if_requested():
+                self.emergency_save(step=step, epoch=epoch, app_state=app_state)
+            return uri
         return None
 
     def emergency_save(
@@ -513,6 +516,8 @@ class Snapshotter(LiveMixin, abc.ABC):
             self.last_marker = self._restored_marker or self.last_marker
             return self.restored_from
         asynchronous = self.async_save if asynchronous is None else asynchronous
+        if self._requested > 1 and not emergency:  # a hold starts at the snapshot's own step
+            asynchronous = False
         t0 = time.monotonic()
         # Empty the folder (a fenced attempt's leftovers): in the upload when
         # the backend can order it before the first object (two S3 round

@@ -119,6 +119,8 @@ class SnapshotStore:
         self.storage_options = dict(storage_options or {})
         self.writer = writer
         self.fs, self._root_path = s3.filesystem(self.root, self.storage_options)
+        #: The ``_tj/`` objects of the last :meth:`scan`'s listing (path relative to the root -> size, etag).
+        self.live: dict[str, Mapping[str, Any]] = {}
 
     # ------------------------------------------------------------------ paths
     def uri_for(self, *, epoch: int, step: int) -> str:
@@ -222,6 +224,8 @@ class SnapshotStore:
 
         One GET of the fence (``fence``: the one to apply instead), one
         recursive listing, plus one GET per folder that has a marker.
+        The ``_tj/`` live objects of that listing are kept in :attr:`live`
+        (:func:`contract.live_entries`) for the operator.
         """
         return self.scan_with_live(fence=fence)[0]
 
@@ -236,6 +240,7 @@ class SnapshotStore:
         fence = self.read_fence() if fence is SnapshotStore._NO_FENCE else fence
         by_dir: dict[str, dict[str, dict[str, Any]]] = {}
         everything = self._find(self._root_path)
+        self.live = contract.live_entries(everything)
         for rel, meta in everything.items():
             if "/" not in rel:
                 continue

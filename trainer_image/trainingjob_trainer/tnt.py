@@ -219,8 +219,10 @@ class TorchSnapshotSaver(Callback):
     def _check_preemption(self, state: State, unit: TTrainUnit) -> None:
         """Step boundary: if any rank got SIGTERM, emergency snapshot and :class:`Preempted`."""
         # step_boundary() also commits a finished async save without a watcher (item 6).
-        if not self._snap.step_boundary():
-            return
+        if self._snap.step_boundary():
+            self._emergency(state, unit)
+
+    def _emergency(self, state: State, unit: TTrainUnit) -> None:
         progress = unit.train_progress
         self._snap.emergency_save(
             step=progress.num_steps_completed,
@@ -237,6 +239,8 @@ class TorchSnapshotSaver(Callback):
         every = self._snap.every_steps
         if (every and step % every == 0) or self._snap.request_due():
             self._save(state, unit, intra_epoch=True)
+            if self._snap.hold_if_requested():
+                self._emergency(state, unit)
 
     def on_eval_step_end(self, state: State, unit: Any) -> None:
         """Under ``fit()`` an eval step is a step boundary too (issue 8, item 12):

@@ -11,7 +11,7 @@ Commands::
     kubectl tj snapshots NAME [-n NS] [-o table|json]
     kubectl tj describe NAME [-n NS]
     kubectl tj resume NAME --from s3://.../epoch_E_train_step_S [-n NS]
-    kubectl tj snapshot NAME [-n NS]      # on-demand: needs an operator that serves it
+    kubectl tj snapshot NAME [-n NS] [--timeout S] [--no-wait]   # on demand; waits for it
 
 Errors (a missing job or Secret, S3 or the API unreachable) are one line on
 stderr and exit code 1.
@@ -100,8 +100,12 @@ def parser() -> argparse.ArgumentParser:
     res = add("resume", commands.resume,
               "Set spec.snapshot.resumeFrom, after checking that the snapshot is complete.", s3=True)
     res.add_argument("--from", dest="source", required=True, metavar="URI", help="the snapshot folder's s3:// URI")
-    add("snapshot", commands.snapshot, "Request a snapshot now (needs an operator version that serves it).",
-        s3=False)
+    req = add("snapshot", commands.snapshot,
+              "Request a snapshot now (annotation trainingjob.dev/snapshot-request) and wait until the gang "
+              "has committed it (status.snapshot.lastRequest).", s3=False)
+    req.add_argument("--value", default=None, help="the request's value (default: cli-<UTC time>-<random>)")
+    req.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    req.add_argument("--no-wait", action="store_true", help="request it and return at once")
     return p
 
 

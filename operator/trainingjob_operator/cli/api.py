@@ -37,7 +37,8 @@ USER_AGENT = "kubectl-tj/0.1"
 #: that the plugin makes exactly these calls).
 ACCESS = {
     (contract.GROUP, contract.PLURAL, "get"): "every command reads the job",
-    (contract.GROUP, contract.PLURAL, "patch"): "resume sets spec.snapshot.resumeFrom",
+    (contract.GROUP, contract.PLURAL, "patch"): "resume sets spec.snapshot.resumeFrom; snapshot sets the "
+                                                "snapshot-request annotation",
     ("", "secrets", "get"): "snapshots and resume read the job's credentials Secret (not with --local-credentials)",
     ("", "events", "list"): "describe shows the job's Events",
     ("", "pods", "list"): "describe shows the job's pods (optional)",

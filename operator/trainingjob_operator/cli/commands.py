@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import time
 from typing import Any, Mapping
 
 from trainingjob_trainer import contract, s3
@@ -130,14 +131,60 @@ def snapshot_requests_served(status_schema: Mapping[str, Any] | None) -> bool:
     return "lastRequest" in (snap.get("properties") or {})
 
 
+def new_request_value(now: dt.datetime) -> str:
+    """A fresh request value: ``cli-<UTC time>-<4 random hex digits>``."""
+    import secrets
+
+    return f"cli-{now.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def request_outcome(job: Mapping[str, Any], value: str) -> tuple[bool, str]:
+    """Whether the request ``value`` is served, per the job's status, and what to say (pure).
+
+    Returns:
+        ``(True, summary)`` once ``status.snapshot.lastRequest`` names
+        ``value``; ``(False, why it is still waiting)`` otherwise.
+
+    Raises:
+        CliError: The job ended, or the operator cannot write the request.
+    """
+    st = job.get("status") or {}
+    snap = st.get("snapshot") or {}
+    last = snap.get("lastRequest") or {}
+    if last.get("value") == value and last.get("completedAt"):
+        return True, (f"snapshot {value} complete at step {last.get('step')} ({last.get('completedAt')}): "
+                      f"{last.get('snapshot')}")
+    name = f"trainingjob {job['metadata']['namespace']}/{job['metadata']['name']}"
+    if st.get("phase") in ("Succeeded", "Failed"):
+        raise CliError(f"{name} is {st['phase']}: no gang is running to take snapshot {value}")
+    if snap.get("requestError"):
+        raise CliError(f"the operator cannot relay snapshot {value}: {snap['requestError']}")
+    relayed = (snap.get("request") or {}).get("value") == value
+    return False, ("relayed to the job's S3 folder; waiting for the gang to take it" if relayed
+                   else "waiting for the operator to relay it")
+
+
 def snapshot(api: Api, args: argparse.Namespace) -> str:
-    """``kubectl tj snapshot NAME``: an on-demand snapshot (not served by this operator version yet)."""
-    api.get_job(args.namespace, args.name)  # a missing job is reported as such first
+    """``kubectl tj snapshot NAME``: set the request annotation, then wait for ``status.snapshot.lastRequest``."""
+    job = api.get_job(args.namespace, args.name)  # a missing job is reported as such first
     schema = api.crd_status_schema()
-    if not snapshot_requests_served(schema):
-        why = ("its TrainingJob CRD has no status.snapshot.lastRequest" if schema is not None
-               else "the TrainingJob CRD could not be read to check")
-        raise CliError("on-demand snapshots are not supported yet by this operator version "
-                       f"({why}); snapshots are taken every spec.snapshot.everySteps steps and on SIGTERM")
-    raise CliError("this operator serves on-demand snapshots but this kubectl-tj does not request them yet: "
-                   "upgrade the trainingjob-operator package")
+    if schema is not None and not snapshot_requests_served(schema):
+        raise CliError("on-demand snapshots are not supported by this operator version (its TrainingJob CRD has "
+                       "no status.snapshot.lastRequest); snapshots are taken every spec.snapshot.everySteps steps "
+                       "and on SIGTERM")
+    if not (job.get("spec") or {}).get("snapshot"):
+        raise CliError(f"trainingjob {args.namespace}/{args.name} has no spec.snapshot: it keeps no snapshots")
+    value = args.value or new_request_value(_now())
+    api.patch_job(args.namespace, args.name,
+                  {"metadata": {"annotations": {contract.ANNOTATION_SNAPSHOT_REQUEST: value}}})
+    if args.no_wait:
+        return f"snapshot {value} requested (annotation {contract.ANNOTATION_SNAPSHOT_REQUEST})"
+    deadline = time.monotonic() + args.timeout
+    why = "waiting for the operator to relay it"
+    while time.monotonic() < deadline:
+        done, why = request_outcome(api.get_job(args.namespace, args.name), value)
+        if done:
+            return why
+        time.sleep(1.0)
+    raise CliError(f"snapshot {value} not complete after {args.timeout:.0f}s ({why}); it stays requested: "
+                   f"check `kubectl tj describe {args.name}`")
