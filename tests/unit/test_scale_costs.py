@@ -81,7 +81,7 @@ def test_issue10_steady_listing_reused_for_the_snapshot_interval_and_dropped_by_
     reader = SnapshotReader(min_interval=3.0, steady_interval=90.0, max_interval=600.0)
     reads: list[str] = []
 
-    async def fake_read(root: str, access: S3Access, seen: object = None) -> SnapshotState:
+    async def fake_read(root: str, access: S3Access, *_: object) -> SnapshotState:
         reads.append(root)
         return SnapshotState(count=2, interval_seconds=300.0)
 
@@ -126,7 +126,7 @@ def test_issue10_unsteady_gang_lists_after_min_interval() -> None:
     reader = SnapshotReader(min_interval=0.0, steady_interval=90.0)
     reads: list[str] = []
 
-    async def fake_read(root: str, access: S3Access, seen: object = None) -> SnapshotState:
+    async def fake_read(root: str, access: S3Access, *_: object) -> SnapshotState:
         reads.append(root)
         return SnapshotState(count=1)
 
