@@ -226,6 +226,8 @@ def weed_binary() -> str:
     return found
 
 
+#: Volumes a ``weed mini`` may create (see :meth:`SeaweedS3Server.argv`).
+WEED_MAX_VOLUMES = 10000
 #: ``weed mini`` listeners given a free port each (the defaults are fixed ports,
 #: which would collide between two stand-ins on one machine).
 WEED_PORT_FLAGS = (
@@ -258,7 +260,11 @@ class SeaweedS3Server(_S3Process):
         ports = [f"-{flag}={free_port(self.host)}" for flag in WEED_PORT_FLAGS]
         return [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
                 f"-s3.port={self.port}", *ports, "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+                "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                # A bucket is a collection that takes about 7 volumes on its first write; the default
+                # limit (free disk / 128 MB) ran out at 61 buckets here: the trainer tests use one bucket
+                # each on one server. Volumes are sparse files, so a high count costs no disk.
+                f"-volume.max={WEED_MAX_VOLUMES}"]
 
     def ready(self) -> bool:
         # A signed request that succeeds: the S3 gateway is up and has the identity.
