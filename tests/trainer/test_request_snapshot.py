@@ -17,7 +17,7 @@ import pytest
 import s3fs
 import torch
 
-from tests.trainer.gang import init_ranks
+from tests.trainer.gang import init_ranks, spawn_ranks
 from tests.trainer.test_state_matrix import new_root, run_matrix
 from tests.trainer.trainer_helpers import tiny_model, train_steps
 from trainingjob_trainer import contract
