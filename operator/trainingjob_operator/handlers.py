@@ -514,7 +514,7 @@ class Controller:
             self.enqueue(key, 2.0, source="requeue")
             return
         self.request_errors.pop(key, None)
-        self.snapshots.refresh(key)
+        self.snapshots.invalidate(key)
         log.info("%s/%s snapshot request %r written to %s", *key, request.value, root)
 
 

@@ -250,10 +250,6 @@ class SnapshotReader:
         self._cache[key] = (time.monotonic(), stamp, state)
         return state
 
-    def invalidate(self, key: tuple[str, str]) -> None:
-        """The job's next :meth:`observe` lists S3 anew (e.g. a snapshot was requested)."""
-        self._cache.pop(key, None)
-
     @staticmethod
     async def _read(root: str, access: S3Access, seen: tuple[str | None, contract.Progress | None],
                     live_cache: LiveCache) -> SnapshotState:
@@ -269,8 +265,9 @@ class SnapshotReader:
         self._cache.pop(key, None)
         self._inflight.pop(key, None)
 
-    def refresh(self, key: tuple[str, str]) -> None:
-        """The next :meth:`observe` of ``key`` lists S3 again (the operator just wrote there)."""
+    def invalidate(self, key: tuple[str, str]) -> None:
+        """The next :meth:`observe` of ``key`` lists S3 again (e.g. the operator just wrote a
+        snapshot request there). The old state stays as the fallback of a listing that times out."""
         cached = self._cache.get(key)
         if cached is not None:
             self._cache[key] = (float("-inf"), cached[1], cached[2])

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from localcluster import control
+from localcluster.kube import wait_until
 from trainingjob_operator.cli.api import ACCESS, USER_AGENT, Api, CliError
 from trainingjob_operator.cli.commands import patch_resume_from
 from trainingjob_trainer import contract, s3
@@ -324,6 +325,13 @@ def test_real_clusters_exec_credential_plugin_logs_the_plugin_in_as_its_identity
     failing, _ = _exec_kubeconfig(cluster, tmp_path, "fail")
     proc = run_cli(cluster, "describe", JOB, "-n", namespace, env=_env(cluster, KUBECONFIG=str(failing)))
     assert_one_line_error(proc, "exec plugin", "exited with 1", "token service unavailable")
+def _read_request(fs, path: str) -> contract.SnapshotRequest | None:
+    try:
+        return contract.SnapshotRequest.from_json(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
 def test_issue12_snapshot_command_requests_one_and_waits_and_a_reclaim_taint_requests_one(
         cluster, kube, namespace, start_operator):
     """``kubectl tj snapshot``: the annotation, relayed by the real operator into S3 once, the
@@ -339,14 +347,8 @@ def test_issue12_snapshot_command_requests_one_and_waits_and_a_reclaim_taint_req
     cli = subprocess.Popen([str(BIN / "kubectl-tj"), "snapshot", "req", "-n", namespace, "--value", "v1",
                             "--timeout", "60"], env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
-    deadline = time.monotonic() + 30
-    request = None
-    while request is None and time.monotonic() < deadline:
-        try:
-            request = contract.SnapshotRequest.from_json(fs.cat_file(path))
-        except FileNotFoundError:
-            time.sleep(0.1)
-    assert request is not None and request.value == "v1", "the operator never wrote the request object"
+    request = wait_until(lambda: _read_request(fs, path), timeout=30, what="the operator to write the request object")
+    assert request.value == "v1"
     assert cli.poll() is None, "the plugin returned before the snapshot was taken"
     ack = contract.SnapshotAck(value="v1", step=17, completed_at="2026-12-01T10:00:00.123Z",
                                snapshot=f"{root}/epoch_0_train_step_17", attempt=0)
@@ -369,12 +371,8 @@ def test_issue12_snapshot_command_requests_one_and_waits_and_a_reclaim_taint_req
     taint = {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}
     kube.patch("nodes", node, {"spec": {"taints": [taint]}})
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            request = contract.SnapshotRequest.from_json(fs.cat_file(path))
-            if request.value != "v1":
-                break
-            time.sleep(0.1)
+        request = wait_until(lambda: (r := _read_request(fs, path)) and r.value != "v1" and r, timeout=30,
+                             what="a request other than v1")
     finally:
         kube.patch("nodes", node, {"spec": {"taints": None}})
     assert request.value == f"reclaim-{node}-0"
