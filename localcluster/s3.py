@@ -19,6 +19,7 @@ Behaviours of SeaweedFS that differ from moto and AWS are listed in
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,10 +39,57 @@ REGION = "us-east-1"
 DEFAULT_BUCKET = "trainingjob-snapshots"
 
 
+#: Lowest port :func:`free_port` hands out.
+FREE_PORT_LOW = 10000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default range is 32768-60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, for a server this process is about to start.
+
+    It is drawn at random from below the kernel's ephemeral range
+    (``net.ipv4.ip_local_port_range``), not asked of the kernel with
+    ``bind(port=0)``: a port from the ephemeral range can be handed to any other
+    process's ``bind(0)`` or outgoing connection (torchrun's stores, every
+    client socket of a parallel test run) between this check and the server's
+    own bind, and the server then dies on "address already in use". Below the
+    range only another caller of this function can race for it, 1 in
+    thousands. The ports also stay at or under 55535, so SeaweedFS's
+    ``port + 10000`` gRPC convention stays a valid port.
+    """
+    high = min(_ephemeral_low() - 1, 55535)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(FREE_PORT_LOW, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # the low range is crowded: the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def log_tail(path: Any, lines: int = 15) -> str:
+    """The last ``lines`` non-blank lines of a server's log (for an error message); "" if none."""
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join(kept)
+
+
+class ServerExited(RuntimeError):
+    """A server started by :func:`spawn_until_ready` exited before it was ready."""
 
 
 def spawn_until_ready(argv: list[str], *, name: str, endpoint: str, ready: Any, timeout: float,
@@ -54,7 +102,8 @@ def spawn_until_ready(argv: list[str], *, name: str, endpoint: str, ready: Any, 
     still stop it by PID); ``on_timeout()`` runs before the timeout error.
 
     Raises:
-        RuntimeError: It exited, or was not ready within ``timeout`` seconds.
+        ServerExited: It exited before it was ready (the message carries the log's last lines).
+        RuntimeError: It was not ready within ``timeout`` seconds.
     """
     out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
@@ -68,7 +117,9 @@ def spawn_until_ready(argv: list[str], *, name: str, endpoint: str, ready: Any, 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} (log: {log_path})")
+            tail = log_tail(log_path)
+            raise ServerExited(f"{name} exited with {proc.returncode} (log: {log_path})"
+                               + (f"; its last lines:\n{tail}" if tail else ""))
         try:
             if ready():
                 return proc
@@ -169,13 +220,35 @@ class _S3Process:
     def ready(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: Starts tried when the server exits before it is ready (each with fresh ports).
+    start_attempts = 3
+
     def start(self, timeout: float = 60.0) -> "_S3Process":
-        if not self.port:
-            self.port = free_port(self.host)
-        self._proc = spawn_until_ready(self.argv(), name=self.name, endpoint=self.endpoint, ready=self.ready,
-                                       timeout=timeout, log_path=self.log_path, on_timeout=self.stop,
-                                       env={**os.environ, **self.credentials}, on_start=self._started, poll_s=0.2)
-        return self
+        """Start the server and wait until it answers.
+
+        A server that exits before it is ready is started again, up to
+        :attr:`start_attempts` times, on fresh ports unless the caller fixed
+        the port: the likely cause is a port taken between its choice and the
+        server's bind (SeaweedFS then exits 255 from a fatal listen error).
+        Each failed attempt's log stays in ``log_path``, and the last error
+        carries its last lines.
+        """
+        fixed_port = bool(self.port)
+        for attempt in range(1, self.start_attempts + 1):
+            if not fixed_port:
+                self.port = free_port(self.host)
+            try:
+                self._proc = spawn_until_ready(self.argv(), name=self.name, endpoint=self.endpoint, ready=self.ready,
+                                               timeout=timeout, log_path=self.log_path, on_timeout=self.stop,
+                                               env={**os.environ, **self.credentials}, on_start=self._started,
+                                               poll_s=0.2)
+                return self
+            except ServerExited as e:
+                self.pid = self._proc = None
+                if attempt == self.start_attempts:
+                    raise
+                print(f"{self.name}: start {attempt} failed, starting again: {e}", file=sys.stderr)
+        raise AssertionError("unreachable")
 
     def _started(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc, self.pid = proc, proc.pid

@@ -383,12 +383,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------ the wrapper
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class S3Proxy:
     """The proxy as a subprocess with a PID, driven from tests.
 
@@ -411,9 +405,9 @@ class S3Proxy:
 
     def start(self, *, timeout: float = 20.0, **faults: Any) -> "S3Proxy":
         """Start the process and wait until its control endpoint answers."""
-        from localcluster.s3 import spawn_until_ready
+        from localcluster.s3 import free_port, spawn_until_ready
 
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         argv = [sys.executable, "-m", "localcluster.s3proxy", "--upstream", self.upstream, "--port", str(self.port),
                 "--faults", json.dumps(faults)]
         spawn_until_ready(argv, name="s3proxy", endpoint=self.endpoint, ready=lambda: self.stats() is not None,
