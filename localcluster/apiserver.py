@@ -362,6 +362,8 @@ class APIServer(KindsMixin, LifecycleMixin, rbac.AuthMixin, kmock.KubernetesEmul
             return _json_response(self._out(rt, obj, route.version), 201 if created else 200, headers=warnings)
         if verb == 'delete':
             obj = self._delete_request(rt, route, data or {}, query, dry_run)
+            # The request log says whether this DELETE removed the object (not only marked it deleting).
+            entry['removed'] = not dry_run and self.store.get(rt, route.namespace, route.name) is None
             return _json_response(self._out(rt, obj, route.version) if obj.get('kind') != 'Status' else obj)
         if verb == 'deletecollection':
             return _json_response(self._delete_collection(rt, route, data or {}, query, dry_run))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import itertools
 import json
 import logging
 import time
@@ -445,26 +446,53 @@ class Controller:
         if not any(a.verb == "create" for a in plan.actions):
             self.create_errors.pop(key, None)
         unfenced = await self._fence(body, plan, now_iso)
-        for a in plan.actions:
-            if a.verb == "create" and a.kind == "Pod" and unfenced:
+        actions = [a for a in plan.actions if not (a.verb == "create" and a.kind == "Pod" and unfenced)]
+        # In the plan's order (a gang's Service before its pods), but each run of
+        # the same verb and kind at once: creates in slow-start batches, deletes
+        # all together (fencing a gang is one round trip, not one per pod).
+        for (verb, _kind), run in itertools.groupby(actions, key=lambda a: (a.verb, a.kind)):
+            group = list(run)
+            if verb == "create":
+                await self._create_slow_start(key, group, int(plan.status.get("attempt") or 0))
                 continue
-            if a.verb == "create":
-                try:
-                    created = await self.kube.create(a.kind, ns, a.body or {})
-                except ApiError as e:
-                    detail = f"the API server rejected {a.kind} {a.name}: {e.status} {e.reason}: {e.message}"
-                    self.create_errors[key] = CreateError(
-                        kind=a.kind, name=a.name, status=e.status, message=self.redact(key, detail)[:900],
-                        attempt=int(plan.status.get("attempt") or 0))
-                    raise
-                self.create_errors.pop(key, None)
-                if created:
-                    log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
-            elif a.verb == "delete":
-                gone = await self.kube.delete(a.kind, ns, a.name, force=a.force)
+            for a, gone in zip(group, await _bounded_gather(
+                    [self.kube.delete(a.kind, ns, a.name, force=a.force) for a in group], MAX_IN_FLIGHT)):
                 if gone:
                     log.info("%s/%s deleted %s %s (%s%s)", ns, name, a.kind, a.name, a.reason,
                              ", forced: node lost" if a.force else "")
+
+    async def _create_slow_start(self, key: Key, creates: list[Any], attempt: int) -> None:
+        """Create in batches of 1, 2, 4, ... (as the Job controller's slow start): a
+        gang is posted in log2(size) round trips, and a create the API server
+        refuses (quota, admission, a bad template) stops the rest after one
+        batch. The first refusal is kept as an input of the next reconcile and
+        raised; the batch's other creates have run (a create is idempotent).
+        """
+        assert self.kube is not None
+        ns, name = key
+        done, batch = 0, 1
+        while done < len(creates):
+            group = creates[done:done + batch]
+            results = await asyncio.gather(*(self.kube.create(a.kind, ns, a.body or {}) for a in group),
+                                           return_exceptions=True)
+            refused = None
+            for a, r in zip(group, results):
+                if isinstance(r, ApiError):
+                    if refused is None:
+                        refused = (a, r)
+                elif isinstance(r, BaseException):
+                    raise r
+                elif r:
+                    log.info("%s/%s created %s %s", ns, name, a.kind, a.name)
+            if refused is not None:
+                a, e = refused
+                detail = f"the API server rejected {a.kind} {a.name}: {e.status} {e.reason}: {e.message}"
+                self.create_errors[key] = CreateError(kind=a.kind, name=a.name, status=e.status,
+                                                      message=self.redact(key, detail)[:900], attempt=attempt)
+                raise e
+            self.create_errors.pop(key, None)
+            done += len(group)
+            batch = min(batch * 2, MAX_IN_FLIGHT)
 
     async def _fence(self, body: Mapping[str, Any], plan: Plan, now_iso: str) -> bool:
         """Before the plan creates a pod: the attempt's storage fence is in S3
@@ -519,6 +547,21 @@ class Controller:
 
 
 CONTROLLER = Controller()
+
+
+#: Most creates or deletes one reconcile has in flight at once.
+MAX_IN_FLIGHT = 16
+
+
+async def _bounded_gather(coros: list[Any], limit: int) -> list[Any]:
+    """Run the coroutines at most ``limit`` at a time; their results in order (the first error is raised)."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(c: Any) -> Any:
+        async with sem:
+            return await c
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
 
 
 # ---------------------------------------------------------------------------

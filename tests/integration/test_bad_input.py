@@ -6,6 +6,7 @@ submitted afterwards still runs."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
@@ -122,3 +123,21 @@ def test_invalid_specs_are_rejected_or_failed_and_valid_job_still_runs(kube, nam
     assert operator.alive and "Traceback" not in operator.log_text()
     for name in [*accepted, "good"]:
         kube.delete(TJ, name, namespace=namespace)
+
+
+def test_a_refused_pod_create_stops_the_gang_after_one_request(kube, namespace, operator, cluster):
+    """The gang is created in slow-start batches (1, 2, 4, ...): when the API server
+    refuses the first pod, the other seven are never sent (all-at-once would send 8)."""
+    body = job_manifest("refused", namespace, OK_CODE, nodes=8)
+    _set(body, "spec.podTemplate", {"metadata": {"labels": {"team": "has space"}}})
+    kube.create(TJ, body, namespace=namespace)
+    st = wait_phase(kube, namespace, "refused", "Failed", timeout=30)
+    assert st["reason"] == "InvalidSpec" and "the API server rejected" in st["message"], st
+    posts = []
+    with open(cluster.state_dir / "api-requests.jsonl") as log:
+        for line in log:
+            e = json.loads(line)
+            if (e["method"] == "POST" and e["resource"] == "pods" and e["namespace"] == namespace
+                    and (e["user_agent"] or "").startswith("trainingjob-operator")):
+                posts.append(e)
+    assert len(posts) == 1 and posts[0]["status"] == 422, posts

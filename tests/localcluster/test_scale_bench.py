@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NUM = r"[0-9]+(?:\.[0-9]+)?"
-FIELDS = ("reaction_p50_s", "reaction_p99_s", "create_p99_s", "operator_rss_mb", "operator_cpu_s_per_min",
+FIELDS = ("reaction_p50_s", "reaction_p99_s", "create_p99_s", "create_from_disruption_p99_s", "operator_rss_mb", "operator_cpu_s_per_min",
           "api_rps_per_job", "s3_rps_per_job")
 LINE = re.compile(r"^scale jobs=20 pods=80 " + " ".join(f"{f}=(?P<{f}>{NUM})" for f in FIELDS)
                   + r" preemptions=(?P<preemptions>\d+) handled=(?P<handled>\d+)$", re.M)
@@ -35,3 +35,5 @@ def test_scale_bench_quick_handles_every_preemption() -> None:
     assert int(m["preemptions"]) == 20 and int(m["handled"]) == 20, m.group(0)
     assert float(m["operator_rss_mb"]) > 0 and float(m["api_rps_per_job"]) > 0, m.group(0)
     assert "Targets at 20 jobs x 4 pods:" in proc.stdout
+    # Every preempted job's old pods were seen going away (the create target is measured from there).
+    assert "| preemptions (20 over the spread) | 20 handled (20 with every old pod's removal logged) |" in proc.stdout
