@@ -244,7 +244,7 @@ class LiveCache:
             seen = self._seen.get(key)
             if seen is None or seen[0] != etag or etag is None:
                 try:
-                    value = parse(fs.cat_file(f"{root_path}/{rel}"))
+                    value = parse(s3.cat_small(fs, f"{root_path}/{rel}"))
                 except FileNotFoundError:
                     value = None
                 self._seen[key] = (etag, value)

@@ -28,7 +28,7 @@ from .reconcile import SnapshotState
 from .snapshot_requests import LiveCache
 
 if TYPE_CHECKING:
-    from trainingjob_trainer.store import SnapshotStore
+    from trainingjob_trainer.store import MarkerCache, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def read_progress(store: SnapshotStore, live: Mapping[str, Mapping[str, Any]],
         return seen
     _, path = s3.filesystem(contract.live_object_uri(store.root, contract.PROGRESS_OBJECT), store.storage_options)
     try:
-        text = store.fs.cat_file(path)
+        text = s3.cat_small(store.fs, path)
     except FileNotFoundError:  # deleted between the listing and the GET
         return None, None
     except Exception as e:  # best effort: the snapshot state stands; the changed ETag is retried next pass
@@ -105,7 +105,7 @@ def read_progress(store: SnapshotStore, live: Mapping[str, Mapping[str, Any]],
 
 def read_snapshot_state(root_uri: str, access: S3Access,
                         seen: tuple[str | None, contract.Progress | None] = (None, None), *,
-                        live_cache: LiveCache | None = None) -> SnapshotState:
+                        live_cache: LiveCache | None = None, marker_cache: MarkerCache | None = None) -> SnapshotState:
     """List ``root_uri`` and apply the completion rule to every snapshot folder (blocking).
 
     Uses the trainer's :class:`~trainingjob_trainer.store.SnapshotStore` (no
@@ -113,11 +113,12 @@ def read_snapshot_state(root_uri: str, access: S3Access,
     same listing. The same listing finds the trainer's progress object
     (:func:`read_progress`; ``seen``: the ETag and content read last) and,
     with ``live_cache``, the snapshot-request and ack objects (a GET only
-    when one changed).
+    when one changed). With ``marker_cache`` a commit marker is read only when
+    the listing shows an ETag not read before.
     """
     from trainingjob_trainer.store import SnapshotStore
 
-    store = SnapshotStore(root_uri, storage_options=access.storage_options())
+    store = SnapshotStore(root_uri, storage_options=access.storage_options(), marker_cache=marker_cache)
     infos, entries = store.scan_with_live()
     etag, progress = read_progress(store, entries, seen)
     live = live_cache.read(store.fs, store._root_path, entries) if live_cache is not None else None
@@ -167,7 +168,8 @@ class SnapshotReader:
     """Reads each job's snapshot state from S3, cached per job.
 
     How long a listing is reused (issue 10: a listing is one LIST plus one
-    GET per snapshot folder, so it is the operator's main S3 cost):
+    GET of the fence, plus a GET per snapshot folder whose marker it has not
+    read under that ETag before, so it is the operator's main S3 cost):
 
     * while the job has a gang (``steady``): the job's expected snapshot
       interval (the time between its two newest snapshots), at least
@@ -202,6 +204,10 @@ class SnapshotReader:
         self._cache: dict[tuple[str, str], tuple[float, Any, SnapshotState]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[SnapshotState]] = {}
         self.live_cache = LiveCache()
+        from trainingjob_trainer.store import MarkerCache
+
+        #: Every job's commit markers, by ETag: a steady listing is a LIST and the fence, not a GET per folder.
+        self.marker_cache = MarkerCache()
 
     def reuse_for(self, *, phase: str | None, steady: bool, state: SnapshotState,
                   progress_seconds: float | None = None) -> float:
@@ -240,7 +246,7 @@ class SnapshotReader:
         if task is None or task.done():
             root = contract.job_snapshot_root(spec.snapshot.uri, meta["namespace"], meta["name"])
             seen = (cached[2].progress_etag, cached[2].progress) if cached else (None, None)
-            task = asyncio.create_task(self._read(root, access, seen, self.live_cache))
+            task = asyncio.create_task(self._read(root, access, seen, self.live_cache, self.marker_cache))
             self._inflight[key] = task
         try:
             state = await asyncio.wait_for(asyncio.shield(task), timeout=self.timeout)
@@ -252,10 +258,11 @@ class SnapshotReader:
 
     @staticmethod
     async def _read(root: str, access: S3Access, seen: tuple[str | None, contract.Progress | None],
-                    live_cache: LiveCache) -> SnapshotState:
+                    live_cache: LiveCache, marker_cache: MarkerCache) -> SnapshotState:
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                _LISTING_POOL, functools.partial(read_snapshot_state, root, access, seen, live_cache=live_cache))
+                _LISTING_POOL, functools.partial(read_snapshot_state, root, access, seen, live_cache=live_cache,
+                                                 marker_cache=marker_cache))
         except Exception as e:  # S3 down, access denied...: reported in status, never fatal
             state = SnapshotState(error=f"cannot list {root}: {type(e).__name__}: {str(e)[:300]}")
             log.warning("snapshot listing failed: %s", state.error)

@@ -175,7 +175,7 @@ def test_issue12_live_cache_gets_the_objects_only_when_their_etag_changes():
         def __init__(self):
             self.objects, self.gets = {}, 0
 
-        def cat_file(self, path):
+        def cat_file(self, path, **_kw):
             self.gets += 1
             return self.objects[path]
 

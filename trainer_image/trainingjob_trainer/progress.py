@@ -232,7 +232,7 @@ class LiveChannel:
     def _get(self, rel: str) -> bytes | None:
         fs, path = self._path(rel)
         try:
-            return fs.cat_file(path)
+            return s3.cat_small(fs, path)
         except FileNotFoundError:
             return None
 

@@ -98,6 +98,19 @@ def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
     return fsspec.filesystem("file", auto_mkdir=True), path
 
 
+def cat_small(fs: Any, path: str) -> bytes:
+    """The whole of a small object (a marker, the fence, a progress or request object) in one GET.
+
+    s3fs's ``cat_file`` first sends a HEAD for the object's size (to split a
+    large one into concurrent ranged GETs) unless ``max_concurrency`` is 1:
+    for the contract's small objects that HEAD doubled every read.
+
+    Raises:
+        FileNotFoundError: The object does not exist.
+    """
+    return fs.cat_file(path, max_concurrency=1)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI parts with single slashes."""
     out = uri.rstrip("/")

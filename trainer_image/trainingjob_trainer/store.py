@@ -20,7 +20,9 @@ its restore rule (:func:`contract.fence_admits`).
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -101,6 +103,44 @@ def new_save_id(attempt: int) -> str:
     return f"a{int(attempt)}-{uuid.uuid4().hex[:12]}"
 
 
+class MarkerCache:
+    """Commit markers already read, by path and ETag (thread-safe, bounded).
+
+    A reader that lists the same folders again and again (the operator, every
+    job once per snapshot interval) gets each marker's ETag from the listing
+    and reads the marker only when that ETag is new: a listing of a job with
+    three snapshots is then one LIST (and the fence), not one more GET per
+    folder. An overwritten marker has another ETag, so it is read again.
+    """
+
+    def __init__(self, max_entries: int = 20000) -> None:
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[str, tuple[str, bytes]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str, etag: str) -> bytes | None:
+        if not etag:
+            return None
+        with self._lock:
+            hit = self._entries.get(path)
+            if hit is None or hit[0] != etag:
+                return None
+            self._entries.move_to_end(path)
+            return hit[1]
+
+    def put(self, path: str, etag: str, text: bytes) -> None:
+        if not etag:
+            return
+        with self._lock:
+            self._entries[path] = (etag, text)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class SnapshotStore:
     """Lists, commits and prunes the snapshots under one job root.
 
@@ -111,11 +151,14 @@ class SnapshotStore:
         writer: The gang writing through this store; its commits, prunes and
             folder clearing are checked against the fence. ``None``: a
             reader (the operator, a CLI), never refused.
+        marker_cache: Markers read before, reused while the listing shows the
+            same ETag (the operator's listings; see :class:`MarkerCache`).
     """
 
     def __init__(self, root: str, *, storage_options: Mapping[str, Any] | None = None,
-                 writer: Writer | None = None) -> None:
+                 writer: Writer | None = None, marker_cache: MarkerCache | None = None) -> None:
         self.root = root.rstrip("/")
+        self.marker_cache = marker_cache
         self.storage_options = dict(storage_options or {})
         self.writer = writer
         self.fs, self._root_path = s3.filesystem(self.root, self.storage_options)
@@ -134,7 +177,7 @@ class SnapshotStore:
     def read_fence(self) -> contract.Fence | None:
         """The fence in S3 (``None``: none, or one this release cannot parse)."""
         try:
-            text = self.fs.cat_file(f"{self._root_path}/{contract.FENCE_OBJECT}")
+            text = s3.cat_small(self.fs, f"{self._root_path}/{contract.FENCE_OBJECT}")
         except FileNotFoundError:
             return None
         fence = contract.Fence.from_json(text)
@@ -181,7 +224,8 @@ class SnapshotStore:
               fence: contract.Fence | None) -> SnapshotInfo:
         """One folder's state: its marker, the completion rule and the fence's restore rule."""
         epoch, step = contract.parse_snapshot_dir_name(name)  # type: ignore[misc]
-        marker, foreign = self._marker_at(fs, path) if contract.COMMIT_MARKER in listing else (None, None)
+        marker, foreign = (self._marker_at(fs, path, etag=listing[contract.COMMIT_MARKER].get("etag") or "")
+                           if contract.COMMIT_MARKER in listing else (None, None))
         complete = contract.snapshot_is_complete(marker, name, listing)
         fenced = complete and marker is not None and not contract.fence_admits(fence, dir_name=name, marker=marker)
         return SnapshotInfo(uri=uri, name=name, epoch=epoch, step=step, marker=marker, complete=complete and not fenced,
@@ -206,13 +250,21 @@ class SnapshotStore:
             }
         return out
 
-    @staticmethod
-    def _marker_at(fs: Any, path: str) -> tuple[contract.CommitMarker | None, int | None]:
-        """The marker in folder ``path`` and, when another release wrote it, its version."""
-        try:
-            text = fs.cat_file(f"{path}/{contract.COMMIT_MARKER}")
-        except FileNotFoundError:
-            return None, None
+    def _marker_at(self, fs: Any, path: str, *, etag: str = "") -> tuple[contract.CommitMarker | None, int | None]:
+        """The marker in folder ``path`` and, when another release wrote it, its version.
+
+        ``etag``: the marker's ETag in the listing; with a :attr:`marker_cache`
+        a marker read before under that ETag is not read again.
+        """
+        key = f"{path}/{contract.COMMIT_MARKER}"
+        text = self.marker_cache.get(key, etag) if self.marker_cache is not None else None
+        if text is None:
+            try:
+                text = s3.cat_small(fs, key)
+            except FileNotFoundError:
+                return None, None
+            if self.marker_cache is not None:
+                self.marker_cache.put(key, etag, text)
         version = contract.marker_version(text)
         foreign = version if version is not None and version != contract.COMMIT_MARKER_VERSION else None
         return contract.CommitMarker.from_json(text), foreign
