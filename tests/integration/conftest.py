@@ -17,7 +17,9 @@ from typing import Callable, Sequence
 import pytest
 
 from localcluster.cluster import ManagedProcess
+from localcluster.s3proxy import S3Proxy
 from tests.chart.render import RELEASE_NAMESPACE, render
+from tests.trainer.trainer_s3server import start_s3_server
 
 from .identity import apply_rbac, operator_command, operator_kubeconfig
 
@@ -42,3 +44,14 @@ def start_operator(start_operator, chart_identity_kubeconfig) -> Callable[..., M
         return start_operator(extra_args, **kw)
 
     return start
+
+@pytest.fixture(scope="module")
+def proxied_s3():
+    """A real S3 server (SeaweedFS) with the counting proxy in front: ``(server, proxy)``."""
+    server = start_s3_server()
+    proxy = S3Proxy(upstream=server.endpoint).start()
+    try:
+        yield server, proxy
+    finally:
+        proxy.stop()
+        server.stop()

@@ -15,23 +15,12 @@ import uuid
 import pytest
 
 from localcluster.s3proxy import S3Proxy
-from tests.trainer.trainer_s3server import ACCESS_KEY, REGION, SECRET_KEY, start_s3_server
+from tests.trainer.trainer_s3server import ACCESS_KEY, REGION, SECRET_KEY
 from trainingjob_operator.snapshots import S3Access, read_snapshot_state
 from trainingjob_trainer import contract, s3
 from trainingjob_trainer.store import MarkerCache, SnapshotStore
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def proxied_s3():
-    server = start_s3_server()
-    proxy = S3Proxy(upstream=server.endpoint).start()
-    try:
-        yield server, proxy
-    finally:
-        proxy.stop()
-        server.stop()
 
 
 def _requests(proxy: S3Proxy) -> dict[str, int]:

@@ -8,20 +8,9 @@ import uuid
 import pytest
 
 from localcluster.s3proxy import S3Proxy
-from tests.trainer.trainer_s3server import ACCESS_KEY, REGION, SECRET_KEY, start_s3_server
+from tests.trainer.trainer_s3server import ACCESS_KEY, REGION, SECRET_KEY
 from trainingjob_operator.snapshots import S3Access, read_snapshot_state
 from trainingjob_trainer import contract
-
-
-@pytest.fixture(scope="module")
-def proxied_s3():
-    server = start_s3_server()
-    proxy = S3Proxy(upstream=server.endpoint).start()
-    try:
-        yield server, proxy
-    finally:
-        proxy.stop()
-        server.stop()
 
 
 def _progress(step: int) -> str:
