@@ -100,6 +100,7 @@ class Settings:
     spread: float
     quick: bool
     skip_finished: bool = False
+    keep: bool = False
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Result:
     creates: list[float] = field(default_factory=list)
     #: Old gang's last pod gone (or the disruption, if later) -> new gang's first POST: the issue's target.
     creates_after_gone: list[float] = field(default_factory=list)
+    #: Disruption -> the old gang's last pod gone: the stand-in's node agent, not the operator.
+    gone: list[float] = field(default_factory=list)
     preempted: int = 0
     stages: list[tuple[float, Window]] = field(default_factory=list)
     rss_mb: float = 0.0
@@ -269,7 +272,10 @@ class Run:
         for p in self.proxies.values():
             p.stop()
         self.lc.stop()
-        shutil.rmtree(self.state, ignore_errors=True)
+        if self.cfg.keep:
+            print(f"  [{self.n}] kept {self.state}", flush=True)
+        else:
+            shutil.rmtree(self.state, ignore_errors=True)
 
     def window(self, seconds: float, finished: set[str]) -> Window:
         """Measure for ``seconds`` (jobs finished at the start of it: ``finished``)."""
@@ -323,11 +329,11 @@ class Run:
                    what=f"all {self.n} jobs Running")
         return time.monotonic() - t0
 
-    def preempt(self) -> tuple[list[float], list[float], list[float], int]:
+    def preempt(self) -> tuple[list[float], list[float], list[float], list[float], int]:
         """Preempt one pod in each of K jobs over ``spread`` s.
 
         Returns (fencing delays, create delays from the disruption, create delays
-        from the old gang's last pod gone, K). A pod is gone at the DELETE that
+        from the old gang's last pod gone, the old gangs' going away, K). A pod is gone at the DELETE that
         removed it (the request log's ``removed``): the node agent's
         ``gracePeriodSeconds=0`` once its process exited, as a kubelet's, or a
         force delete.
@@ -352,7 +358,7 @@ class Run:
         except TimeoutError as e:
             print(f"  [{self.n}] {e}", flush=True)
         time.sleep(1.0)  # the last POSTs reach the log
-        fences, creates, after_gone = [], [], []
+        fences, creates, after_gone, gone_after = [], [], [], []
         entries = self.log.refresh()
         for i, job in enumerate(victims):
             victim = f"{job}-0-{i % self.cfg.pods}"
@@ -374,7 +380,8 @@ class Run:
                         and e["removed"]}
                 if len(gone) >= self.cfg.pods:
                     after_gone.append(t_new - max(t_dis, *gone.values()))
-        return fences, creates, after_gone, k
+                    gone_after.append(max(gone.values()) - t_dis)
+        return fences, creates, after_gone, gone_after, k
 
     def stages(self) -> list[tuple[float, Window]]:
         """The 10 / 50 / 90 % finished stages (skipped with ``--quick``)."""
@@ -405,9 +412,9 @@ def measure(n: int, cfg: Settings) -> Result:
         print(f"  [{n}] all {n} jobs Running after {ready:.0f} s; steady state {cfg.steady:.0f} s", flush=True)
         time.sleep(min(10.0, cfg.steady / 4))  # the creation burst's last requests settle
         steady = run.window(cfg.steady, set())
-        fences, creates, after_gone, k = run.preempt()
+        fences, creates, after_gone, gone, k = run.preempt()
         result = Result(jobs=n, pods=cfg.pods, ready_s=ready, steady=steady, reactions=fences, creates=creates,
-                        creates_after_gone=after_gone, preempted=k)
+                        creates_after_gone=after_gone, gone=gone, preempted=k)
         result.stages = [] if cfg.skip_finished else run.stages()
         assert run.operator is not None
         result.rss_mb = peak_rss_mb(run.operator.pid)
@@ -446,7 +453,8 @@ def table(r: Result) -> str:
     rows.append((f"preemptions ({r.preempted} over the spread)",
                  f"{len(r.reactions)} handled ({len(r.creates_after_gone)} with every old pod's removal logged)"))
     for label, vals in (("disruption -> fencing DELETE", r.reactions), ("disruption -> new gang's first POST", r.creates),
-                        ("old gang's last pod gone -> new gang's first POST", r.creates_after_gone)):
+                        ("old gang's last pod gone -> new gang's first POST", r.creates_after_gone),
+                        ("stand-in: disruption -> old gang's last pod gone", r.gone)):
         rows.append((label, f"p50 {pct(vals, .5):.3f} s, p99 {pct(vals, .99):.3f} s, max {max(vals, default=float('nan')):.3f} s"))
     for share, w in r.stages:
         costs(f"{share:.0%} finished", w)
@@ -496,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short check: 10 s steady state, no finished stages")
     p.add_argument("--skip-finished", action="store_true",
                    help="measure no finished shares (steady state and preemptions only)")
+    p.add_argument("--keep", action="store_true", help="keep each N's state folder (logs, the request log)")
     p.add_argument("--lock", action="store_true",
                    help="hold the machine's heavy lock (/tmp/tj-heavy.lock) while each N runs, and only then")
     a = p.parse_args(argv)
@@ -505,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         a.spread = min(a.spread, 5.0)
     cfg = Settings(pods=a.pods_per_job, nodes=a.nodes, steady=a.steady, window=a.window,
                    preemptions=a.preemptions, spread=a.spread, quick=a.quick,
-                   skip_finished=a.skip_finished)
+                   skip_finished=a.skip_finished, keep=a.keep)
     results = []
     for n in a.jobs or [50, 200, 500]:
         print(f"N={n}: {n} jobs x {cfg.pods} pods on {cfg.nodes} hollow nodes", flush=True)
