@@ -535,14 +535,21 @@ def test_request_log_records_kubernetes_verbs(api: Api) -> None:
     entries = [json.loads(line) for line in (api.state_dir / 'api-requests.jsonl').read_text().splitlines()]
     keys = {'ts', 'method', 'path', 'query', 'user_agent', 'status', 'verb', 'api_group', 'api_version', 'resource',
             'subresource', 'namespace', 'name', 'user'}
-    # A successful create also names what it made (bench/scale.py tells the jobs' pod POSTs apart by it).
-    assert all(set(e) - {'created'} == keys for e in entries)
+    # A successful create also names what it made (bench/scale.py tells the jobs' pod POSTs apart by it),
+    # and a DELETE says whether it removed the object (bench/scale.py times "the old gang is gone" by it).
+    assert all(set(e) - {'created', 'removed'} == keys for e in entries)
     create = [e for e in entries if e['verb'] == 'create' and e['resource'] == 'configmaps']
     assert create and create[-1]['status'] == 201 and create[-1]['namespace'] == 'default'
     assert create[-1]['created'] == 'logged'
     patch = [e for e in entries if e['verb'] == 'patch' and e['subresource'] == 'status']
     assert patch[-1]['api_group'] == 'example.com' and patch[-1]['name'] == 'st' and patch[-1]['resource'] == 'widgets'
     assert any(e['verb'] == 'watch' for e in entries)
+    made = api.ok('POST', CM, {'metadata': {'name': 'removed-later'}})
+    status, got = api.call('DELETE', f"{CM}/{made['metadata']['name']}")
+    assert status == 200, (status, got, made['metadata'])
+    deleted = [e for e in (json.loads(line) for line in (api.state_dir / 'api-requests.jsonl').read_text().splitlines())
+               if e['verb'] == 'delete']
+    assert deleted[-1]['name'] == 'removed-later' and deleted[-1]['removed'] is True
     assert any(e['verb'] == 'list' and e['resource'] == 'namespaces' and e['api_group'] == '' for e in entries)
 
 
