@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ import pytest
 
 from localcluster import control
 from localcluster.cluster import LocalCluster
+from localcluster.kube import wait_until
 from tests.conftest import running_cluster
 from tests.e2e.test_recovery import (
     EVERY, assert_same_weights, example_job, latest_step, pod_logs, printed_steps, wait_past_latest_snapshot,
@@ -77,8 +77,6 @@ def test_issue11_two_jobs_side_by_side_one_preempted_both_bit_identical(net_clus
         wait_status(kube, ns, job, lambda s: s.get("phase") == "Running", timeout=180, what=f"{job} Running")
     # Both gangs' rank 0 listen on 29400 at once, each on its own pod IP.
     both = lambda: all(_rendezvous_listeners(net_cluster, ns, j) for j in weights)  # noqa: E731
-    from localcluster.kube import wait_until
-
     wait_until(both, timeout=60, what="both rendezvous listening on port 29400")
     ips = {p["status"]["podIP"] for j in weights for p in pods_of(kube, ns, j)}
     assert len(ips) == 4 and all(ipaddress.ip_address(ip).is_private and not ipaddress.ip_address(ip).is_loopback
@@ -142,11 +140,11 @@ def test_issue11_item4_partitioned_node_old_torchrun_gang_saves_on_but_never_cor
         assert new["spec"]["nodeName"] != node and new["status"]["podIP"] != old_ip
         # The old gang trains on past two more snapshot steps after attempt 1 started.
         past = min(steps, st["snapshot"]["restoredStep"] + 2 * EVERY + 1)
-        deadline = time.monotonic() + 90
-        while max(printed_steps(net_cluster, ns, "part", 0), default=0) < past:
-            assert time.monotonic() < deadline, f"the old gang stopped before step {past}:\n" + \
-                pod_logs(net_cluster, ns, "part", 0)[-3000:]
-            time.sleep(0.2)
+        try:
+            wait_until(lambda: max(printed_steps(net_cluster, ns, "part", 0), default=0) >= past, timeout=90,
+                       interval=0.2, what=f"the old gang past step {past}")
+        except TimeoutError as e:
+            pytest.fail(f"{e}; it stopped before:\n" + pod_logs(net_cluster, ns, "part", 0)[-3000:])
     finally:
         control.heal_node(kube, node)  # the agent then stops the old processes, as a reconnecting kubelet does
     st = wait_phase(kube, ns, "part", "Succeeded", timeout=240)
