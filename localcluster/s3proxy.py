@@ -28,7 +28,7 @@ its time window starts when it is set):
 Control endpoint (same port, path prefix ``/__proxy__``; S3 bucket names
 cannot contain ``_`` so it never collides): ``PUT /__proxy__/faults`` with a
 JSON body, ``GET /__proxy__/stats`` for counters (requests, injected faults,
-bytes each way). The proxy speaks HTTP/1.1 with keep-alive, bodies by
+bytes each way, requests in flight now and at most at once). The proxy speaks HTTP/1.1 with keep-alive, bodies by
 ``Content-Length`` or chunked, answers ``Expect: 100-continue`` itself, and
 streams bodies in chunks (it never holds a whole object).
 """
@@ -96,6 +96,9 @@ class _Stats:
     bytes_up: int = 0
     bytes_down: int = 0
     by_method: dict[str, int] = field(default_factory=dict)
+    #: Requests forwarded and not yet answered, now and at most at once.
+    in_flight: int = 0
+    peak_in_flight: int = 0
 
 
 class _Throttle:
@@ -199,15 +202,20 @@ class ProxyServer:
             _write_response(writer, 503, "Slow Down", _SLOWDOWN_BODY, content_type="application/xml")
             await writer.drain()
             return upstream
-        if self.faults.latency_s:
-            await asyncio.sleep(self.faults.latency_s)
-        if upstream is None or upstream[1].transport.is_closing():
-            upstream = await asyncio.open_connection(self.up_host, self.up_port)
-        up_r, up_w = upstream
-        await self.up.take(len(head))
-        up_w.write(head)
-        await _pump_body(reader, up_w, headers, self.up, self._count_up)
-        keep = await self._relay_response(method, up_r, writer)
+        self.stats.in_flight += 1
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
+        try:
+            if self.faults.latency_s:
+                await asyncio.sleep(self.faults.latency_s)
+            if upstream is None or upstream[1].transport.is_closing():
+                upstream = await asyncio.open_connection(self.up_host, self.up_port)
+            up_r, up_w = upstream
+            await self.up.take(len(head))
+            up_w.write(head)
+            await _pump_body(reader, up_w, headers, self.up, self._count_up)
+            keep = await self._relay_response(method, up_r, writer)
+        finally:
+            self.stats.in_flight -= 1
         if not keep:
             up_w.close()
             return None
@@ -428,7 +436,8 @@ class S3Proxy:
         return self._call("PUT", "/faults", faults)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: requests, failed_503, failed_reset, bytes_up, bytes_down, by_method."""
+        """Counters since start: requests, failed_503, failed_reset, bytes_up, bytes_down, by_method,
+        in_flight, peak_in_flight."""
         return self._call("GET", "/stats")
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ reaches all of them.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping
 
@@ -125,3 +126,39 @@ def to_torchsnapshot_url(uri: str) -> str:
     if scheme in ("s3", "s3a"):
         return f"{TORCHSNAPSHOT_SCHEME}://{path}"
     return path
+
+
+class ViewReader(io.RawIOBase):
+    """Bytes as a seekable file over a buffer, never copied whole.
+
+    The torchsnapshot plugin's multipart parts (botocore and aiohttp read
+    them in small chunks, and rewind them to retry) and DCP's restore (torch's
+    zip reader reads an item's small records from it; see ``dcp_read``).
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def __len__(self) -> int:
+        return len(self._view) - self._pos

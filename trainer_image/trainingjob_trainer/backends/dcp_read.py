@@ -18,6 +18,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from trainingjob_trainer import s3
+
 #: Bytes of ranged GETs in flight per rank (one range is always allowed, even
 #: a larger one): 8 of DCP's 16 MiB objects at once.
 DCP_READ_BYTES_IN_FLIGHT = 128 << 20
@@ -95,17 +97,29 @@ def _dcp_s3_reader() -> type:
                 yield f, parts
 
         def _load(self, reqs: list[Any], data: bytes, start: int, planner: Any) -> None:
-            """The stock reader's per-item loading, from the bytes of ``[start, ...)`` of one object."""
+            """The stock reader's per-item loading, from the bytes of ``[start, ...)`` of one object.
+
+            A tensor item is read in place: its storage is a view of ``data``
+            and is copied once, into the target. The stock reader's
+            ``torch.load`` of a stream allocated each tensor anew and copied it
+            there first (about 20 ms per 16 MiB here, on the calling thread
+            while the GETs run: a 256 MiB restore spent 0.4 s of its 2 CPUs
+            on it). Items with stream transforms take the stock path.
+            """
             view = memoryview(data)
             for req in reqs:
                 info = self.storage_data[req.storage_index]
-                raw = io.BytesIO(view[info.offset - start:info.offset - start + info.length])
-                stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (), raw)
-                if req.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(req, io.BytesIO(stream.read(-1)))
-                    continue
-                seekable = stream if stream.seekable() else io.BytesIO(stream.read(-1))
-                tensor = torch.load(seekable, map_location="cpu", weights_only=True)
+                item = view[info.offset - start:info.offset - start + info.length]
+                if req.type != LoadItemType.BYTE_IO and not info.transform_descriptors:
+                    tensor = _tensor_in_place(data, info.offset - start, item)
+                else:
+                    stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (),
+                                                                   io.BytesIO(item))
+                    if req.type == LoadItemType.BYTE_IO:
+                        planner.load_bytes(req, io.BytesIO(stream.read(-1)))
+                        continue
+                    seekable = stream if stream.seekable() else io.BytesIO(stream.read(-1))
+                    tensor = torch.load(seekable, map_location="cpu", weights_only=True)
                 tensor = dcp_fs.narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
                 if target.size() != tensor.size():
@@ -123,3 +137,22 @@ def _done(value: Any) -> Any:
     fut: Future = Future()
     fut.set_result(value)
     return fut
+
+
+def _tensor_in_place(data: Any, offset: int, item: memoryview) -> Any:
+    """The tensor ``torch.save`` wrote as ``item`` (at ``offset`` in ``data``),
+    its storage a view of ``data``'s bytes: what ``torch.load(..., mmap=True)``
+    does for a file, done for a buffer. Same unpickler as the stock reader
+    (``weights_only``); the view is read-only and lives until the copy into
+    the target."""
+    import warnings
+
+    import torch
+    from torch import serialization
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": it is only read
+        storage = torch.frombuffer(data, dtype=torch.uint8, offset=offset, count=len(item)).untyped_storage() \
+            if len(item) else torch.UntypedStorage(0)
+    with serialization._open_zipfile_reader(s3.ViewReader(item)) as zipped:
+        return serialization._load(zipped, "cpu", serialization._weights_only_unpickler, overall_storage=storage)

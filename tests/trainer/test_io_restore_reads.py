@@ -1,0 +1,94 @@
+"""Issue 11 item 5: how a restore reads S3 (the restore ratio in bench/snapshot.py).
+
+* torchsnapshot's plugin GETs run on s3fs's own loop, as its uploads do, so a
+  restore has as many GETs in flight as torchsnapshot asks for; through the
+  default executor it had one per executor thread (6 on 2 CPUs).
+* DCP's parallel reader loads a tensor item from the fetched bytes in place
+  (one copy, into the target), not through ``torch.load`` of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+
+import pytest
+import torch
+from torchsnapshot.io_types import ReadIO
+
+from localcluster.s3proxy import S3Proxy
+from trainingjob_trainer import contract, s3, ts_plugin
+from trainingjob_trainer.backends import make_snapshotter
+
+
+@pytest.fixture
+def slow_proxy(s3_server, s3_env, monkeypatch):
+    """The counting proxy in front of the test server, 0.3 s added to each request; clients go through it."""
+    proxy = S3Proxy(upstream=s3_server.endpoint).start()
+    monkeypatch.setenv(contract.ENV_S3_ENDPOINT, proxy.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def test_torchsnapshot_plugin_reads_are_not_held_to_the_default_executors_threads(bucket, s3_server, slow_proxy):
+    objects = {f"0/t{i}": hashlib.sha256(str(i).encode()).digest() * 1024 for i in range(10)}
+    direct, _ = s3.filesystem(f"s3://{bucket}", {"endpoint_url": s3_server.endpoint})  # not through the proxy
+    direct.pipe({f"{bucket}/ts/{k}": v for k, v in objects.items()})
+    plugin = ts_plugin.S3FSStoragePlugin(f"{bucket}/ts")
+    slow_proxy.set_faults(latency_s=0.3)
+    assert slow_proxy.stats()["peak_in_flight"] <= 1
+
+    async def read_all() -> list[ReadIO]:
+        # Two executor threads: GETs that each held one could not be more than 2 at once.
+        asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        reads = [ReadIO(path=k) for k in objects] + [ReadIO(path="0/t3", byte_range=(100, 300))]
+        await asyncio.gather(*(plugin.read(r) for r in reads))
+        return reads
+
+    reads = asyncio.run(read_all())
+    assert {r.path: r.buf.getvalue() for r in reads[:-1]} == objects
+    assert reads[-1].buf.getvalue() == objects["0/t3"][100:300]
+    peak = slow_proxy.stats()["peak_in_flight"]
+    # botocore's pool holds 10 connections: all 11 reads could not be in flight at once.
+    assert peak >= 8, f"at most {peak} GETs in flight"
+
+
+class _Tensors:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self):
+        return dict(self.tensors)
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
+
+
+def test_dcp_restore_loads_tensor_items_in_place_not_through_torch_load(s3_root, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    src = {"t": _Tensors({f"w{i}": torch.randn(50_000 + i, generator=g) for i in range(6)}),
+           "extra": {"note": "not a tensor", "n": 7}}
+    make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False).save(step=1)
+    target = {"t": _Tensors({k: torch.zeros_like(v) for k, v in src["t"].tensors.items()}),
+              "extra": {"note": "", "n": 0}}
+    pointers = {k: v.data_ptr() for k, v in target["t"].tensors.items()}
+    loaded: list[str] = []
+    stock_load = torch.load
+
+    def counting_load(*args, **kwargs):
+        out = stock_load(*args, **kwargs)
+        loaded.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    snap = make_snapshotter(backend="dcp", uri=s3_root, app_state=target, watch_preemption=False)
+    assert s3.is_s3(s3_root) and snap.restore_latest() == 1
+    for k, v in src["t"].tensors.items():
+        assert torch.equal(target["t"].tensors[k], v)
+        assert target["t"].tensors[k].data_ptr() == pointers[k]  # loaded into the tensor that was there
+    assert target["extra"] == src["extra"]  # a BYTE_IO item: the stock path
+    assert "Tensor" not in loaded, f"torch.load returned tensors: {loaded}"
