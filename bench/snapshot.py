@@ -97,10 +97,15 @@ def bench_size(mib: int, bucket: str, repeat: int, tensors: int = 64) -> dict[st
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)
     raw = buf.getvalue()
-    # SeaweedFS allocates its volumes on a bucket's first writes: done before any measurement.
+    # SeaweedFS allocates its volumes on a bucket's first writes, and a fresh
+    # process's first large reads run slow here (measured: 256 MiB read 4
+    # times after a process's first write took 1.53, 0.95, 0.48 and 0.43 s;
+    # a set written after those took 0.62, 0.41, 0.51 and 0.45 s; sys time
+    # 2-5x): done before any measurement.
     warm = {f"{bucket}/warmup/{i}": raw[:16 * MIB] for i in range(16)}
     fs.pipe(warm)
-    fs.cat(sorted(warm))
+    for _ in range(3):
+        fs.cat(sorted(warm))
     drop(f"{bucket}/warmup")
     del warm
     for r in range(repeat):

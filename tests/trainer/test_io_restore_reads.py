@@ -92,3 +92,24 @@ def test_dcp_restore_loads_tensor_items_in_place_not_through_torch_load(s3_root,
         assert target["t"].tensors[k].data_ptr() == pointers[k]  # loaded into the tensor that was there
     assert target["extra"] == src["extra"]  # a BYTE_IO item: the stock path
     assert "Tensor" not in loaded, f"torch.load returned tensors: {loaded}"
+
+
+def test_restore_latest_lists_the_job_once_and_restores_by_the_marker_it_found(s3_root, monkeypatch):
+    """Finding the snapshot and restoring it cost one fence read and one listing: the folder
+    is not inspected again between the two (it was twice, 6 more requests before the data)."""
+    from trainingjob_trainer.store import SnapshotStore
+
+    src = {"t": _Tensors({"w": torch.arange(1000.0)})}
+    snap = make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False)
+    snap.save(step=1)
+    snap.save(step=2)
+    calls: list[str] = []
+    for name in ("_find", "read_fence"):
+        stock = getattr(SnapshotStore, name)
+        monkeypatch.setattr(SnapshotStore, name,
+                            lambda self, *a, _stock=stock, _name=name, **k: calls.append(_name) or _stock(self, *a, **k))
+    target = {"t": _Tensors({"w": torch.zeros(1000)})}
+    assert make_snapshotter(backend="dcp", uri=s3_root, app_state=target,
+                            watch_preemption=False).restore_latest() == 2
+    assert torch.equal(target["t"].tensors["w"], src["t"].tensors["w"])
+    assert sorted(calls) == ["_find", "read_fence"], calls

@@ -251,31 +251,46 @@ class Snapshotter(LiveMixin, abc.ABC):
         Raises:
             SnapshotNotRestorable: ``resume_from`` names an incomplete snapshot.
         """
+        found = self._find_restore()
+        return found[0] if found else None
+
+    def _find_restore(self) -> tuple[str, str] | None:
+        """:meth:`find_restore_target`, with the commit marker (JSON) of the folder found."""
         if self.resume_from:
             info = self.store.inspect(self.resume_from)
             if info is None or not info.complete:
                 raise SnapshotNotRestorable(f"requested snapshot {self.resume_from} is not a complete snapshot")
-            return info.uri
-        info = self.store.latest_complete()
-        return info.uri if info else None
+        else:
+            info = self.store.latest_complete()
+            if info is None:
+                return None
+        assert info.marker is not None  # complete
+        return info.uri, info.marker.to_json()
 
     def restore_latest(self, *, app_state: Mapping[str, Any] | None = None, optional: tuple[str, ...] = ()) -> int:
         """Restore the snapshot to resume from, on every rank.
 
+        The marker read while finding it is the one restored by: no second
+        look at the folder between the two (:meth:`restore` of a URI reads it).
+
         Returns:
             The restored global step (0 when there is nothing to restore).
         """
-        target = self.restore_target()
-        if target is None:
+        found = self._restore_target_and_marker()
+        if found is None:
             return 0
-        return self.restore(target, app_state=app_state, optional=optional).step
+        return self._restore(found[0], app_state=app_state, optional=optional, marker_json=found[1]).step
 
     def restore_target(self) -> str | None:
         """:meth:`find_restore_target` on rank 0, retried with backoff; its
         answer, or its error, on every rank (collective)."""
-        def find() -> str | None:
+        found = self._restore_target_and_marker()
+        return found[0] if found else None
+
+    def _restore_target_and_marker(self) -> tuple[str, str] | None:
+        def find() -> tuple[str, str] | None:
             self.store.check_access()
-            return self.find_restore_target()
+            return self._find_restore()
 
         return self._retried(lambda: _dist.on_rank0(find, pg=self._flag_pg,
                                                     what=f"finding the snapshot to restore under {self.uri}"),
@@ -324,9 +339,15 @@ class Snapshotter(LiveMixin, abc.ABC):
                 watcher): the rank exits at once, after writing a
                 ``PreemptedWithoutSnapshot`` termination message.
         """
+        return self._restore(uri, app_state=app_state, optional=optional)
+
+    def _restore(self, uri: str, *, app_state: Mapping[str, Any] | None, optional: tuple[str, ...],
+                 marker_json: str | None = None) -> contract.CommitMarker:
+        """:meth:`restore`; ``marker_json``: the folder's complete marker, already read on rank 0."""
         try:
             with self._exit_on_sigterm(uri):
-                marker = self._retried(lambda: self._restore_once(uri, app_state=app_state, optional=optional),
+                marker = self._retried(lambda: self._restore_once(uri, app_state=app_state, optional=optional,
+                                                                  marker_json=marker_json),
                                        what=f"restore of {uri}")
         except PreemptedDuringRestore:
             logger.warning("rank %d: SIGTERM during the restore of %s; exiting at once", _dist.rank(self.pg), uri)
@@ -353,9 +374,10 @@ class Snapshotter(LiveMixin, abc.ABC):
         return info.marker.to_json() if info is not None and info.complete and info.marker else None
 
     def _restore_once(self, uri: str, *, app_state: Mapping[str, Any] | None,
-                      optional: tuple[str, ...]) -> contract.CommitMarker:
-        marker_json = _dist.on_rank0(lambda: self._complete_marker_json(uri), pg=self._flag_pg,
-                                     what=f"reading the commit marker of {uri}")
+                      optional: tuple[str, ...], marker_json: str | None = None) -> contract.CommitMarker:
+        if marker_json is None:
+            marker_json = _dist.on_rank0(lambda: self._complete_marker_json(uri), pg=self._flag_pg,
+                                         what=f"reading the commit marker of {uri}")
         if marker_json is None:
             raise SnapshotNotRestorable(f"{uri} is not a complete snapshot; refusing to restore it")
         marker = contract.CommitMarker.from_json(marker_json)

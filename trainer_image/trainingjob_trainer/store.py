@@ -318,12 +318,17 @@ class SnapshotStore:
         return self._info(uri=uri.rstrip("/"), name=name, listing=self._find(path), fs=fs, path=path, fence=fence)
 
     def latest_complete(self) -> SnapshotInfo | None:
-        """The newest restorable snapshot by parsed (step, epoch), or ``None``."""
-        complete = [(i.name, i.marker) for i in self.scan() if i.complete]
-        best = contract.pick_latest(complete)  # type: ignore[arg-type]
+        """The newest restorable snapshot by parsed (step, epoch), or ``None``.
+
+        The folder's state from the one :meth:`scan` that chose it: the fence,
+        the job's LIST and its markers (it was inspected again after the scan,
+        3 more requests before every restore, for the same answer).
+        """
+        complete = [i for i in self.scan() if i.complete]
+        best = contract.pick_latest([(i.name, i.marker) for i in complete])  # type: ignore[misc]
         if best is None:
             return None
-        return self.inspect(s3.join(self.root, best[0]))
+        return next(i for i in complete if i.name == best[0])
 
     def check_access(self) -> None:
         """One small listing of the root, so that an unknown bucket or refused
