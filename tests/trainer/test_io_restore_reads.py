@@ -113,3 +113,29 @@ def test_restore_latest_lists_the_job_once_and_restores_by_the_marker_it_found(s
                             watch_preemption=False).restore_latest() == 2
     assert torch.equal(target["t"].tensors["w"], src["t"].tensors["w"])
     assert sorted(calls) == ["_find", "read_fence"], calls
+
+
+def test_dcp_reader_fetches_an_object_with_its_framing_as_one_get():
+    """A 16 MiB object plus torch.save framing is one GET, not a 16 MiB one and a KiB
+    one joined after; a large span is cut into equal GETs of about the chunk size."""
+    from trainingjob_trainer.backends.dcp_read import _chunks
+
+    mib = 1 << 20
+    assert _chunks(0, 16 * mib + 3000, 16 * mib) == [(0, 16 * mib + 3000)]
+    parts = _chunks(100, 100 + 40 * mib, 16 * mib)
+    assert [b - a for a, b in parts] == [20 * mib, 20 * mib] and parts[0][0] == 100 and parts[-1][1] == 100 + 40 * mib
+    assert _chunks(7, 7, 16 * mib) == [(7, 7)]
+
+
+def test_torchsnapshot_plugin_lookup_scans_entry_points_once(s3_root):
+    """torchsnapshot scanned every installed distribution's entry points for the
+    ``tjs3`` plugin at each Snapshot it opened (about 11 ms, twice per restore)."""
+    from torchsnapshot import storage_plugin
+
+    state = {"t": _Tensors({"w": torch.arange(10.0)})}
+    make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=state, watch_preemption=False).save(step=1)
+    assert make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=state,
+                            watch_preemption=False).restore_latest() == 1
+    first = storage_plugin.entry_points(group="storage_plugins")
+    assert storage_plugin.entry_points(group="storage_plugins") is first
+    assert "tjs3" in {ep.name for ep in first}

@@ -23,17 +23,27 @@ from trainingjob_trainer import s3
 #: Bytes of ranged GETs in flight per rank (one range is always allowed, even
 #: a larger one): 8 of DCP's 16 MiB objects at once.
 DCP_READ_BYTES_IN_FLIGHT = 128 << 20
-#: A range longer than this is fetched as several GETs of this size, in parallel.
+#: A range is fetched as GETs of about this size, in parallel (:func:`_chunks`).
 DCP_READ_CHUNK_BYTES = 16 << 20
 
 _DCP_S3_READER: type | None = None
 
 
 def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` cut into ranges of at most ``size`` bytes (one empty range for an empty span)."""
-    if end <= start:
+    """``[start, end)`` cut into ``round(span / size)`` equal ranges, at least one
+    (one empty range for an empty span).
+
+    Equal parts of about ``size`` bytes (at most 1.5x), never a small tail: a
+    DCP object is its items plus a few KiB of ``torch.save`` framing, so cutting
+    at ``size`` sent a 16 MiB object as a 16 MiB GET and a KiB one, whose bytes
+    were then joined (one more copy of the object).
+    """
+    span = end - start
+    if span <= 0:
         return [(start, start)]
-    return [(a, min(a + size, end)) for a in range(start, end, size)]
+    n = max(1, round(span / size))
+    part = -(-span // n)
+    return [(a, min(a + part, end)) for a in range(start, end, part)]
 
 
 def _dcp_s3_reader() -> type:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Any, Mapping
 
@@ -14,13 +15,20 @@ from trainingjob_trainer.backends.base import BACKEND_TORCHSNAPSHOT, _init_optim
 from trainingjob_trainer.backends.staging import _as_bytes, _plain_cpu_tensor, _SlabPool
 from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter
 
-#: torchsnapshot packs tensors smaller than this into slabs of this size, one
-#: object each (default 128 MiB: a 256 MiB state of 4 MiB tensors became two
-#: 124 MiB objects, two uploads wide, 0.3x the raw upload). With this
-#: package's one-copy slab staging, 4 MiB slabs saved 256 MiB of 1 MiB
-#: tensors in 1.02 s, 8 MiB in 1.15 s, 16 MiB in 1.19 s (steady state, here).
+#: torchsnapshot packs tensors smaller than this into slabs, one object each:
+#: a slab takes tensors while its size stays below this, so 9 MiB makes slabs
+#: of two 4 MiB tensors or eight 1 MiB ones. The default, 128 MiB, made a
+#: 256 MiB state of 4 MiB tensors two 124 MiB objects, two uploads wide, 0.3x
+#: the raw upload. 4 MiB (until 2026-12-02; measured for saves on moto: 256
+#: MiB of 1 MiB tensors saved in 1.02 s with 4 MiB slabs, 1.15 s with 8, 1.19
+#: s with 16) left every 4 MiB tensor an object of its own, and a restore of
+#: 64 of them paid 64 GETs. On SeaweedFS, one process, 7 rounds each, medians
+#: (docs/benchmarks.md): 64 x 4 MiB restored in 0.81 s with 4 MiB slabs and
+#: 0.52 s with 9 MiB, saved in 2.21 and 2.34 s; 256 x 1 MiB restored in 0.83
+#: and 0.65 s, saved in 2.11 and 2.34 s. A restore is on the path of every
+#: recovery; a periodic save is mostly in the background (async stall 0.03x).
 #: ``$TORCHSNAPSHOT_SLAB_SIZE_THRESHOLD_BYTES_OVERRIDE`` set by the user wins.
-TS_SLAB_BYTES = 4 << 20
+TS_SLAB_BYTES = 9 << 20
 _TS_SLAB_ENV = "TORCHSNAPSHOT_SLAB_SIZE_THRESHOLD_BYTES_OVERRIDE"
 
 
@@ -32,13 +40,21 @@ _TS_STOCK: dict[str, Any] = {}
 
 
 def _ts_install() -> None:
-    """Wrap torchsnapshot's two CPU stagers, once per process; the wrappers
-    do this package's staging only inside :func:`_ts_tuning`."""
+    """Wrap torchsnapshot's two CPU stagers, once per process (the wrappers
+    do this package's staging only inside :func:`_ts_tuning`), and keep its
+    plugin lookup's entry-point scan."""
     if _TS_STOCK:
         return
-    from torchsnapshot import batcher
+    from torchsnapshot import batcher, storage_plugin
     from torchsnapshot.io_preparers import tensor as ts_tensor
 
+    # torchsnapshot finds the ``tjs3`` plugin by scanning every installed
+    # distribution's entry points, at every Snapshot it opens (about 11 ms
+    # here, twice per restore). What is installed does not change while a
+    # trainer runs, so the scan's answer is kept.
+    _TS_STOCK["entry_points"] = stock_entry_points = storage_plugin.entry_points
+    storage_plugin.entry_points = functools.lru_cache(maxsize=None)(
+        lambda **kw: tuple(stock_entry_points(**kw)))
     _TS_STOCK["slab"] = batcher.BatchedBufferStager.stage_buffer
     _TS_STOCK["tensor"] = ts_tensor.TensorBufferStager.stage_buffer
     batcher.BatchedBufferStager.stage_buffer = _ts_stage_slab
@@ -261,6 +277,7 @@ class TorchSnapshotSnapshotter(Snapshotter):
     def _read(self, uri: str, app_state: Mapping[str, Any]) -> None:
         from torchsnapshot import Snapshot
 
+        _ts_install()
         _init_optimizer_states(app_state)
         snapshot = Snapshot(s3.to_torchsnapshot_url(uri), pg=self.pg, storage_options=self.storage_options)
         snapshot.restore(dict(app_state))
