@@ -18,6 +18,7 @@ import torch
 from torchsnapshot.io_types import ReadIO
 
 from localcluster.s3proxy import S3Proxy
+from tests.trainer.trainer_helpers import TensorsState
 from trainingjob_trainer import contract, s3, ts_plugin
 from trainingjob_trainer.backends import make_snapshotter
 
@@ -56,24 +57,12 @@ def test_torchsnapshot_plugin_reads_are_not_held_to_the_default_executors_thread
     assert peak >= 8, f"at most {peak} GETs in flight"
 
 
-class _Tensors:
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self):
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
-
-
 def test_dcp_restore_loads_tensor_items_in_place_not_through_torch_load(s3_root, monkeypatch):
     g = torch.Generator().manual_seed(3)
-    src = {"t": _Tensors({f"w{i}": torch.randn(50_000 + i, generator=g) for i in range(6)}),
+    src = {"t": TensorsState({f"w{i}": torch.randn(50_000 + i, generator=g) for i in range(6)}),
            "extra": {"note": "not a tensor", "n": 7}}
     make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False).save(step=1)
-    target = {"t": _Tensors({k: torch.zeros_like(v) for k, v in src["t"].tensors.items()}),
+    target = {"t": TensorsState({k: torch.zeros_like(v) for k, v in src["t"].tensors.items()}),
               "extra": {"note": "", "n": 0}}
     pointers = {k: v.data_ptr() for k, v in target["t"].tensors.items()}
     loaded: list[str] = []
@@ -99,7 +88,7 @@ def test_restore_latest_lists_the_job_once_and_restores_by_the_marker_it_found(s
     is not inspected again between the two (it was twice, 6 more requests before the data)."""
     from trainingjob_trainer.store import SnapshotStore
 
-    src = {"t": _Tensors({"w": torch.arange(1000.0)})}
+    src = {"t": TensorsState({"w": torch.arange(1000.0)})}
     snap = make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False)
     snap.save(step=1)
     snap.save(step=2)
@@ -108,7 +97,7 @@ def test_restore_latest_lists_the_job_once_and_restores_by_the_marker_it_found(s
         stock = getattr(SnapshotStore, name)
         monkeypatch.setattr(SnapshotStore, name,
                             lambda self, *a, _stock=stock, _name=name, **k: calls.append(_name) or _stock(self, *a, **k))
-    target = {"t": _Tensors({"w": torch.zeros(1000)})}
+    target = {"t": TensorsState({"w": torch.zeros(1000)})}
     assert make_snapshotter(backend="dcp", uri=s3_root, app_state=target,
                             watch_preemption=False).restore_latest() == 2
     assert torch.equal(target["t"].tensors["w"], src["t"].tensors["w"])
@@ -132,7 +121,7 @@ def test_torchsnapshot_plugin_lookup_scans_entry_points_once(s3_root):
     ``tjs3`` plugin at each Snapshot it opened (about 11 ms, twice per restore)."""
     from torchsnapshot import storage_plugin
 
-    state = {"t": _Tensors({"w": torch.arange(10.0)})}
+    state = {"t": TensorsState({"w": torch.arange(10.0)})}
     make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=state, watch_preemption=False).save(step=1)
     assert make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=state,
                             watch_preemption=False).restore_latest() == 1

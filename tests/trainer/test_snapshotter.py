@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.trainer.trainer_helpers import assert_states_equal, tiny_model, train_steps
+from tests.trainer.trainer_helpers import TensorsState, assert_states_equal, tiny_model, train_steps
 from tests.trainer.trainer_s3server import ACCESS_KEY, SECRET_KEY
 from trainingjob_trainer import contract
 from trainingjob_trainer.backends import make_snapshotter, snapshotter_from_env
@@ -106,18 +106,6 @@ def test_bad_arguments():
         make_snapshotter(uri="s3://b/x", every_steps=0, watch_preemption=False)
 
 
-class _Tensors:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def state_dict(self):
-        return dict(self.tensors)
-
-    def load_state_dict(self, sd):
-        for k, v in sd.items():
-            self.tensors[k].copy_(v)
-
-
 def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeypatch):
     """Packed objects, a tensor past the single-PUT limit (multipart stream) and
     a non-tensor entry all round-trip; the object count follows the packing.
@@ -134,7 +122,7 @@ def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeyp
     g = torch.Generator().manual_seed(0)
     tensors = {f"small{i}": torch.randn(1000, generator=g) for i in range(40)}
     tensors["big"] = torch.randn(512 * 1024, generator=g)  # 2 MiB
-    src = {"t": _Tensors(tensors), "extra": RNGState()}
+    src = {"t": TensorsState(tensors), "extra": RNGState()}
     snap = make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False,
                             object_bytes=64 * 1024)
     snap.save(step=1)
@@ -143,7 +131,7 @@ def test_dcp_s3_layout_packs_small_tensors_and_streams_big_ones(s3_root, monkeyp
     # 40 x 4000 B packed into 64 KiB objects (16 per object -> 3), the big one
     # alone, the RNG bytes in a packed object: at most 5 objects, not 42.
     assert 3 <= len(data) <= 5, data
-    dst = _Tensors({k: torch.zeros_like(v) for k, v in tensors.items()})
+    dst = TensorsState({k: torch.zeros_like(v) for k, v in tensors.items()})
     snap2 = make_snapshotter(backend="dcp", uri=s3_root, app_state={"t": dst, "extra": RNGState()},
                              watch_preemption=False)
     assert snap2.restore_latest() == 1
@@ -166,12 +154,12 @@ def test_torchsnapshot_plugin_multipart_round_trip(s3_root, monkeypatch):
     monkeypatch.setattr(ts_plugin, "PART_BYTES", 5 << 20)  # S3's smallest part
     g = torch.Generator().manual_seed(1)
     tensors = {"big": torch.randn(3 * (1 << 20), generator=g), "small": torch.randn(10, generator=g)}  # 12 MiB
-    snap = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"t": _Tensors(tensors)},
+    snap = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"t": TensorsState(tensors)},
                             watch_preemption=False)
     snap.save(step=1)
     marker = snap.store.latest_complete().marker
     assert any(o["etag"].endswith("-3") for o in marker.objects.values()), marker.objects  # 5+5+2 MiB
-    dst = _Tensors({k: torch.zeros_like(v) for k, v in tensors.items()})
+    dst = TensorsState({k: torch.zeros_like(v) for k, v in tensors.items()})
     snap2 = make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"t": dst}, watch_preemption=False)
     assert snap2.restore_latest() == 1
     assert all(torch.equal(dst.tensors[k], v) for k, v in tensors.items())
@@ -237,7 +225,7 @@ def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, 
 
     monkeypatch.setattr(ts_plugin.S3FSStoragePlugin, "_put", slow_put)
     tensors = _mixed_tensors(0)
-    snap = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(tensors)},
+    snap = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": TensorsState(tensors)},
                             async_save=True, watch_preemption=False)
     assert snap.async_save
     # A fenced attempt's leftovers in step 1's folder: the save goes beside
@@ -255,7 +243,7 @@ def test_async_save_holds_the_state_of_its_step_while_training_goes_on(s3_root, 
     assert sorted(complete) == [1, 2] and complete[1] != f"{s3_root}/{contract.snapshot_dir_name(0, 1)}"
     for step in (1, 2):
         target = _mixed_tensors(99)
-        reader = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": _Tensors(target)},
+        reader = make_snapshotter(backend=backend, uri=s3_root, app_state={"t": TensorsState(target)},
                                   watch_preemption=False)
         reader.restore(complete[step])
         assert assert_states_equal(target, expected[step]) == len(expected[step])

@@ -46,3 +46,17 @@ def assert_states_equal(a: Any, b: Any) -> int:
     for k in fa:
         assert torch.equal(fa[k], fb[k]), f"tensor {k} differs"
     return len(fa)
+
+
+class TensorsState:
+    """A Stateful app-state entry of named tensors, restored in place."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, v in sd.items():
+            self.tensors[k].copy_(v)
