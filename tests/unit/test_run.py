@@ -27,3 +27,26 @@ def test_speed_item3_no_group_collecting_a_test_is_an_error(capsys, monkeypatch)
 def test_speed_item3_named_paths_run_in_one_pytest():
     assert run._has_paths(["tests/unit", "-k", "x"]) and run._has_paths(["tests/unit/test_run.py::test_a"])
     assert not run._has_paths(["-q", "-k", "tests", "--durations", "20", "-m", "slow"])  # option values
+
+
+def _collected(args: list[str]) -> list[str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "::" in line]
+
+
+def test_speed_item3_the_groups_run_every_test_once():
+    """The side-by-side groups split the suite: no test is left out by an ``--ignore``, none runs twice,
+    and the e2e layers (the netns module of tests/localcluster among them) run in one process."""
+    whole = _collected(["tests"])
+    groups = {name: _collected(args) for name, args in run.GROUPS.items()}
+    together = [t for ids in groups.values() for t in ids]
+    assert len(together) == len(set(together)), "a test is collected by two groups"
+    assert sorted(together) == sorted(whole)
+    for layer in run.E2E_LAYERS:
+        assert any(t.startswith(layer) for t in groups["cluster"]), layer
+        assert not any(t.startswith(layer) for t in groups["trainer"]), layer
+    assert any(t.startswith("tests/trainer/") for t in groups["trainer"])
