@@ -18,8 +18,11 @@ its time window starts when it is set):
 * ``bandwidth_bps``: a cap in bytes/s per direction, shared by every
   connection (one link), applied to request and response bodies and heads;
 * ``fail``: ``"503"`` (an S3 ``SlowDown`` error response, the request body
-  read and dropped) or ``"reset"`` (the client connection is reset with a TCP
-  RST once the request's head has arrived), for the requests that match:
+  read and dropped), ``"reset"`` (the client connection is reset with a TCP
+  RST once the request's head has arrived) or ``"cut"`` (the response's head
+  and its first ``cut_after_bytes`` body bytes are sent, then the connection
+  is closed: a download that ends early; closed, not reset, so the client
+  reads every byte sent, as it would not after an RST), for the requests that match:
   ``methods`` (default all), ``path_contains`` (a substring of the request
   target, e.g. one snapshot folder's name; default any), inside the window ``[fail_after_s, fail_after_s
   + fail_for_s)`` after the faults were set (``fail_for_s`` ``None``: no end),
@@ -53,7 +56,7 @@ from urllib.parse import urlsplit
 
 CONTROL_PREFIX = "/__proxy__"
 CHUNK = 1 << 18  # 256 KiB: bodies move in pieces of at most this size
-FAIL_KINDS = ("503", "reset")
+FAIL_KINDS = ("503", "reset", "cut")
 _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate. (injected by s3proxy)</Message></Error>")
 
@@ -70,6 +73,7 @@ class Faults:
     fail_for_s: float | None = None
     methods: list[str] | None = None
     path_contains: str | None = None
+    cut_after_bytes: int = 1 << 16
     seed: int = 0
 
     @classmethod
@@ -93,6 +97,7 @@ class _Stats:
     requests: int = 0
     failed_503: int = 0
     failed_reset: int = 0
+    failed_cut: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     by_method: dict[str, int] = field(default_factory=dict)
@@ -119,6 +124,10 @@ class _Throttle:
 
 class _Reset(Exception):
     """The connection must be reset (injected)."""
+
+
+class _Cut(Exception):
+    """The connection must be closed before the response's body ended (injected)."""
 
 
 class ProxyServer:
@@ -170,6 +179,8 @@ class ProxyServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
             return
+        except _Cut:
+            return  # closed below, after what was written is sent
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -213,7 +224,10 @@ class ProxyServer:
             await self.up.take(len(head))
             up_w.write(head)
             await _pump_body(reader, up_w, headers, self.up, self._count_up)
-            keep = await self._relay_response(method, up_r, writer)
+            if fault == "cut":
+                self.stats.failed_cut += 1
+            keep = await self._relay_response(method, up_r, writer,
+                                              cut=self.faults.cut_after_bytes if fault == "cut" else None)
         finally:
             self.stats.in_flight -= 1
         if not keep:
@@ -227,8 +241,10 @@ class ProxyServer:
     def _count_down(self, n: int) -> None:
         self.stats.bytes_down += n
 
-    async def _relay_response(self, method: str, up_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Copy one response (skipping interim 1xx from upstream); whether upstream stays open."""
+    async def _relay_response(self, method: str, up_r: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              *, cut: int | None = None) -> bool:
+        """Copy one response (skipping interim 1xx from upstream); whether upstream stays open.
+        With ``cut``, the client connection is closed after that many body bytes."""
         while True:
             head = await _read_head(up_r)
             if head is None:
@@ -243,7 +259,7 @@ class ProxyServer:
         if no_body:
             await writer.drain()
         else:
-            await _pump_body(up_r, writer, headers, self.down, self._count_down, until_close=True)
+            await _pump_body(up_r, writer, headers, self.down, self._count_down, until_close=True, cut=cut)
         conn = (_header(headers, "connection") or "").lower()
         return conn != "close" and (no_body or _header(headers, "content-length") is not None
                                     or "chunked" in (_header(headers, "transfer-encoding") or "").lower())
@@ -308,10 +324,20 @@ def _drop_header(head: bytes, name: str) -> bytes:
 
 async def _pump_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None,
                      headers: list[tuple[str, str]], throttle: _Throttle, count: Any,
-                     *, until_close: bool = False) -> None:
-    """Copy a message body chunk by chunk (``writer`` ``None``: read and drop it)."""
+                     *, until_close: bool = False, cut: int | None = None) -> None:
+    """Copy a message body chunk by chunk (``writer`` ``None``: read and drop it); with
+    ``cut``, raise :class:`_Cut` once that many bytes were sent."""
+    sent = 0
 
     async def send(data: bytes) -> None:
+        nonlocal sent
+        if cut is not None and sent + len(data) >= cut:
+            data = data[:cut - sent]
+            if writer is not None and data:
+                writer.write(data)
+                await writer.drain()
+            raise _Cut()
+        sent += len(data)
         await throttle.take(len(data))
         count(len(data))
         if writer is not None:
@@ -436,7 +462,7 @@ class S3Proxy:
         return self._call("PUT", "/faults", faults)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: requests, failed_503, failed_reset, bytes_up, bytes_down, by_method,
+        """Counters since start: requests, failed_503, failed_reset, failed_cut, bytes_up, bytes_down, by_method,
         in_flight, peak_in_flight."""
         return self._call("GET", "/stats")
 

@@ -3,8 +3,10 @@
 * torchsnapshot's plugin GETs run on s3fs's own loop, as its uploads do, so a
   restore has as many GETs in flight as torchsnapshot asks for; through the
   default executor it had one per executor thread (6 on 2 CPUs).
-* DCP's parallel reader loads a tensor item from the fetched bytes in place
-  (one copy, into the target), not through ``torch.load`` of a stream.
+* DCP's parallel reader streams each GET body into the target tensors'
+  memory (one copy, from the socket's chunks; backends/dcp_stream.py), checks
+  each routing with torch's own zip reader, and loads what it cannot route in
+  place from a buffer, not through ``torch.load`` of a stream.
 """
 
 from __future__ import annotations
@@ -128,3 +130,97 @@ def test_torchsnapshot_plugin_lookup_scans_entry_points_once(s3_root):
     first = storage_plugin.entry_points(group="storage_plugins")
     assert storage_plugin.entry_points(group="storage_plugins") is first
     assert "tjs3" in {ep.name for ep in first}
+
+
+def _mixed_state(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Tensors whose items are larger and smaller than the routed head, of several dtypes."""
+    return {"big": torch.randn(300_000, generator=g), "half": torch.randn(70_000, generator=g).to(torch.bfloat16),
+            "ints": torch.randint(0, 1 << 40, (17,), generator=g), "scalar": torch.tensor(3.25),
+            "mask": torch.rand(5000, generator=g) > 0.5, "grid": torch.randn(300, 400, generator=g)}
+
+
+class _Counts:
+    """How the DCP reader committed each item: streamed, fetched again, or loaded from a buffer."""
+
+    def __init__(self, monkeypatch) -> None:
+        from trainingjob_trainer.backends import dcp_read, dcp_stream
+
+        self.streamed = self.not_verified = self.from_buffer = 0
+        verify, in_place = dcp_stream.Item.verify, dcp_read._tensor_in_place
+
+        def counting_verify(item):
+            out = verify(item)
+            if out is None:
+                self.not_verified += 1
+            else:
+                self.streamed += 1
+            return out
+
+        def counting_in_place(*a, **k):
+            self.from_buffer += 1
+            return in_place(*a, **k)
+
+        monkeypatch.setattr(dcp_stream.Item, "verify", counting_verify)
+        monkeypatch.setattr(dcp_read, "_tensor_in_place", counting_in_place)
+
+
+def _restore_mixed(s3_root: str, *, transposed: bool = False) -> tuple[dict, dict, dict]:
+    g = torch.Generator().manual_seed(11)
+    src = {"t": TensorsState(_mixed_state(g)), "extra": {"note": "not a tensor"}}
+    make_snapshotter(backend="dcp", uri=s3_root, app_state=src, watch_preemption=False).save(step=1)
+    tensors = {k: torch.zeros_like(v) for k, v in src["t"].tensors.items()}
+    if transposed:  # a target that is a view with other strides: it cannot be streamed into
+        tensors["grid"] = torch.zeros(400, 300).t()
+    target = {"t": TensorsState(tensors), "extra": {"note": ""}}
+    pointers = {k: v.data_ptr() for k, v in tensors.items()}
+    assert make_snapshotter(backend="dcp", uri=s3_root, app_state=target, watch_preemption=False).restore_latest() == 1
+    for k, v in src["t"].tensors.items():
+        assert torch.equal(tensors[k], v), k
+        assert tensors[k].data_ptr() == pointers[k], k
+    assert target["extra"] == src["extra"]
+    return src, target, pointers
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 70_001], ids=["one-get-per-object", "gets-cut-mid-item"])
+def test_dcp_restore_streams_each_tensor_item_into_its_target(s3_root, monkeypatch, chunk_bytes):
+    """Every tensor item of a contiguous target is streamed into it and checked;
+    none is assembled in a buffer first. With GETs cut every 70 KB, GETs that start
+    inside an item wait for its head, held by another GET, and land in the right place."""
+    from trainingjob_trainer.backends import dcp_read
+
+    if chunk_bytes:
+        monkeypatch.setattr(dcp_read, "DCP_READ_CHUNK_BYTES", chunk_bytes)
+    counts = _Counts(monkeypatch)
+    _restore_mixed(s3_root)
+    assert (counts.streamed, counts.not_verified, counts.from_buffer) == (6, 0, 0)
+
+
+def test_dcp_restore_loads_a_target_it_cannot_stream_into_from_a_buffer(s3_root, monkeypatch):
+    counts = _Counts(monkeypatch)
+    _restore_mixed(s3_root, transposed=True)
+    assert (counts.streamed, counts.not_verified, counts.from_buffer) == (5, 0, 1)
+
+
+def test_dcp_restore_fetches_an_item_again_when_its_routing_check_fails(s3_root, monkeypatch):
+    """A routing guess that torch's zip reader does not confirm (here: the data record
+    guessed 64 bytes later than it is) costs a second GET of the item, never a wrong tensor."""
+    from trainingjob_trainer.backends import dcp_stream
+
+    start = dcp_stream._data_start
+    monkeypatch.setattr(dcp_stream, "_data_start", lambda head: None if start(head) is None else start(head) + 64)
+    counts = _Counts(monkeypatch)
+    _restore_mixed(s3_root)
+    assert counts.streamed == 0 and counts.not_verified == 6 and counts.from_buffer == 6
+
+
+def test_dcp_restore_resumes_a_download_cut_halfway_from_its_first_missing_byte(s3_root, slow_proxy, monkeypatch):
+    """Every GET of a data object is cut after 400 KB (the connection closed): each
+    retry asks for the bytes still missing, so every GET completes in a few tries.
+    Fetched from the start each time (s3fs's own retry of ``cat_file``), it never did."""
+    from trainingjob_trainer.backends import dcp_read
+
+    monkeypatch.setattr(dcp_read, "DCP_READ_CHUNK_BYTES", 1 << 20)
+    slow_proxy.set_faults(fail="cut", cut_after_bytes=400_000, methods=["GET"], path_contains=".distcp")
+    _restore_mixed(s3_root)
+    stats = slow_proxy.stats()
+    assert stats["failed_cut"] >= 2, stats

@@ -94,6 +94,25 @@ def test_proxy_resets_connections_and_share_picks_some_requests(proxy, bucket_na
     assert c.get_object(Bucket=bucket_name, Key="k")["Body"].read() == b"hello"
 
 
+def test_proxy_cuts_a_download_after_its_first_bytes(proxy, bucket_name):
+    """``fail="cut"``: the answer's head and its first ``cut_after_bytes`` body bytes
+    arrive, then the connection is closed: a client reads them all, then a body that ended early."""
+    c = _client(proxy.endpoint)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    c.put_object(Bucket=bucket_name, Key="k", Body=data)
+    proxy.set_faults(fail="cut", cut_after_bytes=100_000, methods=["GET"])
+    body = c.get_object(Bucket=bucket_name, Key="k")["Body"]  # the head came: 200, Content-Length 1 MiB
+    got = b""
+    with pytest.raises(Exception) as e:  # noqa: B017 - urllib3 or botocore, by where the read stood
+        while chunk := body.read(8192):
+            got += chunk
+    assert not isinstance(e.value, ClientError)
+    assert got == data[:100_000]
+    assert proxy.stats()["failed_cut"] == 1
+    proxy.set_faults()
+    assert c.get_object(Bucket=bucket_name, Key="k")["Body"].read() == data
+
+
 def test_proxy_caps_bandwidth_and_adds_latency(proxy, bucket_name):
     """Lower bounds only (a cap can only make a transfer slower): 1 MiB at 512 KiB/s takes >= ~2 s."""
     c = _client(proxy.endpoint)

@@ -5,20 +5,21 @@ object at a time and reads each tensor through an s3fs buffered stream:
 one request in flight, so a restore ran at a fraction of what the S3
 server serves to parallel GETs (docs/benchmarks.md, "Restore"). This reader
 reads the same objects and metadata, with the same checks, but fetches the
-byte ranges a rank needs through a thread pool, a bounded number of bytes
-in flight, and loads each object's tensors in plan order on the calling
-thread as soon as its bytes are there.
-"""
+byte ranges a rank needs as ranged GETs on s3fs's loop, a bounded number of
+bytes in flight, each body streamed into the target tensors as it arrives
+(:mod:`.dcp_stream`), and commits each object's tensors in plan order on the
+calling thread once its bytes are there."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from trainingjob_trainer import s3
+from trainingjob_trainer.backends import dcp_stream
 
 #: Bytes of ranged GETs in flight per rank (one range is always allowed, even
 #: a larger one): 8 of DCP's 16 MiB objects at once.
@@ -56,7 +57,6 @@ def _dcp_s3_reader() -> type:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.planner import LoadItemType
 
-    from trainingjob_trainer.backends.dcp import _dcp_auto_threads
 
     class S3Reader(FsspecReader):
         def __init__(self, path: str, *, bytes_in_flight: int | None = None, chunk_bytes: int | None = None,
@@ -64,6 +64,9 @@ def _dcp_s3_reader() -> type:
             super().__init__(path, **fs_kwargs)
             self.bytes_in_flight = int(DCP_READ_BYTES_IN_FLIGHT if bytes_in_flight is None else bytes_in_flight)
             self.chunk_bytes = max(1, int(DCP_READ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes))
+            #: Items streamed into their targets, and items fetched again after
+            #: the check of a streamed one failed (:mod:`.dcp_stream`).
+            self.streamed = self.fetched_again = 0
 
         def read_data(self, plan: Any, planner: Any) -> Any:
             from torch.futures import Future
@@ -77,54 +80,99 @@ def _dcp_s3_reader() -> type:
                 start = min(i.offset for i in infos)
                 end = max(i.offset + i.length for i in infos)
                 files.append((os.fspath(self.fs.concat_path(self.path, rel)), reqs, start, end))
-            n_ranges = sum(len(_chunks(s, e, self.chunk_bytes)) for _, _, s, e in files)
-            with ThreadPoolExecutor(max_workers=_dcp_auto_threads(max(1, n_ranges)),
-                                    thread_name_prefix="tj-dcp-read") as pool:
-                for (_, reqs, start, _), parts in self._fetched(pool, files):
-                    self._load(reqs, b"".join(p.result() for p in parts) if len(parts) > 1 else parts[0].result(),
-                               start, planner)
+            for (path, reqs, _, _), items in self._fetched(files, planner):
+                self._load(path, reqs, items, planner)
             fut: Future = Future()
             fut.set_result(None)
             return fut
 
-        def _fetched(self, pool: ThreadPoolExecutor, files: list[tuple[str, list[Any], int, int]]):
-            """Each file with its GET futures, in order, keeping about ``bytes_in_flight`` bytes requested."""
+        def _items(self, reqs: list[Any], planner: Any) -> dict[tuple[int, int], dcp_stream.Item]:
+            """Each stored item of one object by ``(offset, length)``, with the target its
+            data record is streamed into, when it can be (see :mod:`.dcp_stream`)."""
+            readers: dict[tuple[int, int], list[Any]] = {}
+            for req in reqs:
+                info = self.storage_data[req.storage_index]
+                readers.setdefault((info.offset, info.length), []).append(req)
+            items = {}
+            for (offset, length), on in readers.items():
+                target = self._stream_target(on[0], planner) if len(on) == 1 else None
+                items[offset, length] = dcp_stream.Item(offset, length, target)
+            return items
+
+        def _stream_target(self, req: Any, planner: Any) -> Any:
+            """The tensor ``req``'s item can be streamed into, or ``None``: a tensor item
+            without transforms, read whole (not resharded), into a contiguous CPU tensor."""
+            info = self.storage_data[req.storage_index]
+            if req.type == LoadItemType.BYTE_IO or info.transform_descriptors or any(req.storage_offsets):
+                return None
+            metadata = getattr(planner, "metadata", None)
+            md = metadata.state_dict_metadata.get(req.storage_index.fqn) if metadata is not None else None
+            chunks = getattr(md, "chunks", None)
+            index = req.storage_index.index
+            if not chunks or index is None or index >= len(chunks) or list(chunks[index].sizes) != list(req.lengths):
+                return None
+            target = planner.resolve_tensor(req).detach()
+            return target if dcp_stream.byte_view(target) is not None else None
+
+        def _fetched(self, files: list[tuple[str, list[Any], int, int]], planner: Any):
+            """Each file with its items, in order, once all its bytes arrived; GETs run on
+            s3fs's loop, about ``bytes_in_flight`` bytes requested at a time."""
             fs = self.fs.fs
             queue = collections.deque(files)
             pending: collections.deque = collections.deque()
             in_flight = 0
-            while queue or pending:
-                while queue and (not pending or in_flight + queue[0][3] - queue[0][2] <= self.bytes_in_flight):
-                    path, reqs, start, end = f = queue.popleft()
-                    parts = [pool.submit(fs.cat_file, path, start=a, end=b) if b > a else _done(b"")
-                             for a, b in _chunks(start, end, self.chunk_bytes)]
-                    pending.append((f, parts))
-                    in_flight += end - start
-                f, parts = pending.popleft()
-                for p in parts:
-                    p.result()  # wait (re-raises the GET's error)
-                in_flight -= f[3] - f[2]
-                yield f, parts
+            try:
+                while queue or pending:
+                    while queue and (not pending or in_flight + queue[0][3] - queue[0][2] <= self.bytes_in_flight):
+                        path, reqs, start, end = f = queue.popleft()
+                        items = self._items(reqs, planner)
+                        ordered = sorted(items.values(), key=lambda it: it.offset)
+                        gets = [asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, path, a, b, ordered),
+                                                                 fs.loop)
+                                for a, b in _chunks(start, end, self.chunk_bytes)]
+                        pending.append((f, items, gets))
+                        in_flight += end - start
+                    f, items, gets = pending.popleft()
+                    for g in gets:
+                        g.result()  # wait (re-raises the GET's error)
+                    in_flight -= f[3] - f[2]
+                    yield f, items
+            finally:
+                for _, _, gets in pending:
+                    for g in gets:
+                        g.cancel()
 
-        def _load(self, reqs: list[Any], data: bytes, start: int, planner: Any) -> None:
-            """The stock reader's per-item loading, from the bytes of ``[start, ...)`` of one object.
+        def _load(self, path: str, reqs: list[Any], items: dict[tuple[int, int], Any], planner: Any) -> None:
+            """Commit each request of one object, its item's bytes all arrived.
 
-            A tensor item is read in place: its storage is a view of ``data``
-            and is copied once, into the target. The stock reader's
-            ``torch.load`` of a stream allocated each tensor anew and copied it
-            there first (about 20 ms per 16 MiB here, on the calling thread
-            while the GETs run: a 256 MiB restore spent 0.4 s of its 2 CPUs
-            on it). Items with stream transforms take the stock path.
+            A streamed item already is its target (once :meth:`Item.verify` says
+            so): nothing is copied. Any other item is loaded in place from its
+            buffer (:func:`_tensor_in_place`) and copied once into the target;
+            a streamed item whose check failed is fetched again for that. Items
+            with stream transforms take the stock path.
             """
-            view = memoryview(data)
+            loaded: dict[tuple[int, int], Any] = {}
             for req in reqs:
                 info = self.storage_data[req.storage_index]
-                item = view[info.offset - start:info.offset - start + info.length]
+                item = items[info.offset, info.length]
+                if item.routed:
+                    tensor = item.verify()
+                    if tensor is not None:
+                        self.streamed += 1
+                        planner.commit_tensor(req, item.target)
+                        continue
+                    self.fetched_again += 1
+                    item.whole = bytearray(self.fs.fs.cat_file(path, start=info.offset,
+                                                               end=info.offset + info.length))
+                data = item.whole
                 if req.type != LoadItemType.BYTE_IO and not info.transform_descriptors:
-                    tensor = _tensor_in_place(data, info.offset - start, item)
+                    key = (info.offset, info.length)
+                    if key not in loaded:
+                        loaded[key] = _tensor_in_place(data, 0, memoryview(data))
+                    tensor = loaded[key]
                 else:
                     stream = self.transforms.transform_load_stream(req, info.transform_descriptors or (),
-                                                                   io.BytesIO(item))
+                                                                   io.BytesIO(data))
                     if req.type == LoadItemType.BYTE_IO:
                         planner.load_bytes(req, io.BytesIO(stream.read(-1)))
                         continue
@@ -139,14 +187,6 @@ def _dcp_s3_reader() -> type:
 
     _DCP_S3_READER = S3Reader
     return S3Reader
-
-
-def _done(value: Any) -> Any:
-    from concurrent.futures import Future
-
-    fut: Future = Future()
-    fut.set_result(value)
-    return fut
 
 
 def _tensor_in_place(data: Any, offset: int, item: memoryview) -> Any:
