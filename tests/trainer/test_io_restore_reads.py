@@ -148,8 +148,8 @@ class _Counts:
         self.streamed = self.not_verified = self.from_buffer = 0
         verify, in_place = dcp_stream.Item.verify, dcp_read._tensor_in_place
 
-        def counting_verify(item):
-            out = verify(item)
+        def counting_verify(item, *a, **k):
+            out = verify(item, *a, **k)
             if out is None:
                 self.not_verified += 1
             else:
@@ -224,3 +224,60 @@ def test_dcp_restore_resumes_a_download_cut_halfway_from_its_first_missing_byte(
     _restore_mixed(s3_root)
     stats = slow_proxy.stats()
     assert stats["failed_cut"] >= 2, stats
+
+
+def test_torchsnapshot_restore_streams_buffer_protocol_tensors_into_their_targets(s3_root, monkeypatch):
+    """Slabs of small tensors and tensors of their own, of several dtypes, are streamed
+    into the targets (their memory kept); what cannot be (a transposed target) takes
+    torchsnapshot's own consumer, and the result is the same."""
+    from torchsnapshot.io_preparers.tensor import TensorBufferConsumer
+
+    from trainingjob_trainer.backends import ts_stream
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {**_mixed_state(g), "large": torch.randn(3_000_000, generator=g)}  # 12 MB: larger than a slab
+    src = {"t": TensorsState(tensors)}
+    make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=src, watch_preemption=False).save(step=1)
+    streamed, stock = [], []
+    items, consume = ts_stream._items, TensorBufferConsumer.consume_buffer
+    monkeypatch.setattr(ts_stream, "_items", lambda req, start: streamed.extend(out := items(req, start) or []) or out)
+
+    async def counting_consume(self, buf, executor=None):
+        stock.append(tuple(self.tensor.shape))
+        return await consume(self, buf, executor)
+
+    monkeypatch.setattr(TensorBufferConsumer, "consume_buffer", counting_consume)
+    for transposed in (False, True):
+        streamed.clear(), stock.clear()
+        out = {k: torch.zeros_like(v) for k, v in tensors.items()}
+        if transposed:
+            out["grid"] = torch.zeros(400, 300).t()
+        pointers = {k: v.data_ptr() for k, v in out.items()}
+        target = {"t": TensorsState(out)}
+        assert make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state=target,
+                                watch_preemption=False).restore_latest() == 1
+        for k, v in tensors.items():
+            assert torch.equal(out[k], v), k
+            assert out[k].data_ptr() == pointers[k], k
+        if transposed:  # its slab goes the stock way, with every tensor in it
+            assert (300, 400) in stock and len(streamed) + len(stock) == len(tensors), (len(streamed), stock)
+        else:
+            assert len(streamed) == len(tensors) and not stock, (len(streamed), stock)
+
+
+def test_streamed_whole_object_read_checks_the_objects_size(bucket, s3_env):
+    """A request for a whole object (no byte range) is streamed as a ranged GET of the
+    size its tensor needs: an object of another size is an error, not a short tensor."""
+    from trainingjob_trainer.backends import dcp_stream
+
+    fs, _ = s3.filesystem(f"s3://{bucket}")
+    fs.pipe(f"{bucket}/obj", bytes(range(256)) * 64)  # 16 KiB
+    target = torch.zeros(1024, dtype=torch.float32)  # 4 KiB
+    item = dcp_stream.Item(0, target.nbytes, target, raw=True)
+    with pytest.raises(ValueError, match="16384 bytes, not the 4096"):
+        asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, f"{bucket}/obj", 0, 4096, [item], object_size=4096),
+                                         fs.loop).result()
+    item = dcp_stream.Item(0, 16384, torch.zeros(4096, dtype=torch.float32), raw=True)
+    asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, f"{bucket}/obj", 0, 16384, [item], object_size=16384),
+                                     fs.loop).result()
+    assert bytes(item.data) == bytes(range(256)) * 64

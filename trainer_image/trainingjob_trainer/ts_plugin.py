@@ -157,6 +157,15 @@ class S3FSStoragePlugin(StoragePlugin):
         fut = asyncio.run_coroutine_threadsafe(self.fs._cat_file(key, start=start, end=end), self.fs.loop)
         read_io.buf = io.BytesIO(await asyncio.wrap_future(fut))
 
+    async def read_into(self, path: str, start: int, end: int, items: list[Any], *,
+                        object_size: int | None = None) -> None:
+        """Bytes ``[start, end)`` of ``path`` streamed into ``items``' memory, on s3fs's loop
+        (:func:`~trainingjob_trainer.backends.dcp_stream.get_into`; :mod:`~trainingjob_trainer.backends.ts_stream`)."""
+        from trainingjob_trainer.backends import dcp_stream
+
+        coro = dcp_stream.get_into(self.fs, self._key(path), start, end, items, object_size=object_size)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
+
     async def delete(self, path: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.fs.rm_file, self._key(path))
 

@@ -80,8 +80,9 @@ def _dcp_s3_reader() -> type:
                 start = min(i.offset for i in infos)
                 end = max(i.offset + i.length for i in infos)
                 files.append((os.fspath(self.fs.concat_path(self.path, rel)), reqs, start, end))
+            checked: dict = {}  # the item layouts verified so far (dcp_stream.Item.verify)
             for (path, reqs, _, _), items in self._fetched(files, planner):
-                self._load(path, reqs, items, planner)
+                self._load(path, reqs, items, planner, checked)
             fut: Future = Future()
             fut.set_result(None)
             return fut
@@ -142,7 +143,8 @@ def _dcp_s3_reader() -> type:
                     for g in gets:
                         g.cancel()
 
-        def _load(self, path: str, reqs: list[Any], items: dict[tuple[int, int], Any], planner: Any) -> None:
+        def _load(self, path: str, reqs: list[Any], items: dict[tuple[int, int], Any], planner: Any,
+                  checked: dict) -> None:
             """Commit each request of one object, its item's bytes all arrived.
 
             A streamed item already is its target (once :meth:`Item.verify` says
@@ -156,7 +158,7 @@ def _dcp_s3_reader() -> type:
                 info = self.storage_data[req.storage_index]
                 item = items[info.offset, info.length]
                 if item.routed:
-                    tensor = item.verify()
+                    tensor = item.verify(checked)
                     if tensor is not None:
                         self.streamed += 1
                         planner.commit_tensor(req, item.target)

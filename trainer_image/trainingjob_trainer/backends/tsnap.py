@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from trainingjob_trainer import _dist, s3
+from trainingjob_trainer.backends import ts_stream
 from trainingjob_trainer.backends.base import BACKEND_TORCHSNAPSHOT, _init_optimizer_states
 from trainingjob_trainer.backends.staging import _as_bytes, _plain_cpu_tensor, _SlabPool
 from trainingjob_trainer.snapshotter import PendingWrite, Snapshotter
@@ -41,8 +42,9 @@ _TS_STOCK: dict[str, Any] = {}
 
 def _ts_install() -> None:
     """Wrap torchsnapshot's two CPU stagers, once per process (the wrappers
-    do this package's staging only inside :func:`_ts_tuning`), and keep its
-    plugin lookup's entry-point scan."""
+    do this package's staging only inside :func:`_ts_tuning`), keep its
+    plugin lookup's entry-point scan, and stream its reads through the
+    ``tjs3`` plugin into the target tensors (:mod:`.ts_stream`)."""
     if _TS_STOCK:
         return
     from torchsnapshot import batcher, storage_plugin
@@ -55,6 +57,7 @@ def _ts_install() -> None:
     _TS_STOCK["entry_points"] = stock_entry_points = storage_plugin.entry_points
     storage_plugin.entry_points = functools.lru_cache(maxsize=None)(
         lambda **kw: tuple(stock_entry_points(**kw)))
+    ts_stream.install()  # restores: GET bodies into the target tensors
     _TS_STOCK["slab"] = batcher.BatchedBufferStager.stage_buffer
     _TS_STOCK["tensor"] = ts_tensor.TensorBufferStager.stage_buffer
     batcher.BatchedBufferStager.stage_buffer = _ts_stage_slab
