@@ -138,7 +138,7 @@ class ViewReader(io.RawIOBase):
 
     def __init__(self, view: memoryview) -> None:
         super().__init__()
-        self._view, self._pos = view, 0
+        self._view, self._pos, self._size = view, 0, len(view)
 
     def readable(self) -> bool:
         return True
@@ -150,8 +150,8 @@ class ViewReader(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, min(len(self._view), base + offset))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, min(self._size, base + offset))
         return self._pos
 
     def readinto(self, b: Any) -> int:
@@ -161,4 +161,4 @@ class ViewReader(io.RawIOBase):
         return n
 
     def __len__(self) -> int:
-        return len(self._view) - self._pos
+        return self._size - self._pos

@@ -33,6 +33,8 @@ import struct
 from http.client import IncompleteRead
 from typing import Any
 
+from trainingjob_trainer import s3
+
 #: The first bytes of every routed item go to a buffer of this size; the data
 #: record's local header must lie inside it (about 600 bytes in for a tensor).
 HEAD_BYTES = 64 << 10
@@ -171,26 +173,12 @@ class Item:
         return tensor if same else None
 
 
-class _ItemReader(io.RawIOBase):
+class _ItemReader(s3.ViewReader):
     """A routed item's bytes as a seekable file: head, then target memory, then trailer."""
 
     def __init__(self, item: Item) -> None:
-        super().__init__()
-        self._item, self._pos = item, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._item.length}[whence]
-        self._pos = max(0, min(self._item.length, base + offset))
-        return self._pos
+        super().__init__(memoryview(b""))
+        self._item, self._size = item, item.length
 
     def readinto(self, b: Any) -> int:
         it, done, out = self._item, 0, memoryview(b).cast("B")
