@@ -4,7 +4,7 @@
   restore has as many GETs in flight as torchsnapshot asks for; through the
   default executor it had one per executor thread (6 on 2 CPUs).
 * DCP's parallel reader streams each GET body into the target tensors'
-  memory (one copy, from the socket's chunks; backends/dcp_stream.py), checks
+  memory (one copy, from the socket's chunks; backends/stream_read.py), checks
   each routing with torch's own zip reader, and loads what it cannot route in
   place from a buffer, not through ``torch.load`` of a stream.
 """
@@ -143,10 +143,10 @@ class _Counts:
     """How the DCP reader committed each item: streamed, fetched again, or loaded from a buffer."""
 
     def __init__(self, monkeypatch) -> None:
-        from trainingjob_trainer.backends import dcp_read, dcp_stream
+        from trainingjob_trainer.backends import dcp_read, stream_read
 
         self.streamed = self.not_verified = self.from_buffer = 0
-        verify, in_place = dcp_stream.Item.verify, dcp_read._tensor_in_place
+        verify, in_place = stream_read.Item.verify, dcp_read._tensor_in_place
 
         def counting_verify(item, *a, **k):
             out = verify(item, *a, **k)
@@ -160,7 +160,7 @@ class _Counts:
             self.from_buffer += 1
             return in_place(*a, **k)
 
-        monkeypatch.setattr(dcp_stream.Item, "verify", counting_verify)
+        monkeypatch.setattr(stream_read.Item, "verify", counting_verify)
         monkeypatch.setattr(dcp_read, "_tensor_in_place", counting_in_place)
 
 
@@ -204,10 +204,10 @@ def test_dcp_restore_loads_a_target_it_cannot_stream_into_from_a_buffer(s3_root,
 def test_dcp_restore_fetches_an_item_again_when_its_routing_check_fails(s3_root, monkeypatch):
     """A routing guess that torch's zip reader does not confirm (here: the data record
     guessed 64 bytes later than it is) costs a second GET of the item, never a wrong tensor."""
-    from trainingjob_trainer.backends import dcp_stream
+    from trainingjob_trainer.backends import stream_read
 
-    start = dcp_stream._data_start
-    monkeypatch.setattr(dcp_stream, "_data_start", lambda head: None if start(head) is None else start(head) + 64)
+    start = stream_read._data_start
+    monkeypatch.setattr(stream_read, "_data_start", lambda head: None if start(head) is None else start(head) + 64)
     counts = _Counts(monkeypatch)
     _restore_mixed(s3_root)
     assert counts.streamed == 0 and counts.not_verified == 6 and counts.from_buffer == 6
@@ -268,16 +268,16 @@ def test_torchsnapshot_restore_streams_buffer_protocol_tensors_into_their_target
 def test_streamed_whole_object_read_checks_the_objects_size(bucket, s3_env):
     """A request for a whole object (no byte range) is streamed as a ranged GET of the
     size its tensor needs: an object of another size is an error, not a short tensor."""
-    from trainingjob_trainer.backends import dcp_stream
+    from trainingjob_trainer.backends import stream_read
 
     fs, _ = s3.filesystem(f"s3://{bucket}")
     fs.pipe(f"{bucket}/obj", bytes(range(256)) * 64)  # 16 KiB
     target = torch.zeros(1024, dtype=torch.float32)  # 4 KiB
-    item = dcp_stream.Item(0, target.nbytes, target, raw=True)
+    item = stream_read.Item(0, target.nbytes, target, raw=True)
     with pytest.raises(ValueError, match="16384 bytes, not the 4096"):
-        asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, f"{bucket}/obj", 0, 4096, [item], object_size=4096),
+        asyncio.run_coroutine_threadsafe(stream_read.get_into(fs, f"{bucket}/obj", 0, 4096, [item], object_size=4096),
                                          fs.loop).result()
-    item = dcp_stream.Item(0, 16384, torch.zeros(4096, dtype=torch.float32), raw=True)
-    asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, f"{bucket}/obj", 0, 16384, [item], object_size=16384),
+    item = stream_read.Item(0, 16384, torch.zeros(4096, dtype=torch.float32), raw=True)
+    asyncio.run_coroutine_threadsafe(stream_read.get_into(fs, f"{bucket}/obj", 0, 16384, [item], object_size=16384),
                                      fs.loop).result()
     assert bytes(item.data) == bytes(range(256)) * 64

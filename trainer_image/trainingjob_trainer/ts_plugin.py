@@ -160,10 +160,10 @@ class S3FSStoragePlugin(StoragePlugin):
     async def read_into(self, path: str, start: int, end: int, items: list[Any], *,
                         object_size: int | None = None) -> None:
         """Bytes ``[start, end)`` of ``path`` streamed into ``items``' memory, on s3fs's loop
-        (:func:`~trainingjob_trainer.backends.dcp_stream.get_into`; :mod:`~trainingjob_trainer.backends.ts_stream`)."""
-        from trainingjob_trainer.backends import dcp_stream
+        (:func:`~trainingjob_trainer.backends.stream_read.get_into`; :mod:`~trainingjob_trainer.backends.ts_stream`)."""
+        from trainingjob_trainer.backends import stream_read
 
-        coro = dcp_stream.get_into(self.fs, self._key(path), start, end, items, object_size=object_size)
+        coro = stream_read.get_into(self.fs, self._key(path), start, end, items, object_size=object_size)
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
 
     async def delete(self, path: str) -> None:

@@ -7,7 +7,7 @@ server serves to parallel GETs (docs/benchmarks.md, "Restore"). This reader
 reads the same objects and metadata, with the same checks, but fetches the
 byte ranges a rank needs as ranged GETs on s3fs's loop, a bounded number of
 bytes in flight, each body streamed into the target tensors as it arrives
-(:mod:`.dcp_stream`), and commits each object's tensors in plan order on the
+(:mod:`.stream_read`), and commits each object's tensors in plan order on the
 calling thread once its bytes are there."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from trainingjob_trainer import s3
-from trainingjob_trainer.backends import dcp_stream
+from trainingjob_trainer.backends import stream_read
 
 #: Bytes of ranged GETs in flight per rank (one range is always allowed, even
 #: a larger one): 8 of DCP's 16 MiB objects at once.
@@ -57,16 +57,12 @@ def _dcp_s3_reader() -> type:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
     from torch.distributed.checkpoint.planner import LoadItemType
 
-
     class S3Reader(FsspecReader):
         def __init__(self, path: str, *, bytes_in_flight: int | None = None, chunk_bytes: int | None = None,
                      **fs_kwargs: Any) -> None:
             super().__init__(path, **fs_kwargs)
             self.bytes_in_flight = int(DCP_READ_BYTES_IN_FLIGHT if bytes_in_flight is None else bytes_in_flight)
             self.chunk_bytes = max(1, int(DCP_READ_CHUNK_BYTES if chunk_bytes is None else chunk_bytes))
-            #: Items streamed into their targets, and items fetched again after
-            #: the check of a streamed one failed (:mod:`.dcp_stream`).
-            self.streamed = self.fetched_again = 0
 
         def read_data(self, plan: Any, planner: Any) -> Any:
             from torch.futures import Future
@@ -80,16 +76,16 @@ def _dcp_s3_reader() -> type:
                 start = min(i.offset for i in infos)
                 end = max(i.offset + i.length for i in infos)
                 files.append((os.fspath(self.fs.concat_path(self.path, rel)), reqs, start, end))
-            checked: dict = {}  # the item layouts verified so far (dcp_stream.Item.verify)
+            checked: dict = {}  # the item layouts verified so far (stream_read.Item.verify)
             for (path, reqs, _, _), items in self._fetched(files, planner):
                 self._load(path, reqs, items, planner, checked)
             fut: Future = Future()
             fut.set_result(None)
             return fut
 
-        def _items(self, reqs: list[Any], planner: Any) -> dict[tuple[int, int], dcp_stream.Item]:
+        def _items(self, reqs: list[Any], planner: Any) -> dict[tuple[int, int], stream_read.Item]:
             """Each stored item of one object by ``(offset, length)``, with the target its
-            data record is streamed into, when it can be (see :mod:`.dcp_stream`)."""
+            data record is streamed into, when it can be (see :mod:`.stream_read`)."""
             readers: dict[tuple[int, int], list[Any]] = {}
             for req in reqs:
                 info = self.storage_data[req.storage_index]
@@ -97,7 +93,7 @@ def _dcp_s3_reader() -> type:
             items = {}
             for (offset, length), on in readers.items():
                 target = self._stream_target(on[0], planner) if len(on) == 1 else None
-                items[offset, length] = dcp_stream.Item(offset, length, target)
+                items[offset, length] = stream_read.Item(offset, length, target)
             return items
 
         def _stream_target(self, req: Any, planner: Any) -> Any:
@@ -113,7 +109,7 @@ def _dcp_s3_reader() -> type:
             if not chunks or index is None or index >= len(chunks) or list(chunks[index].sizes) != list(req.lengths):
                 return None
             target = planner.resolve_tensor(req).detach()
-            return target if dcp_stream.byte_view(target) is not None else None
+            return target if stream_read.byte_view(target) is not None else None
 
         def _fetched(self, files: list[tuple[str, list[Any], int, int]], planner: Any):
             """Each file with its items, in order, once all its bytes arrived; GETs run on
@@ -128,7 +124,7 @@ def _dcp_s3_reader() -> type:
                         path, reqs, start, end = f = queue.popleft()
                         items = self._items(reqs, planner)
                         ordered = sorted(items.values(), key=lambda it: it.offset)
-                        gets = [asyncio.run_coroutine_threadsafe(dcp_stream.get_into(fs, path, a, b, ordered),
+                        gets = [asyncio.run_coroutine_threadsafe(stream_read.get_into(fs, path, a, b, ordered),
                                                                  fs.loop)
                                 for a, b in _chunks(start, end, self.chunk_bytes)]
                         pending.append((f, items, gets))
@@ -160,10 +156,8 @@ def _dcp_s3_reader() -> type:
                 if item.routed:
                     tensor = item.verify(checked)
                     if tensor is not None:
-                        self.streamed += 1
                         planner.commit_tensor(req, item.target)
                         continue
-                    self.fetched_again += 1
                     item.whole = bytearray(self.fs.fs.cat_file(path, start=info.offset,
                                                                end=info.offset + info.length))
                 data = item.whole

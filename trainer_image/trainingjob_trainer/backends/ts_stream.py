@@ -8,7 +8,7 @@ GET (its own comment in ``TensorIOPreparer.prepare_read`` says it should load
 into the target's memory instead). For a read request whose every consumer is
 a buffer-protocol tensor read whole into a contiguous CPU tensor of its dtype
 and shape, :func:`read_buffer` streams the GET body through
-:func:`.dcp_stream.get_into` straight into the targets' memory, and marks the
+:func:`.stream_read.get_into` straight into the targets' memory, and marks the
 request consumed. Any other request (``torch.save`` tensors, objects, tiled
 or chunked reads, a target of another layout) takes torchsnapshot's own path.
 The bytes are the tensors' bytes (the buffer-protocol serializer), so there is
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from trainingjob_trainer.backends import dcp_stream
+from trainingjob_trainer.backends import stream_read
 
 _STOCK: dict[str, Any] = {}
 
@@ -36,7 +36,7 @@ class _Consumed:
         return 0
 
 
-def _items(req: Any, start: int) -> list[dcp_stream.Item] | None:
+def _items(req: Any, start: int) -> list[stream_read.Item] | None:
     """The request's tensors as items streamed into their targets, or ``None`` if any one cannot be."""
     from torchsnapshot.batcher import BatchedBufferConsumer
     from torchsnapshot.io_preparers.tensor import TensorBufferConsumer
@@ -55,7 +55,7 @@ def _items(req: Any, start: int) -> list[dcp_stream.Item] | None:
         t = c.tensor
         if t.is_quantized or string_to_dtype(c.entry.dtype) != t.dtype or list(c.entry.shape) != list(t.shape):
             return None
-        item = dcp_stream.Item(offset, t.nbytes if length is None else length, t, raw=True)
+        item = stream_read.Item(offset, t.nbytes if length is None else length, t, raw=True)
         if not item.routed:
             return None
         items.append(item)

@@ -1,4 +1,8 @@
-"""DCP restore: each GET body streamed straight into the target tensors' memory.
+"""Restores: each GET body streamed straight into the target tensors' memory.
+
+Both backends use it: DCP's reader (:mod:`.dcp_read`) for ``torch.save``
+items, torchsnapshot's pipeline (:mod:`.ts_stream`) for raw buffers
+(``Item(raw=True)``: every byte goes to the target).
 
 A DCP item of a tensor is a ``torch.save`` zip: a few hundred bytes of
 records (the pickle, the byte order...), the tensor's bytes as the record
