@@ -3,17 +3,18 @@
 The trainer layer (``tests/trainer``: torchrun on loopback, its own S3
 server, ports picked free) needs no cluster stand-in, and the stand-in layers
 spend most of their time waiting (poll intervals, grace periods, node-monitor
-timeouts). So, unless pytest is given paths, two pytest processes run side by
-side: ``cluster`` (the e2e and container layers, :data:`E2E_LAYERS`) and
-``trainer`` (every other layer: tests/trainer, and the integration layer on a
-stand-in of its own). Each one's lines are printed as they come, prefixed with its name; the suite fails
-if either fails. Each has its own ``--basetemp`` (removed after a pass, kept
-after a failure). ``TJ_TEST_JOBS=1`` runs one pytest over ``tests`` as before;
-named paths run in one pytest over just them.
+timeouts). So, unless pytest is given paths, three pytest processes run side
+by side (:data:`GROUPS`): ``trainer`` (tests/trainer, unit, chart),
+``standin`` (the integration and localcluster layers, and every module on a
+per-pod-network stand-in) and ``cluster`` (the e2e and container layers whose
+gangs use the host's network). Each one's lines are printed as they come,
+prefixed with its name; the suite fails if any fails. Each has its own
+``--basetemp`` (removed after a pass, kept after a failure). ``TJ_TEST_JOBS=1``
+runs one pytest over ``tests``; named paths run in one pytest over just them.
 
 pytest exits 5 when it collected no test; for this suite that means a broken
 checkout or a bad filter, so it is reported as a failure with a clear message
-instead of passing silently (with two processes: when neither collected one).
+instead of passing silently (with several processes: when none collected one).
 """
 
 from __future__ import annotations
@@ -28,24 +29,29 @@ import time
 
 import pytest
 
-#: The layers that run in the stand-in process; every other one runs in the trainer
-#: process. The e2e and container layers take most of the suite's time (958 s of
-#: 1293 on a fresh 2-core machine), so they have a process to themselves (CI, 2
-#: cores, stop 15: trainer 860 s and stand-in 1321 s while only the integration
-#: layer ran beside tests/trainer). The integration layer starts its own stand-in in
-#: the trainer process; its pods bind no fixed port. The container and e2e layers
-#: stay together: their gangs' rank 0 bind port 29400 on the host's network
-#: (container nodes, process mode), so they must not run at the same time, and the
-#: two netns modules (tests/localcluster/test_netns.py, tests/e2e/test_netns_jobs.py)
-#: stay in one process too (run side by side they failed: the first test module lost
-#: its S3 on the pod subnet's gateway). Listed by name, not ignored: pytest does not
-#: collect a file named on its command line inside an ``--ignore``d folder.
-#: tests/unit/test_run.py checks that the two groups run every test once.
-E2E_LAYERS = ("tests/e2e", "tests/containers", "tests/localcluster/test_netns.py")
+#: Three pytest processes run side by side. Most of the stand-in layers' time is
+#: waiting (poll intervals, grace periods, node-monitor timeouts), so the two CPUs
+#: took three: CI stop 16 took 1282 s in all with two (trainer process 1070 s,
+#: stand-in process 989 s on a fresh 2-core machine, its e2e and container tests
+#: one after the other). Two rules decide the split:
+#:
+#: * :data:`HOST_NETWORK`: gangs whose rank 0 binds the rendezvous port 29400 on
+#:   the host's own network (process-mode e2e, container nodes). Two of them at
+#:   once collide, so they run in one process, one after the other.
+#: * :data:`NETNS`: the stand-ins with per-pod network namespaces. Run side by
+#:   side they failed (the first module lost its S3 on the pod subnet's
+#:   gateway while the other cut a node), so they run in one process too.
+#:
+#: Modules are listed by name, not ignored: pytest does not collect a file named on
+#: its command line inside an ``--ignore``d folder. tests/unit/test_run.py checks
+#: that the groups run every test once and keep each rule's modules together.
+NETNS = ("tests/localcluster/test_netns.py", "tests/e2e/test_netns_jobs.py", "tests/containers/test_container_netns.py")
+HOST_NETWORK = ("tests/e2e", "tests/containers")
 #: The layers run side by side: name -> pytest arguments.
 GROUPS = {
-    "trainer": ["tests", *(f"--ignore={m}" for m in E2E_LAYERS)],
-    "cluster": list(E2E_LAYERS),
+    "trainer": ["tests/trainer", "tests/unit", "tests/chart"],
+    "standin": ["tests/integration", "tests/localcluster", *NETNS[1:]],
+    "cluster": [*HOST_NETWORK, *(f"--ignore={m}" for m in NETNS if m.startswith(HOST_NETWORK))],
 }
 JOBS_ENV = "TJ_TEST_JOBS"
 

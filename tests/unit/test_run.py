@@ -40,13 +40,19 @@ def _collected(args: list[str]) -> list[str]:
 
 def test_speed_item3_the_groups_run_every_test_once():
     """The side-by-side groups split the suite: no test is left out by an ``--ignore``, none runs twice,
-    and the e2e layers (the netns module of tests/localcluster among them) run in one process."""
+    the host-network gangs run in one process and the per-pod-network stand-ins in one process."""
     whole = _collected(["tests"])
     groups = {name: _collected(args) for name, args in run.GROUPS.items()}
     together = [t for ids in groups.values() for t in ids]
     assert len(together) == len(set(together)), "a test is collected by two groups"
     assert sorted(together) == sorted(whole)
-    for layer in run.E2E_LAYERS:
-        assert any(t.startswith(layer) for t in groups["cluster"]), layer
-        assert not any(t.startswith(layer) for t in groups["trainer"]), layer
+
+    def group_of(test: str) -> str:
+        return next(name for name, ids in groups.items() if test in ids)
+
+    netns = {group_of(t) for t in whole if t.startswith(run.NETNS)}
+    host = {group_of(t) for t in whole if t.startswith(run.HOST_NETWORK) and not t.startswith(run.NETNS)}
+    assert len(netns) == 1 and len(host) == 1 and netns != host, (netns, host)
+    for module in run.NETNS:
+        assert any(t.startswith(module) for t in whole), f"{module} has no test: NETNS is out of date"
     assert any(t.startswith("tests/trainer/") for t in groups["trainer"])
