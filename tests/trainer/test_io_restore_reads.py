@@ -281,3 +281,53 @@ def test_streamed_whole_object_read_checks_the_objects_size(bucket, s3_env):
     asyncio.run_coroutine_threadsafe(stream_read.get_into(fs, f"{bucket}/obj", 0, 16384, [item], object_size=16384),
                                      fs.loop).result()
     assert bytes(item.data) == bytes(range(256)) * 64
+
+
+class _MixedState:
+    """A Stateful whose state has every kind of manifest entry: tensors, primitives, lists, dicts."""
+
+    def __init__(self, sd: dict) -> None:
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.sd = sd
+
+
+def test_torchsnapshot_manifest_is_read_as_json_and_a_yaml_one_still_reads(s3_root, monkeypatch):
+    """torchsnapshot writes its manifest with json.dumps; a restore reads it with json
+    (PyYAML's resolver was a third of a 256-tensor restore's profile), gets every entry
+    back as written, and a manifest written as YAML is still read by PyYAML."""
+    import dataclasses
+
+    import yaml
+    from torchsnapshot import manifest as ts_manifest
+
+    g = torch.Generator().manual_seed(9)
+    sd = {"w": torch.randn(64, 8, generator=g), "step": 7, "lr": 1e-05, "name": "run-ä", "flag": True,
+          "nested": {"a": [1, 2.5, "x"], "b": torch.arange(5)}}
+    make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"m": _MixedState(sd)},
+                     watch_preemption=False).save(step=1)
+    real_load = yaml.load
+    yaml_reads = []
+    monkeypatch.setattr(yaml, "load", lambda *a, **kw: yaml_reads.append(1) or real_load(*a, **kw))
+    target = _MixedState({})
+    assert make_snapshotter(backend="torchsnapshot", uri=s3_root, app_state={"m": target},
+                            watch_preemption=False).restore_latest() == 1
+    assert not yaml_reads, "the JSON manifest went through PyYAML"
+    got = target.sd
+    assert torch.equal(got["w"], sd["w"]) and torch.equal(got["nested"]["b"], sd["nested"]["b"])
+    assert (got["step"], got["lr"], got["name"], got["flag"]) == (7, 1e-05, "run-ä", True)
+    assert got["nested"]["a"] == [1, 2.5, "x"]
+
+    # The same manifest written as YAML (not JSON) reads through PyYAML, to the same entries.
+    fs, path = s3.filesystem(s3_root)
+    text = next(fs.cat_file(p).decode() for p in fs.find(path) if p.endswith("/.snapshot_metadata"))
+    meta = ts_manifest.SnapshotMetadata.from_yaml(text)
+    as_yaml = yaml.safe_dump(dataclasses.asdict(meta))
+    with pytest.raises(ValueError):
+        __import__("json").loads(as_yaml)
+    again = ts_manifest.SnapshotMetadata.from_yaml(as_yaml)
+    assert yaml_reads and again == meta
