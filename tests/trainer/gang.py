@@ -74,10 +74,13 @@ def start_gang(
 
 
 def wait_all(gang: list[Node], *, timeout: float) -> list[int]:
-    """Exit codes of every node (kills the gang on timeout)."""
+    """Exit codes of every node (kills the gang on timeout; the error carries every node's log's end)."""
     deadline = time.monotonic() + timeout
     try:
         return [n.proc.wait(timeout=max(0.1, deadline - time.monotonic())) for n in gang]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the gang did not exit in {timeout}s:\n"
+                             + "\n".join(n.output()[-6000:] for n in gang)) from None
     finally:
         for n in gang:
             n.kill()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import sys
 import time
@@ -165,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                     snap.maybe_save(step)
     except Preempted as p:
         print(f"[example] rank {rank}: preempted, emergency snapshot at step {p.step}: {p.snapshot}", flush=True)
+        # The snapshot is committed; what is left is teardown. In about 1 of 20
+        # runs of tests/trainer/test_multiprocess.py under load, one rank had not
+        # exited 30 s after this line (torchrun then SIGKILLed it), and where it
+        # waited is not known: if teardown takes over 15 s, every thread's stack
+        # goes to stderr (file, line and function names only) to say where.
+        faulthandler.dump_traceback_later(15, exit=False)
         if _dist.initialized():
             dist.destroy_process_group()
         return contract.EXIT_PREEMPTED_AFTER_SNAPSHOT
