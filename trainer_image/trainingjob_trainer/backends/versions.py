@@ -11,8 +11,9 @@ from typing import Mapping
 import torch
 
 #: The versions whose internals this module patches or builds on, by
-#: distribution: torchsnapshot's two stagers are replaced
-#: (:func:`_ts_install`), its synchronous ``take`` is rebuilt from its private
+#: distribution: torchsnapshot's two stagers are replaced, its read
+#: pipeline's ``read_buffer`` is wrapped (:mod:`.ts_stream`) and its manifest
+#: module's ``yaml`` reads JSON first (:func:`_ts_install`), its synchronous ``take`` is rebuilt from its private
 #: ``_coalesce_path_and_replicated``/``_take_impl``/``_write_snapshot_metadata``
 #: (:func:`_take_agreed`), DCP's ``FileSystemReader.read_data`` is re-done
 #: with parallel GETs (:mod:`.dcp_read`, from its ``storage_data``,
