@@ -301,6 +301,7 @@ def test_torchsnapshot_manifest_is_read_as_json_and_a_yaml_one_still_reads(s3_ro
     (PyYAML's resolver was a third of a 256-tensor restore's profile), gets every entry
     back as written, and a manifest written as YAML is still read by PyYAML."""
     import dataclasses
+    import json
 
     import yaml
     from torchsnapshot import manifest as ts_manifest
@@ -328,6 +329,6 @@ def test_torchsnapshot_manifest_is_read_as_json_and_a_yaml_one_still_reads(s3_ro
     meta = ts_manifest.SnapshotMetadata.from_yaml(text)
     as_yaml = yaml.safe_dump(dataclasses.asdict(meta))
     with pytest.raises(ValueError):
-        __import__("json").loads(as_yaml)
+        json.loads(as_yaml)
     again = ts_manifest.SnapshotMetadata.from_yaml(as_yaml)
     assert yaml_reads and again == meta

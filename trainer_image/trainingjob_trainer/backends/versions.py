@@ -13,9 +13,9 @@ import torch
 #: The versions whose internals this module patches or builds on, by
 #: distribution: torchsnapshot's two stagers are replaced, its read
 #: pipeline's ``read_buffer`` is wrapped (:mod:`.ts_stream`) and its manifest
-#: module's ``yaml`` reads JSON first (:func:`_ts_install`), its synchronous ``take`` is rebuilt from its private
-#: ``_coalesce_path_and_replicated``/``_take_impl``/``_write_snapshot_metadata``
-#: (:func:`_take_agreed`), DCP's ``FileSystemReader.read_data`` is re-done
+#: module's ``yaml`` reads JSON first (:func:`_ts_install`), its synchronous
+#: ``take`` is rebuilt from its private ``_coalesce_path_and_replicated``/
+#: ``_take_impl``/``_write_snapshot_metadata`` (:func:`_take_agreed`), DCP's ``FileSystemReader.read_data`` is re-done
 #: with parallel GETs (:mod:`.dcp_read`, from its ``storage_data``,
 #: ``transforms`` and ``narrow_tensor_by_index``), DCP's ``FsspecWriter`` is subclassed with its
 #: private ``_write_data``/``_split_by_size_and_type``/``_item_size``, and
